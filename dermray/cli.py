@@ -1,0 +1,174 @@
+"""The ``dermray`` command: parse, load config, call a stage. Errors print without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+from dermray.errors import DermrayError
+
+logger = logging.getLogger("dermray")
+
+
+def _overrides(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
+    """CLI values for config keys; flags the user did not pass are None and are ignored."""
+    return {k: getattr(args, k, None) for k in keys}
+
+
+def _data_config(args: argparse.Namespace):
+    from dermray.config import load_section
+
+    images = tuple(args.images) if getattr(args, "images", None) else None
+    overrides = _overrides(args, ["metadata", "out", "seed"])
+    overrides["images"] = images
+    return load_section("data", getattr(args, "config", None), overrides)
+
+
+def _print_catalog(summary: dict[str, Any]) -> None:
+    print(f"rows: {summary['rows']}")
+    print(f"lesions: {summary['lesions']}")
+    print("class counts: " + ", ".join(f"{c} {n}" for c, n in summary["class_counts"].items()))
+    print("image folders: " + ", ".join(summary["image_dirs"]))
+    for w in summary["warnings"]:
+        print(f"warning: {w}")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from dermray.catalog import build_catalog
+
+    cfg = _data_config(args)
+    catalog = build_catalog(cfg.metadata, cfg.images)
+    _print_catalog(catalog.summary())
+    print("catalog is valid")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from dermray.pipeline import run_split
+
+    cfg = _data_config(args)
+    path, manifest = run_split(cfg)
+    from dermray.catalog import split_summary
+
+    print(split_summary(manifest).to_string())
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from dermray.fetch import DATAVERSE, fetch
+
+    result = fetch(args.dest, base_url=args.base_url or DATAVERSE, keep_zips=args.keep_zips)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from dermray.synth import write_synth_dataset
+
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    path = write_synth_dataset(args.dest, n=args.n, seed=args.seed, size=(width, height))
+    print(f"wrote {args.n} synthetic images and {path}")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from dermray.config import load_section
+    from dermray.extract import run_extract
+
+    overrides = _overrides(args, ["manifest", "out", "image_size", "batch_size", "num_actors"])
+    if args.backbone:
+        overrides["backbones"] = tuple(args.backbone)
+    if args.weights:
+        weights = {}
+        for item in args.weights:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise DermrayError(f"--weights takes NAME=PATH|imagenet|none. Got {item!r}.")
+            weights[name] = value
+        overrides["weights"] = weights
+    if args.no_augment:
+        overrides["augment"] = False
+    cfg = load_section("extract", args.config, overrides)
+    record = run_extract(cfg)
+    print(json.dumps({k: record[k] for k in ("rows", "quarantined", "wall_s", "images_per_s",
+                                             "embeddings")}, indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dermray.pipeline import run_pipeline
+
+    result = run_pipeline(args.config, args.out)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dermray", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="HAM10000 catalog: fetch, synth, validate, split")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+
+    def catalog_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML config; its 'data' section")
+        p.add_argument("--metadata", help="HAM10000_metadata.csv (local path or s3:// URI)")
+        p.add_argument("--images", action="append",
+                       help="image folder (repeatable); default: beside the metadata")
+
+    p = data_sub.add_parser("validate", help="check the metadata and the image files")
+    catalog_flags(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = data_sub.add_parser("split", help="lesion-grouped stratified split -> OUT/manifest.parquet")
+    catalog_flags(p)
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_split)
+
+    p = data_sub.add_parser("fetch", help="download HAM10000 from Harvard Dataverse")
+    p.add_argument("--dest", required=True)
+    p.add_argument("--base-url", help="Dataverse server (default: dataverse.harvard.edu)")
+    p.add_argument("--keep-zips", action="store_true")
+    p.set_defaults(func=cmd_fetch)
+
+    p = data_sub.add_parser("synth", help="write a small synthetic dataset in the HAM10000 layout")
+    p.add_argument("--dest", required=True)
+    p.add_argument("--n", type=int, default=280)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default="200x150", help="WIDTHxHEIGHT of the JPEGs")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("extract", help="frozen-backbone embeddings of the manifest -> Parquet")
+    p.add_argument("--config", help="YAML config; its 'extract' section")
+    p.add_argument("--manifest")
+    p.add_argument("--out")
+    p.add_argument("--backbone", action="append", help="vgg19 | resnet50 (repeatable)")
+    p.add_argument("--weights", action="append", help="NAME=PATH|imagenet|none (repeatable)")
+    p.add_argument("--image-size", dest="image_size", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--num-actors", dest="num_actors", type=int)
+    p.add_argument("--no-augment", dest="no_augment", action="store_true")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("run", help="the whole pipeline from a config file")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except DermrayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,219 @@
+"""Stage configs: one frozen dataclass per stage, loaded from YAML plus CLI overrides.
+
+A YAML file has one mapping per stage (``data:``, ``extract:``, ``search:``); the keys are the
+dataclass field names, and the CLI flags use the same names (``image_size`` <-> ``--image-size``).
+Unknown keys and bad values are rejected when loaded, with the key and the value in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from dermray.errors import ConfigError
+
+CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+def _check(ok: bool, section: str, key: str, value: Any, must: str) -> None:
+    if not ok:
+        raise ConfigError(f"{section}.{key} must be {must}. Got {value!r} instead.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Catalog and split: where the metadata and images are, how to split them."""
+
+    metadata: str = ""
+    images: tuple[str, ...] = ()
+    out: str = "out"
+    seed: int = 0
+    train_frac: float = 0.70
+    val_frac: float = 0.15
+    test_frac: float = 0.15
+    # with no metadata given, generate this many synthetic images under OUT/synthetic
+    synth_n: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("train_frac", "val_frac", "test_frac"):
+            value = getattr(self, key)
+            _check(0.0 < value < 1.0, "data", key, value, "a fraction strictly between 0 and 1")
+        total = self.train_frac + self.val_frac + self.test_frac
+        _check(abs(total - 1.0) < 1e-6, "data", "train_frac+val_frac+test_frac", total,
+               "1.0 (the three fractions must add up)")
+        _check(self.seed >= 0, "data", "seed", self.seed, "a non-negative integer")
+        _check(self.synth_n >= 0, "data", "synth_n", self.synth_n, ">= 0")
+        _check(bool(self.metadata) or self.synth_n > 0, "data", "metadata", self.metadata,
+               "a metadata CSV path (or set data.synth_n for synthetic data)")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Feature extraction: backbones, weights, input size, augmentation plan, Ray layout."""
+
+    manifest: str = ""
+    out: str = "out"
+    backbones: tuple[str, ...] = ("resnet50", "vgg19")
+    # backbone name -> "imagenet" | "none" | a weights file path
+    weights: dict[str, str] = field(default_factory=dict)
+    image_size: int = 224
+    batch_size: int = 32
+    augment: bool = True
+    # views per class the train split is brought up to (0: the largest class's image count)
+    target_per_class: int = 0
+    max_views_per_image: int = 8
+    # test-time augmentation: extra views (flips/rotations) of val and test images
+    tta_views: int = 0
+    seed: int = 0
+    # Ray layout: 0 actors means one per GPU on a GPU cluster, one per node's CPUs otherwise
+    num_actors: int = 0
+    cpus_per_actor: float = 1.0
+    threads_per_actor: int = 0  # 0: all cores of the node
+    num_gpus_per_actor: float = 0.0  # 0: auto (1 where the cluster has GPUs)
+    decode_batch_size: int = 16
+    mixed_precision: bool = False
+    jit_compile: bool = True
+
+    def __post_init__(self) -> None:
+        from dermray.backbones import BACKBONES  # local: backbones imports this module
+
+        _check(len(self.backbones) > 0, "extract", "backbones", self.backbones, "non-empty")
+        for name in self.backbones:
+            _check(name in BACKBONES, "extract", "backbones", name,
+                   f"one of {sorted(BACKBONES)}")
+        for name, value in self.weights.items():
+            _check(name in BACKBONES, "extract", "weights", name, f"keyed by one of {sorted(BACKBONES)}")
+            _check(isinstance(value, str) and value != "", "extract", f"weights.{name}", value,
+                   "'imagenet', 'none' or a weights file path")
+        _check(32 <= self.image_size <= 1024, "extract", "image_size", self.image_size,
+               "an integer in [32, 1024]")
+        for key in ("batch_size", "max_views_per_image", "decode_batch_size"):
+            _check(getattr(self, key) >= 1, "extract", key, getattr(self, key), ">= 1")
+        for key in ("target_per_class", "tta_views", "seed", "num_actors", "threads_per_actor"):
+            _check(getattr(self, key) >= 0, "extract", key, getattr(self, key), ">= 0")
+        _check(self.tta_views <= 7, "extract", "tta_views", self.tta_views,
+               "at most 7 (the dihedral group has 8 views)")
+        _check(self.cpus_per_actor > 0, "extract", "cpus_per_actor", self.cpus_per_actor, "> 0")
+        _check(self.num_gpus_per_actor >= 0, "extract", "num_gpus_per_actor",
+               self.num_gpus_per_actor, ">= 0")
+
+    def weights_for(self, backbone: str) -> str:
+        return self.weights.get(backbone, "imagenet")
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "extract": ExtractConfig}
+
+
+def register_section(name: str, cls: type) -> None:
+    """Let a later stage (search, ...) add its own section without this module importing it."""
+    SECTIONS[name] = cls
+
+
+def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML/CLI value to the field's annotated type, or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    where = f"{section}.{key}"
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(section, key, value, inner[0])
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list. Got {value!r} instead.")
+        return tuple(_coerce(section, key, v, args[0]) for v in value)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping. Got {value!r} instead.")
+        return {str(k): _coerce(section, f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where} must be true or false. Got {value!r} instead.")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where} must be an integer. Got {value!r} instead.")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be an integer. Got {value!r} instead.") from None
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number. Got {value!r} instead.")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number. Got {value!r} instead.") from None
+    if hint is str:
+        if value is None or isinstance(value, (dict, list)):
+            raise ConfigError(f"{where} must be a string. Got {value!r} instead.")
+        return str(value)
+    return value
+
+
+def build_section(name: str, values: Mapping[str, Any] | None) -> Any:
+    """Build one stage's config from a mapping, rejecting unknown keys and bad values."""
+    cls = SECTIONS[name]
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"Unknown key(s) in section '{name}': {', '.join(unknown)}. Known keys: {', '.join(names)}."
+        )
+    kwargs = {k: _coerce(name, k, v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file: a mapping of section name -> mapping of keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of sections. Got {type(raw).__name__}.")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"Unknown section(s) in {path}: {', '.join(unknown)}. Known sections: {', '.join(SECTIONS)}."
+        )
+    for section, values in raw.items():
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"Section '{section}' in {path} must be a mapping. Got {values!r}.")
+    return raw
+
+
+def load_section(name: str, path: str | Path | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> Any:
+    """One stage's config: the file's section (if a file is given), then CLI overrides on top.
+
+    Overrides whose value is None (flags the user did not pass) are ignored.
+    """
+    values: dict[str, Any] = {}
+    if path:
+        values.update(read_yaml(path).get(name) or {})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build_section(name, values)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-friendly dict of a config (tuples become lists)."""
+    out = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}

@@ -1,0 +1,61 @@
+"""The stages chained: validate -> split -> extract -> search -> evaluate -> export.
+
+Each ``run_*`` takes its stage's config and returns what it wrote; ``run_pipeline`` reads one
+YAML file and runs every stage whose section it has, under one output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dermray.config import DataConfig, config_to_dict, load_section, read_yaml
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_data(cfg: DataConfig) -> DataConfig:
+    """With no metadata but ``synth_n``, write the synthetic dataset first (once) and use it."""
+    if cfg.metadata:
+        return cfg
+    from dermray.synth import METADATA_NAME, write_synth_dataset
+
+    dest = Path(cfg.out) / "synthetic"
+    if not (dest / METADATA_NAME).is_file():
+        write_synth_dataset(dest, n=cfg.synth_n, seed=cfg.seed)
+    return dataclasses.replace(cfg, metadata=str(dest / METADATA_NAME), images=(str(dest),))
+
+
+def run_split(cfg: DataConfig) -> tuple[str, pd.DataFrame]:
+    """Validate the catalog and write the lesion-grouped split to OUT/manifest.parquet."""
+    from dermray.catalog import build_catalog, build_manifest, write_manifest
+
+    cfg = resolve_data(cfg)
+    catalog = build_catalog(cfg.metadata, cfg.images)
+    manifest = build_manifest(catalog, (cfg.train_frac, cfg.val_frac, cfg.test_frac), cfg.seed)
+    path = write_manifest(manifest, cfg.out, config_to_dict(cfg))
+    logger.info("wrote %s (%d images)", path, len(manifest))
+    return path, manifest
+
+
+def run_pipeline(config_path: str, out: str) -> dict[str, Any]:
+    """Run every stage the config has a section for, all writing under ``out``."""
+    sections = read_yaml(config_path)
+    result: dict[str, Any] = {"out": out}
+    data_cfg = load_section("data", config_path, {"out": out})
+    manifest_path, manifest = run_split(data_cfg)
+    result["manifest"] = manifest_path
+    result["split_sizes"] = manifest["split"].value_counts().to_dict()
+    if "extract" in sections:
+        from dermray.extract import run_extract
+
+        extract_cfg = load_section("extract", config_path,
+                                   {"manifest": manifest_path, "out": out})
+        record = run_extract(extract_cfg)
+        result["embeddings"] = record["embeddings"]
+        result["extract_rows"] = record["rows"]
+    return result
