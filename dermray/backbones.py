@@ -38,6 +38,9 @@ class BackboneSpec:
     # globally pooled outputs of these layers, concatenated (None: the last block, avg-pooled)
     stages: tuple[str, ...] | None = None
     gflops_224: float = 0.0  # forward GFLOP per 224x224 image (for efficiency figures)
+    # (other backbone, start, stop): this backbone's features are a column slice of that one's,
+    # so an actor holding both computes the network once
+    slice_of: tuple[str, int, int] | None = None
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -49,7 +52,8 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
 
 
 register_backbone(BackboneSpec("vgg19", "VGG19", 512, gflops_224=39.3))
-register_backbone(BackboneSpec("resnet50", "ResNet50", 2048, gflops_224=8.2))
+register_backbone(BackboneSpec("resnet50", "ResNet50", 2048, gflops_224=8.2,
+                               slice_of=("resnet50_ms", 1792, 3840)))
 # multi-stage ResNet50: the pooled outputs of all four stages (256+512+1024+2048)
 register_backbone(BackboneSpec(
     "resnet50_ms", "ResNet50", 3840, gflops_224=8.2,

@@ -1,0 +1,140 @@
+"""The embeddings Parquet contract: one schema, atomic part files, readers, backbone fusion.
+
+Layout: ``OUT/embeddings/backbone=<name>/split=<split>/part-<hash>.parquet``, one row per image
+view, the embedding a fixed-size list of float32. Part files are written under a temporary name
+and renamed, so a reader never sees half a file; readers skip names starting with "." or "_".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from dermray.errors import DermrayError
+
+META_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "label", "split", "aug_index",
+                                 "backbone")
+EXTRA_COLUMNS: tuple[str, ...] = ("age", "sex", "localization")
+KEY = ["image_id", "aug_index"]
+
+
+def embedding_schema(dim: int) -> pa.Schema:
+    """The one schema of every embeddings file (``dim`` is the backbone's feature size)."""
+    return pa.schema([
+        ("image_id", pa.string()), ("lesion_id", pa.string()), ("dx", pa.string()),
+        ("label", pa.int64()), ("split", pa.string()), ("aug_index", pa.int32()),
+        ("backbone", pa.string()), ("embedding", pa.list_(pa.float32(), dim)),
+        ("age", pa.float64()), ("sex", pa.string()), ("localization", pa.string()),
+    ])
+
+
+def backbone_dir(out: str | Path, backbone: str) -> Path:
+    return Path(out) / "embeddings" / f"backbone={backbone}"
+
+
+def to_table(rows: pd.DataFrame, embeddings: np.ndarray, backbone: str) -> pa.Table:
+    """Rows (manifest columns plus aug_index) and their embeddings as a table of the schema."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n, dim = embeddings.shape
+    flat = pa.array(embeddings.reshape(-1), type=pa.float32())
+    columns = {
+        "image_id": rows["image_id"].astype(str).to_numpy(),
+        "lesion_id": rows["lesion_id"].astype(str).to_numpy(),
+        "dx": rows["dx"].astype(str).to_numpy(),
+        "label": rows["label"].astype("int64").to_numpy(),
+        "split": rows["split"].astype(str).to_numpy(),
+        "aug_index": rows["aug_index"].astype("int32").to_numpy(),
+        "backbone": np.full(n, backbone, dtype=object),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+        "age": pd.to_numeric(rows["age"], errors="coerce").astype("float64").to_numpy(),
+        "sex": rows["sex"].astype(str).to_numpy(),
+        "localization": rows["localization"].astype(str).to_numpy(),
+    }
+    return pa.table(columns, schema=embedding_schema(dim))
+
+
+def content_name(keys: pd.DataFrame) -> str:
+    """A part-file name that depends only on which views it holds: rewriting the same views
+    (a retried task) replaces the file instead of adding a duplicate."""
+    text = "\n".join(sorted(f"{i}:{a}" for i, a in zip(keys["image_id"], keys["aug_index"])))
+    return "part-" + hashlib.sha1(text.encode()).hexdigest()[:20] + ".parquet"
+
+
+def write_atomic(table: pa.Table, path: Path) -> Path:
+    """Write a Parquet file under a temporary name in the same folder, then rename it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _dataset(folder: Path) -> pads.Dataset | None:
+    if not folder.is_dir() or not any(folder.rglob("*.parquet")):
+        return None
+    return pads.dataset(str(folder), format="parquet", partitioning="hive",
+                        ignore_prefixes=[".", "_"])
+
+
+def read_keys(folder: Path) -> pd.DataFrame:
+    """The (image_id, aug_index) of every row under a folder of part files (empty if none)."""
+    ds = _dataset(folder)
+    if ds is None:
+        return pd.DataFrame({"image_id": pd.Series(dtype=str), "aug_index": pd.Series(dtype="int32")})
+    return ds.to_table(columns=KEY).to_pandas()
+
+
+def read_frame(out: str | Path, backbone: str, split: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """One backbone's rows as a DataFrame (the embedding column holds numpy arrays)."""
+    ds = _dataset(backbone_dir(out, backbone))
+    if ds is None:
+        raise DermrayError(f"No embeddings for backbone '{backbone}' under {out}/embeddings; run "
+                           f"`dermray extract --backbone {backbone}` first.")
+    splits = [split] if isinstance(split, str) else split
+    filt = pads.field("split").isin(list(splits)) if splits else None
+    columns = list(META_COLUMNS) + ["embedding"] + list(EXTRA_COLUMNS)
+    table = ds.to_table(columns=columns, filter=filt)
+    frame = table.to_pandas()
+    dups = frame.duplicated(KEY)
+    if dups.any():
+        raise DermrayError(f"{int(dups.sum())} duplicate view(s) in {backbone_dir(out, backbone)}; "
+                           "rerun `dermray extract` to reconcile.")
+    return frame.sort_values(["split", "image_id", "aug_index"]).reset_index(drop=True)
+
+
+def load_embeddings(out: str | Path, backbone: str | Sequence[str] = "resnet50",
+                    split: str | Sequence[str] | None = None,
+                    average_views: bool = False) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Features, labels and the frame of one backbone or several fused.
+
+    Several backbones are concatenated per image view (inner join on image_id, aug_index).
+    ``average_views`` averages each image's views into one row (test-time augmentation).
+    """
+    names = [backbone] if isinstance(backbone, str) else list(backbone)
+    frame = None
+    for name in names:
+        part = read_frame(out, name, split)
+        feats = np.stack(part["embedding"].to_numpy()).astype(np.float32)
+        part = part.drop(columns=["embedding", "backbone"])
+        part[f"_emb_{name}"] = list(feats)
+        frame = part if frame is None else frame.merge(part[KEY + [f"_emb_{name}"]], on=KEY)
+    assert frame is not None
+    X = np.concatenate([np.stack(frame[f"_emb_{n}"].to_numpy()) for n in names], axis=1)
+    frame = frame.drop(columns=[f"_emb_{n}" for n in names]).reset_index(drop=True)
+    if average_views:
+        codes, uniques = pd.factorize(frame["image_id"], sort=True)
+        sums = np.zeros((len(uniques), X.shape[1]), dtype=np.float64)
+        np.add.at(sums, codes, X)
+        X = (sums / np.bincount(codes)[:, None]).astype(np.float32)
+        frame = (frame.sort_values("aug_index").drop_duplicates("image_id")
+                 .set_index("image_id").loc[uniques].reset_index())
+        frame["aug_index"] = 0
+    return X, frame["label"].to_numpy(), frame

@@ -1,0 +1,341 @@
+"""The extraction job: manifest -> views -> decode+augment (CPU tasks) -> frozen backbones (actor
+pool, one GPU per actor on a cluster) -> Parquet part files, with quarantine and resume.
+
+Pure pieces (``decode_batch``, ``Embedder.__call__``, ``write_batch``) take and return
+``dict[str, np.ndarray]`` batches and are testable without Ray; ``run_extract`` wires them into
+a Ray Data pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dermray.augment import DecodeError, decode_image, make_view, plan_views
+from dermray.backbones import get_spec, weights_identity
+from dermray.catalog import open_fs, read_manifest
+from dermray.config import ExtractConfig, config_to_dict
+from dermray.embeddings import (backbone_dir, content_name, read_keys, to_table, write_atomic)
+from dermray.errors import DermrayError
+
+logger = logging.getLogger(__name__)
+
+PLAN_COLUMNS = ["image_id", "lesion_id", "dx", "label", "split", "path", "age", "sex",
+                "localization", "aug_index"]
+QUARANTINE_DIR = "_quarantine"
+# test hook: when set, the first Embedder call in the whole run kills its actor process once
+FAULT_ONCE_ENV = "DERMRAY_TEST_KILL_ACTOR_ONCE"
+
+
+def read_bytes(path: str) -> bytes:
+    fs, inner = open_fs(path)
+    with fs.open_input_stream(inner) as stream:
+        return stream.read()
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, seed: int,
+                 draft: bool = True) -> dict[str, np.ndarray]:
+    """Read, decode, resize and augment each view; failures get an ``error`` and a blank image."""
+    n = len(batch["image_id"])
+    images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    errors = np.full(n, "", dtype=object)
+    cache: dict[str, np.ndarray | str] = {}  # several views of one image decode it once
+    for i in range(n):
+        path = str(batch["path"][i])
+        if path not in cache:
+            try:
+                cache[path] = decode_image(read_bytes(path), image_size, draft=draft)
+            except DecodeError as exc:
+                cache[path] = str(exc)
+            except (FileNotFoundError, OSError) as exc:
+                cache[path] = f"cannot read file: {exc}"
+        decoded = cache[path]
+        if isinstance(decoded, str):
+            errors[i] = decoded
+            continue
+        images[i] = make_view(decoded, str(batch["split"][i]), str(batch["image_id"][i]),
+                              int(batch["aug_index"][i]), seed)
+    out = dict(batch)
+    out["image"] = images
+    out["error"] = errors
+    return out
+
+
+class Embedder:
+    """Holds the frozen backbones of one actor; embeds the decoded views of a batch.
+
+    TensorFlow is imported here, inside the actor, after its thread count is set.
+    """
+
+    def __init__(self, backbones: list[str], weights: dict[str, str], image_size: int,
+                 batch_size: int, jit_compile: bool = True, threads: int = 0,
+                 mixed_precision: bool = False, out: str | None = None, seed: int = 0) -> None:
+        if threads:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+        from dermray.backbones import build_extractor, compile_forward, configure_devices
+
+        import keras
+
+        self.gpus = configure_devices(mixed_precision)
+        if threads:
+            if keras.backend.backend() == "tensorflow":
+                import tensorflow as tf
+
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+        self.backbones = list(backbones)
+        self.batch_size = batch_size
+        self.out = out  # where to write part files; None: return the embeddings instead
+        # a backbone that is a slice of another one held here is not built a second time
+        self.sliced = {}
+        for name in self.backbones:
+            spec = get_spec(name)
+            if (spec.slice_of and spec.slice_of[0] in self.backbones
+                    and weights.get(name, "imagenet") == weights.get(spec.slice_of[0], "imagenet")):
+                self.sliced[name] = spec.slice_of
+        self.forward = {}
+        for name in self.backbones:
+            if name in self.sliced:
+                continue
+            # weights=None draws random weights: seed them, or every actor (and every rerun)
+            # would embed with a different network and the Parquet would mix them
+            keras.utils.set_random_seed(seed)
+            model = build_extractor(name, weights.get(name, "imagenet"), image_size)
+            self.forward[name] = compile_forward(model, jit_compile=jit_compile)
+
+    def _maybe_fault(self) -> None:
+        marker = os.environ.get(FAULT_ONCE_ENV)
+        if marker and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os._exit(1)  # simulate a crashed actor: Ray restarts it and retries the batch
+
+    def embed(self, name: str, images: np.ndarray) -> np.ndarray:
+        """Embed uint8 images in fixed-size chunks (padding the last) so XLA compiles once."""
+        from dermray.backbones import preprocess
+
+        dim = get_spec(name).feature_dim
+        out = np.zeros((len(images), dim), dtype=np.float32)
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            n = len(chunk)
+            if n < self.batch_size:
+                pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            out[start:start + n] = self.forward[name](preprocess(name, chunk))[:n]
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._maybe_fault()
+        ok = np.asarray([not e for e in batch["error"]])
+        out = {k: v for k, v in batch.items() if k != "image"}
+
+        def needed(name: str) -> np.ndarray:
+            flags = batch.get(f"need_{name}", np.ones(len(ok), bool))
+            return ok & np.asarray(flags, dtype=bool)
+
+        for name in self.forward:
+            need = needed(name)
+            for derived, (source, _, _) in self.sliced.items():
+                if source == name:
+                    need = need | needed(derived)
+            emb = np.zeros((len(ok), get_spec(name).feature_dim), dtype=np.float32)
+            if need.any():
+                emb[need] = self.embed(name, batch["image"][need])
+            out[f"emb_{name}"] = emb
+        for name, (source, lo, hi) in self.sliced.items():
+            out[f"emb_{name}"] = np.ascontiguousarray(out[f"emb_{source}"][:, lo:hi])
+        if self.out is not None:
+            # writing here (milliseconds per batch) keeps the embeddings out of the object store
+            # and needs no CPU slot of its own, which a 2-core laptop does not have to spare
+            return write_batch(out, self.out, self.backbones)
+        return out
+
+
+def write_batch(batch: dict[str, np.ndarray], out: str, backbones: list[str]) -> dict[str, np.ndarray]:
+    """Write a batch's embeddings (one part file per backbone and split) and its quarantined
+    views; return one summary row per file written."""
+    frame = pd.DataFrame({k: list(v) if np.ndim(v) > 1 else v for k, v in batch.items()
+                          if not k.startswith("emb_")})
+    bad = frame["error"].astype(bool).to_numpy()
+    written: list[dict[str, Any]] = []
+    if bad.any():
+        rows = frame.loc[bad, ["image_id", "aug_index", "split", "path", "error"]]
+        rows = rows.rename(columns={"error": "reason"})
+        path = Path(out) / QUARANTINE_DIR / content_name(rows)
+        import pyarrow as pa
+
+        write_atomic(pa.Table.from_pandas(rows.astype({"aug_index": "int32"}), preserve_index=False),
+                     path)
+        written.append({"kind": "quarantine", "backbone": "", "split": "", "rows": len(rows)})
+    for name in backbones:
+        need = ~bad & frame.get(f"need_{name}", pd.Series(True, index=frame.index)).astype(bool)
+        for split, idx in frame[need].groupby("split").groups.items():
+            rows = frame.loc[idx]
+            table = to_table(rows, batch[f"emb_{name}"][np.asarray(idx)], name)
+            path = backbone_dir(out, name) / f"split={split}" / content_name(rows)
+            write_atomic(table, path)
+            written.append({"kind": "embeddings", "backbone": name, "split": split,
+                            "rows": len(rows)})
+    return {k: np.asarray([w[k] for w in written], dtype=object if k != "rows" else np.int64)
+            for k in ("kind", "backbone", "split", "rows")}
+
+
+def done_keys(out: str, name: str) -> set[tuple[str, int]]:
+    keys = read_keys(backbone_dir(out, name))
+    return set(zip(keys["image_id"], keys["aug_index"].astype(int)))
+
+
+def pending_views(plan: pd.DataFrame, out: str, backbones: list[str]) -> pd.DataFrame:
+    """The views still to do, with a ``need_<backbone>`` flag per backbone (resume)."""
+    keys = list(zip(plan["image_id"], plan["aug_index"].astype(int)))
+    quarantined = done_keys_quarantine(out)
+    pending = plan.copy()
+    for name in backbones:
+        done = done_keys(out, name) | quarantined
+        pending[f"need_{name}"] = [k not in done for k in keys]
+    need_any = pending[[f"need_{n}" for n in backbones]].any(axis=1)
+    return pending[need_any].reset_index(drop=True)
+
+
+def done_keys_quarantine(out: str) -> set[tuple[str, int]]:
+    keys = read_keys(Path(out) / QUARANTINE_DIR)
+    return set(zip(keys["image_id"], keys["aug_index"].astype(int)))
+
+
+def actor_layout(cfg: ExtractConfig) -> dict[str, Any]:
+    """How many embedding actors, with which resources, from the config and the cluster."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    num_gpus = cfg.num_gpus_per_actor or (1.0 if gpus else 0.0)
+    if cfg.num_actors:
+        size = cfg.num_actors
+    elif num_gpus:
+        size = max(1, int(gpus / num_gpus))
+    else:
+        # CPU only: one actor per node, leaving the rest of the CPUs to decode tasks
+        size = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
+    threads = cfg.threads_per_actor or (0 if num_gpus else (os.cpu_count() or 1))
+    return {"size": size, "num_gpus": num_gpus, "num_cpus": cfg.cpus_per_actor, "threads": threads}
+
+
+def _library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("ray", "keras", "tensorflow", "tensorflow-cpu", "numpy", "pyarrow", "pillow"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def consolidate_quarantine(out: str) -> pd.DataFrame:
+    """Gather the quarantine part files into ``OUT/quarantine.parquet`` (always written)."""
+    from dermray.embeddings import _dataset
+
+    ds = _dataset(Path(out) / QUARANTINE_DIR)
+    columns = ["image_id", "aug_index", "split", "path", "reason"]
+    frame = ds.to_table(columns=columns).to_pandas() if ds else pd.DataFrame(columns=columns)
+    frame = frame.drop_duplicates(["image_id", "aug_index"]).sort_values(["image_id", "aug_index"])
+    import pyarrow as pa
+
+    write_atomic(pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False),
+                 Path(out) / "quarantine.parquet")
+    return frame
+
+
+def reconcile(plan: pd.DataFrame, out: str, backbones: list[str],
+              quarantine: pd.DataFrame) -> dict[str, Any]:
+    """Check views planned = rows written + views quarantined, per backbone, no duplicates."""
+    from dermray.embeddings import _dataset
+
+    counts: dict[str, Any] = {}
+    for name in backbones:
+        ds = _dataset(backbone_dir(out, name))
+        frame = (ds.to_table(columns=["image_id", "aug_index", "split", "dx"]).to_pandas()
+                 if ds else pd.DataFrame(columns=["image_id", "aug_index", "split", "dx"]))
+        dups = int(frame.duplicated(["image_id", "aug_index"]).sum())
+        if dups or len(frame) + len(quarantine) != len(plan):
+            raise DermrayError(
+                f"Counts do not reconcile for {name}: planned {len(plan)} views, written "
+                f"{len(frame)} ({dups} duplicates), quarantined {len(quarantine)}. Rerun "
+                "`dermray extract` to fill the gaps.")
+        counts[name] = {
+            "rows": int(len(frame)),
+            "per_split": {k: int(v) for k, v in frame["split"].value_counts().sort_index().items()},
+            "per_class": {k: int(v) for k, v in frame["dx"].value_counts().sort_index().items()},
+        }
+    return counts
+
+
+def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
+    """Plan, run the Ray Data job over the pending views, reconcile, write the run record."""
+    import ray
+
+    start = time.perf_counter()
+    if not cfg.manifest:
+        raise DermrayError("extract.manifest is not set: pass --manifest OUT/manifest.parquet.")
+    manifest = read_manifest(cfg.manifest)
+    plan = plan_views(manifest, augment=cfg.augment, target_per_class=cfg.target_per_class,
+                      max_views_per_image=cfg.max_views_per_image, tta_views=cfg.tta_views,
+                      seed=cfg.seed)[PLAN_COLUMNS]
+    backbones = list(cfg.backbones)
+    identities = {b: weights_identity(cfg.weights_for(b)) for b in backbones}  # fails early
+    pending = pending_views(plan, cfg.out, backbones)
+    logger.info("extract: %d views planned, %d pending", len(plan), len(pending))
+    files_written = 0
+    layout: dict[str, Any] = {}
+    if len(pending):
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False)
+        layout = actor_layout(cfg)
+        blocks = max(1, min(len(pending) // max(cfg.decode_batch_size, 1), 200))
+        ds = ray.data.from_pandas(pending).repartition(blocks)
+        ds = ds.map_batches(decode_batch, batch_size=cfg.decode_batch_size, num_cpus=1,
+                            fn_kwargs={"image_size": cfg.image_size, "seed": cfg.seed})
+        ds = ds.map_batches(
+            Embedder, batch_size=cfg.batch_size, num_cpus=layout["num_cpus"],
+            num_gpus=layout["num_gpus"] or None,
+            compute=ray.data.ActorPoolStrategy(size=layout["size"]),
+            fn_constructor_kwargs={
+                "backbones": backbones, "weights": {b: cfg.weights_for(b) for b in backbones},
+                "image_size": cfg.image_size, "batch_size": cfg.batch_size,
+                "jit_compile": cfg.jit_compile, "threads": layout["threads"],
+                "mixed_precision": cfg.mixed_precision, "out": str(cfg.out), "seed": cfg.seed,
+            },
+        )
+        summary = ds.to_pandas()
+        files_written = len(summary)
+    quarantine = consolidate_quarantine(cfg.out)
+    counts = reconcile(plan, cfg.out, backbones, quarantine)
+    wall = time.perf_counter() - start
+    record = {
+        "config": config_to_dict(cfg),
+        "versions": _library_versions(),
+        "weights": identities,
+        "views_planned": int(len(plan)),
+        "views_pending_at_start": int(len(pending)),
+        "rows": counts,
+        "quarantined": int(len(quarantine)),
+        "quarantined_images": int(quarantine["image_id"].nunique()) if len(quarantine) else 0,
+        "files_written": files_written,
+        "actor_layout": layout,
+        "wall_s": round(wall, 2),
+        "images_per_s": round(len(pending) / wall, 2) if len(pending) else None,
+        "embeddings": str(Path(cfg.out) / "embeddings"),
+    }
+    tmp = Path(cfg.out) / ".extract_run.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(Path(cfg.out) / "extract_run.json")
+    return record

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from dermray.backbones import (BACKBONES, BackboneError, build_extractor, caffe_preprocess,
+                               get_spec, resolve_weights, weights_identity)
+
+
+def test_caffe_preprocessing_equals_keras():
+    import keras
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (2, 16, 16, 3)).astype(np.float32)
+    ours = caffe_preprocess(img.astype(np.uint8))
+    for app in (keras.applications.resnet50, keras.applications.vgg19):
+        ref = np.asarray(app.preprocess_input(img.copy()))
+        np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_unknown_backbone_lists_known_names():
+    with pytest.raises(BackboneError, match="Known backbones: resnet50, resnet50_ms, vgg19"):
+        get_spec("vgg16")
+
+
+def test_weights_resolution(tmp_path):
+    assert resolve_weights("none") is None and resolve_weights("imagenet") == "imagenet"
+    with pytest.raises(BackboneError, match="does not exist"):
+        resolve_weights(str(tmp_path / "w.h5"))
+    assert weights_identity("none") == "none"
+    f = tmp_path / "w.h5"
+    f.write_bytes(b"abc")
+    assert weights_identity(str(f)).startswith("sha256:ba7816bf")
+
+
+def test_weights_that_do_not_fit_name_the_file(tmp_path):
+    bad = tmp_path / "not_weights.h5"
+    bad.write_text("this is not an HDF5 file")
+    with pytest.raises(BackboneError, match="not_weights.h5"):
+        build_extractor("vgg19", str(bad), 32)
+
+
+def test_wrong_architecture_weights_name_the_file(resnet50_weights):
+    with pytest.raises(BackboneError, match=resnet50_weights.name):
+        build_extractor("vgg19", str(resnet50_weights), 32)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_feature_sizes_and_frozen(name):
+    model = build_extractor(name, None, 32)
+    out = np.asarray(model(np.zeros((2, 32, 32, 3), np.float32), training=False))
+    assert out.shape == (2, get_spec(name).feature_dim)
+    assert not model.trainable and model.trainable_weights == []
