@@ -107,6 +107,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from dermray.pipeline import run_search_stage
+
+    overrides = {"num_samples": args.num_samples, "algorithm": args.algorithm}
+    result = run_search_stage(args.config, args.out, args.manifest or f"{args.out}/manifest.parquet",
+                              overrides)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from dermray.bundle import collect_images, load_bundle
+
+    bundle = load_bundle(args.model)
+    files = collect_images(args.inputs)
+    if not files:
+        raise DermrayError(f"No images found in {', '.join(args.inputs)}.")
+    frame, problems = bundle.predict_files(files)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if args.out:
+        frame.to_csv(args.out, index=False, float_format="%.5f")
+        print(f"wrote {len(frame)} predictions to {args.out}")
+    else:
+        print(frame.to_csv(index=False, float_format="%.5f"), end="")
+    return 0 if len(frame) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dermray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -155,6 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-actors", dest="num_actors", type=int)
     p.add_argument("--no-augment", dest="no_augment", action="store_true")
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("search", help="Ray Tune over the head families on OUT's embeddings")
+    p.add_argument("--config", help="YAML config; its 'search' section")
+    p.add_argument("--out", required=True, help="the output folder holding embeddings/")
+    p.add_argument("--manifest", help="default: OUT/manifest.parquet")
+    p.add_argument("--num-samples", dest="num_samples", type=int)
+    p.add_argument("--algorithm", choices=["tpe", "random"])
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("predict", help="classify image files with an exported model bundle")
+    p.add_argument("--model", required=True, help="OUT/model of a `dermray run`")
+    p.add_argument("--out", help="write a CSV here instead of printing it")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("run", help="the whole pipeline from a config file")
     p.add_argument("--config", required=True)

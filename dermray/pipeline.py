@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+import dermray.search  # noqa: F401 - registers the 'search' config section
 from dermray.config import DataConfig, config_to_dict, load_section, read_yaml
 
 logger = logging.getLogger(__name__)
@@ -57,5 +58,32 @@ def run_pipeline(config_path: str, out: str) -> dict[str, Any]:
                                    {"manifest": manifest_path, "out": out})
         record = run_extract(extract_cfg)
         result["embeddings"] = record["embeddings"]
-        result["extract_rows"] = record["rows"]
+        result["extract_rows"] = {k: v["rows"] for k, v in record["rows"].items()}
+    if "search" in sections:
+        summary = run_search_stage(config_path, out, manifest_path)
+        result.update(summary)
     return result
+
+
+def run_search_stage(config_path: str | None, out: str, manifest_path: str,
+                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Search the heads on OUT's embeddings, then select, score on test once, export."""
+    import dermray.search  # noqa: F401 - registers the 'search' config section
+    from dermray.search import run_search, storage_path
+    from dermray.select import finish
+
+    cfg = load_section("search", config_path, {"out": out, **(overrides or {})})
+    results = run_search(cfg, manifest_path)
+    summary = finish(results, cfg, manifest_path, Path(out))
+    win = summary["winner"]
+    return {
+        "winner": {"family": win["family"], "features": win["features"],
+                   "val_accuracy": round(win["val"]["accuracy"], 4),
+                   "test_accuracy": round(win["test"]["accuracy"], 4),
+                   "test_balanced_accuracy": round(win["test"]["balanced_accuracy"], 4)},
+        "trials": str(Path(out) / "trials.csv"),
+        "metrics": str(Path(out) / "metrics.json"),
+        "report": str(Path(out) / "report.md"),
+        "model": str(Path(out) / "model"),
+        "tune_logs": storage_path(cfg),
+    }

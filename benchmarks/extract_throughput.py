@@ -1,0 +1,170 @@
+"""Extraction throughput: the bare model against the whole Ray Data pipeline, in one run.
+
+(a) bare: the backbone's fastest direct call on pre-decoded arrays in this process (``predict``,
+    a plain ``tf.function`` and an XLA-compiled call are all timed; the best is ``bare_img_s``);
+(b) pipeline: ``run_extract`` from JPEG files to Parquet on a local Ray; its steady-state rate
+    (rows written between the first and the last part file) is ``pipeline_img_s``, the rate with
+    Ray start, model build and compile included is ``pipeline_e2e_img_s``;
+(c) decode+resize alone, 600x450 -> SIZE, JPEG draft mode against a full decode;
+(d) numpy float32 matrix multiply (sgemm) GFLOP/s, to express (a) as a share of the hardware.
+
+    python benchmarks/extract_throughput.py --json out/bench_extract.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+HAM = SHARED / "data" / "ham10000"
+WEIGHTS = SHARED / "weights" / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+def rate(fn, n_images: int, repeats: int = 1) -> float:
+    """Images per second of ``fn`` (already warmed up), best of ``repeats``."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return n_images / best
+
+
+def sgemm_gflops(n: int = 2048) -> float:
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    a @ b
+    start = time.perf_counter()
+    reps = 5
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def decode_rates(paths: list[Path], size: int) -> dict[str, float]:
+    from dermray.augment import decode_image
+
+    data = [p.read_bytes() for p in paths]
+    out = {}
+    for name, draft in (("decode_draft_img_s", True), ("decode_full_img_s", False)):
+        decode_image(data[0], size, draft=draft)
+        out[name] = rate(lambda d=draft: [decode_image(x, size, draft=d) for x in data],
+                         len(data), repeats=3)
+    return out
+
+
+def bare_rates(backbone: str, weights: str, size: int, batch: int, n: int) -> dict[str, float]:
+    """img/s of predict, tf.function and XLA on the same pre-decoded batch."""
+    import keras
+    import tensorflow as tf
+
+    from dermray.backbones import build_extractor, compile_forward, preprocess
+
+    model = build_extractor(backbone, weights, size)
+    x = preprocess(backbone, np.random.default_rng(0).integers(0, 255, (batch, size, size, 3),
+                                                               dtype=np.uint8))
+    steps = max(1, n // batch)
+    results = {}
+    model.predict(x, batch_size=batch, verbose=0)
+    results["predict"] = rate(lambda: [model.predict(x, batch_size=batch, verbose=0)
+                                       for _ in range(steps)], steps * batch)
+    for name, jit in (("tf_function", False), ("xla", True)):
+        fn = compile_forward(model, jit_compile=jit)
+        fn(x)
+        results[name] = rate(lambda f=fn: [f(x) for _ in range(steps)], steps * batch)
+    del tf, keras
+    return results
+
+
+def pipeline_rate(backbone: str, weights: str, size: int, batch: int, n: int) -> dict[str, float]:
+    """Run the real extraction on the first ``n`` real 200x150 images, fresh output folder."""
+    import pyarrow.dataset as pads
+    import ray
+
+    from dermray.catalog import build_catalog, build_manifest, write_manifest
+    from dermray.config import ExtractConfig
+    from dermray.embeddings import backbone_dir
+    from dermray.extract import run_extract
+
+    out = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    catalog = build_catalog(str(HAM / "metadata_images_200x150.csv"), [str(HAM / "images_200x150")])
+    manifest = build_manifest(catalog, (0.7, 0.15, 0.15), seed=0)
+    manifest = manifest.sample(n=n, random_state=0).sort_values("image_id")
+    write_manifest(manifest, str(out), {"benchmark": True})
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False)
+    cfg = ExtractConfig(manifest=str(out / "manifest.parquet"), out=str(out),
+                        backbones=(backbone,), weights={backbone: weights}, image_size=size,
+                        batch_size=batch, augment=False)
+    start = time.perf_counter()
+    record = run_extract(cfg)
+    e2e = n / (time.perf_counter() - start)
+    files = sorted(backbone_dir(out, backbone).rglob("*.parquet"), key=lambda p: p.stat().st_mtime)
+    rows = [pads.dataset(str(f)).count_rows() for f in files]
+    span = files[-1].stat().st_mtime - files[0].stat().st_mtime
+    steady = (sum(rows) - rows[0]) / span if span > 0 else float("nan")
+    assert record["rows"][backbone]["rows"] == n
+    return {"pipeline_img_s": steady, "pipeline_e2e_img_s": e2e, "pipeline_wall_s": record["wall_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", default="out/bench_extract.json")
+    parser.add_argument("--backbones", nargs="+", default=["resnet50", "vgg19"])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--bare-images", type=int, default=128)
+    parser.add_argument("--pipeline-images", type=int, default=384)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from dermray.backbones import get_spec
+
+    originals = sorted((HAM / "originals_600x450").glob("*.jpg"))
+    result: dict = {"image_size": args.image_size, "batch_size": args.batch_size,
+                    "cpus": os.cpu_count(), "sgemm_gflops": sgemm_gflops()}
+    result.update(decode_rates(originals, args.image_size))
+    result["backbones"] = {}
+    for backbone in args.backbones:
+        weights = str(WEIGHTS) if backbone.startswith("resnet50") and WEIGHTS.exists() else "none"
+        bare = bare_rates(backbone, weights, args.image_size, args.batch_size, args.bare_images)
+        pipe = pipeline_rate(backbone, weights, args.image_size, args.batch_size,
+                             args.pipeline_images)
+        gflop = get_spec(backbone).gflops_224 * (args.image_size / 224) ** 2
+        best = max(bare.values())
+        result["backbones"][backbone] = {
+            "weights": "real" if weights != "none" else "random (same FLOPs)",
+            "bare": bare, "bare_img_s": best, **pipe,
+            "ratio": pipe["pipeline_img_s"] / best,
+            "model_efficiency": best * gflop / result["sgemm_gflops"],
+        }
+    first = result["backbones"][args.backbones[0]]
+    result.update({k: first[k] for k in ("bare_img_s", "pipeline_img_s", "ratio",
+                                         "model_efficiency")})
+    result["decode_draft_speedup"] = result["decode_draft_img_s"] / result["decode_full_img_s"]
+
+    print(f"sgemm: {result['sgemm_gflops']:.1f} GFLOP/s on {result['cpus']} cores")
+    print(f"decode 600x450 -> {args.image_size}: draft {result['decode_draft_img_s']:.1f} img/s, "
+          f"full {result['decode_full_img_s']:.1f} img/s ({result['decode_draft_speedup']:.2f}x)")
+    print(f"{'backbone':<12}{'predict':>9}{'tf.func':>9}{'xla':>9}{'pipeline':>10}{'e2e':>8}"
+          f"{'ratio':>8}{'eff':>7}")
+    for name, r in result["backbones"].items():
+        b = r["bare"]
+        print(f"{name:<12}{b['predict']:>9.2f}{b['tf_function']:>9.2f}{b['xla']:>9.2f}"
+              f"{r['pipeline_img_s']:>10.2f}{r['pipeline_e2e_img_s']:>8.2f}{r['ratio']:>8.2f}"
+              f"{r['model_efficiency']:>7.2f}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The exported model bundle: load it and predict on image files (``dermray predict``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from dermray.augment import DecodeError, decode_image, dihedral
+from dermray.backbones import weights_identity
+from dermray.errors import DermrayError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class Bundle:
+    spec: dict[str, Any]
+    head: Any
+    directory: Path
+    _embedder: Any = None
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.spec["labels"])
+
+    def embedder(self):
+        if self._embedder is None and self.spec["backbones"]:
+            from dermray.extract import Embedder
+
+            names = [b["name"] for b in self.spec["backbones"]]
+            weights = {b["name"]: b["weights"] for b in self.spec["backbones"]}
+            self._embedder = Embedder(names, weights, self.spec["image_size"], batch_size=16,
+                                      seed=self.spec.get("seed", 0))
+        return self._embedder
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """Head inputs for decoded images: embeddings (TTA-averaged as in training) + metadata."""
+        from dermray.features import metadata_matrix, parse_features
+
+        if self.spec["family"] == "finetune":
+            return images
+        embedder = self.embedder()
+        views = range(self.spec.get("tta_views", 0) + 1)
+        parts = []
+        for name in [b["name"] for b in self.spec["backbones"]]:
+            stacked = np.mean([embedder.embed(name, np.stack([dihedral(im, k) for im in images]))
+                               for k in views], axis=0)
+            parts.append(stacked)
+        X = np.concatenate(parts, axis=1)
+        _, meta = parse_features(self.spec["features"])
+        if meta:  # arbitrary images carry no patient metadata: the "unknown" encoding
+            unknown = pd.DataFrame({"age": [np.nan] * len(X), "sex": "unknown",
+                                    "localization": "unknown"})
+            X = np.concatenate([X, metadata_matrix(unknown)], axis=1)
+        return X
+
+    def predict_files(self, paths: Iterable[Path]) -> tuple[pd.DataFrame, list[str]]:
+        """Predictions for every readable image; the problems with the others, by file."""
+        images, ids, problems = [], [], []
+        for path in paths:
+            try:
+                images.append(decode_image(Path(path).read_bytes(), self.spec["image_size"]))
+                ids.append(Path(path).stem)
+            except (DecodeError, OSError) as exc:
+                problems.append(f"{path}: {exc}; skipped (pass JPEG or PNG images)")
+        columns = ["image_id", "dx", *[f"p_{c}" for c in self.labels]]
+        if not images:
+            return pd.DataFrame(columns=columns), problems
+        proba = self.head.predict_proba(self.features(np.stack(images)))
+        frame = pd.DataFrame(proba, columns=columns[2:])
+        frame.insert(0, "dx", [self.labels[i] for i in proba.argmax(axis=1)])
+        frame.insert(0, "image_id", ids)
+        return frame, problems
+
+
+def load_bundle(directory: str | Path, verify_weights: bool = True) -> Bundle:
+    """Load OUT/model; checks that each backbone's weights file is the one trained with."""
+    from dermray.heads import load_head
+
+    directory = Path(directory)
+    spec_path = directory / "bundle.json"
+    if not spec_path.is_file():
+        raise DermrayError(f"{directory} is not a dermray model bundle (no bundle.json); pass "
+                           "the OUT/model folder of a `dermray run`.")
+    spec = json.loads(spec_path.read_text())
+    if verify_weights:
+        for b in spec["backbones"]:
+            found = weights_identity(b["weights"])
+            if found != b["weights_identity"]:
+                raise DermrayError(f"Backbone {b['name']} weights {b['weights']} are {found}, but "
+                                   f"the model was trained with {b['weights_identity']}. Put the "
+                                   "same weights file at that path.")
+    return Bundle(spec=spec, head=load_head(spec["family"], directory / "head"),
+                  directory=directory)
+
+
+def collect_images(inputs: Iterable[str]) -> list[Path]:
+    """Files given directly (whatever their suffix: bad ones are reported) and images in folders."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            files.append(path)
+    return files

@@ -1,0 +1,112 @@
+"""Metrics, the confusion-matrix plot and the Markdown report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dermray.config import CLASSES
+
+logger = logging.getLogger(__name__)
+
+
+def metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro-F1, log-loss, per-class P/R/F1, one-vs-rest ROC AUC and
+    the confusion matrix (rows: true class, columns: predicted), over the 7 classes."""
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
+                                 f1_score, log_loss, precision_recall_fscore_support,
+                                 roc_auc_score)
+
+    labels = list(range(len(CLASSES)))
+    y_true = np.asarray(y_true)
+    proba = np.clip(np.asarray(proba, dtype=np.float64), 1e-12, 1.0)
+    proba = proba / proba.sum(axis=1, keepdims=True)
+    y_pred = proba.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0)
+    per_class = {}
+    for i, cls in enumerate(CLASSES):
+        positives = y_true == i
+        auc = (float(roc_auc_score(positives, proba[:, i]))
+               if 0 < positives.sum() < len(y_true) else None)
+        per_class[cls] = {"precision": float(precision[i]), "recall": float(recall[i]),
+                          "f1": float(f1[i]), "support": int(support[i]), "roc_auc": auc}
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro",
+                                   zero_division=0)),
+        "log_loss": float(log_loss(y_true, proba, labels=labels)),
+        "per_class": per_class,
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> Path:
+    """Row-normalised confusion matrix with counts, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(matrix, dtype=float)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(CLASSES)), CLASSES)
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(len(CLASSES)):
+        for j in range(len(CLASSES)):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center",
+                    color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _row(name: str, m: dict[str, Any]) -> str:
+    return (f"| {name} | {m['n']} | {m['accuracy']:.3f} | {m['balanced_accuracy']:.3f} | "
+            f"{m['macro_f1']:.3f} | {m['log_loss']:.3f} |")
+
+
+def write_report(out: Path, summary: dict[str, Any]) -> Path:
+    """``OUT/report.md``: the winner, the best trial per family, per-class figures."""
+    win = summary["winner"]
+    lines = [
+        "# dermray report", "",
+        f"Winner (highest validation accuracy of {summary['n_trials']} trials): **{win['family']}** "
+        f"on `{win['features']}`", "", "```", str(win["params"]), "```", "",
+        "| split | n | accuracy | balanced accuracy | macro-F1 | log-loss |",
+        "| --- | --- | --- | --- | --- | --- |",
+        _row("val", win["val"]), _row("test", win["test"]), "",
+        "## Best trial of each family (test metrics computed once, after selection)", "",
+        "| family | features | val accuracy | test accuracy | test balanced accuracy | test macro-F1 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for fam, best in summary["best_per_family"].items():
+        lines.append(f"| {fam} | {best['features']} | {best['val']['accuracy']:.3f} | "
+                     f"{best['test']['accuracy']:.3f} | {best['test']['balanced_accuracy']:.3f} | "
+                     f"{best['test']['macro_f1']:.3f} |")
+    lines += ["", "## Winner per class (test)", "",
+              "| class | precision | recall | F1 | ROC AUC | support |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for cls, m in win["test"]["per_class"].items():
+        auc = f"{m['roc_auc']:.3f}" if m["roc_auc"] is not None else "n/a"
+        lines.append(f"| {cls} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {auc} "
+                     f"| {m['support']} |")
+    lines += ["", "![confusion matrix](confusion_matrix.png)", "",
+              "Splits are lesion-grouped: no lesion is in two splits. The winner was chosen on "
+              "validation accuracy only; the test split was scored once, after selection.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,68 @@
+"""Feature sets for the heads: backbone embeddings (one or several fused), optionally with the
+patient metadata HAM10000 ships (age, sex, localization), and image arrays for fine-tuning.
+
+A feature spec is backbone names and ``meta`` joined by ``+``: ``resnet50``, ``resnet50+vgg19``,
+``resnet50_ms+meta``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dermray.backbones import BACKBONES
+from dermray.embeddings import load_embeddings
+from dermray.errors import ConfigError
+
+SEXES = ("male", "female")
+LOCALIZATIONS = ("abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand",
+                 "lower extremity", "neck", "scalp", "trunk", "upper extremity")
+
+
+def parse_features(spec: str) -> tuple[list[str], bool]:
+    """Backbone names and whether metadata is added; a clear error for an unknown token."""
+    tokens = [t for t in spec.split("+") if t]
+    unknown = [t for t in tokens if t != "meta" and t not in BACKBONES]
+    backbones = [t for t in tokens if t in BACKBONES]
+    if unknown or not backbones:
+        raise ConfigError(f"Feature spec {spec!r} must join backbone names ({', '.join(sorted(BACKBONES))}) "
+                          "and optionally 'meta' with '+'.")
+    return backbones, "meta" in tokens
+
+
+def metadata_matrix(frame: pd.DataFrame) -> np.ndarray:
+    """Age (scaled, with a missing flag), sex and localization one-hot; unknowns are all-zero."""
+    age = pd.to_numeric(frame["age"], errors="coerce")
+    cols = [np.nan_to_num(age.to_numpy() / 100.0, nan=0.5), age.isna().to_numpy(float)]
+    cols += [(frame["sex"] == s).to_numpy(float) for s in SEXES]
+    cols += [(frame["localization"] == loc).to_numpy(float) for loc in LOCALIZATIONS]
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+def embedding_features(out: str | Path, spec: str, split: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """X, y and the rows of one split. Train keeps every augmented view as its own row; val and
+    test average an image's views (test-time augmentation) into one row."""
+    backbones, meta = parse_features(spec)
+    X, y, frame = load_embeddings(out, backbones, split=split, average_views=split != "train")
+    if meta:
+        X = np.concatenate([X, metadata_matrix(frame)], axis=1)
+    return X, y, frame
+
+
+def image_arrays(manifest: pd.DataFrame, split: str, size: int, limit: int = 0,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Decoded images of a split (original views) for the fine-tuned CNN; unreadable images are
+    left out and listed in the returned frame's ``error`` column."""
+    from dermray.extract import decode_batch
+
+    rows = manifest[manifest["split"] == split]
+    if limit and len(rows) > limit:
+        rows = rows.sample(n=limit, random_state=seed).sort_values("image_id")
+    batch = {"image_id": rows["image_id"].to_numpy(object), "path": rows["path"].to_numpy(object),
+             "split": rows["split"].to_numpy(object), "aug_index": np.zeros(len(rows), int)}
+    decoded = decode_batch(batch, size, seed)
+    ok = np.asarray([not e for e in decoded["error"]])
+    rows = rows.assign(error=decoded["error"])
+    return decoded["image"][ok], rows["label"].to_numpy()[ok], rows

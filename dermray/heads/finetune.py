@@ -1,0 +1,81 @@
+"""Fine-tuned CNN: the backbone with its top block(s) unfrozen plus a dense head, trained on
+images (uint8, N x S x S x 3) with on-the-fly augmentation. Needs GPUs at full size; on CPU it
+runs on tiny inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dermray.backbones import CAFFE_MEAN_BGR, build_extractor, get_spec
+from dermray.heads.base import N_CLASSES, HeadError
+from dermray.heads.keras_base import KerasHead
+
+# the layer-name prefixes of each backbone's last blocks, top first
+TOP_BLOCKS = {"vgg19": ("block5", "block4", "block3"),
+              "resnet50": ("conv5", "conv4", "conv3")}
+
+
+class FinetuneHead(KerasHead):
+    family = "finetune"
+
+    def __init__(self, backbone: str = "resnet50", weights: str = "imagenet",
+                 image_size: int = 224, unfreeze_blocks: int = 1, width: int = 256,
+                 dropout: float = 0.3, learning_rate: float = 1e-4, class_weight: str = "none",
+                 epochs: int = 10, patience: int = 3, batch_size: int = 32, seed: int = 0) -> None:
+        self.backbone = backbone
+        self.weights = weights
+        self.image_size = image_size
+        self.unfreeze_blocks = unfreeze_blocks
+        self.width = width
+        self.dropout = dropout
+        self.learning_rate = learning_rate
+        self.class_weight = class_weight
+        self.epochs = epochs
+        self.patience = patience
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def _inputs(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim != 4 or X.shape[1:] != (self.image_size, self.image_size, 3):
+            raise HeadError(f"FinetuneHead takes images of shape (N, {self.image_size}, "
+                            f"{self.image_size}, 3). Got {X.shape} instead.")
+        return X.astype(np.float32)
+
+    def _build(self, input_shape):
+        import keras
+
+        if self.backbone not in TOP_BLOCKS:
+            raise HeadError(f"finetune backbone must be one of {sorted(TOP_BLOCKS)}. Got "
+                            f"{self.backbone!r} instead.")
+        get_spec(self.backbone)
+        base = build_extractor(self.backbone, self.weights, self.image_size)
+        base.trainable = True
+        unfrozen = TOP_BLOCKS[self.backbone][: self.unfreeze_blocks]
+        for layer in base.layers:
+            # batch-norm statistics stay frozen: small batches would wreck them
+            layer.trainable = (layer.name.startswith(unfrozen)
+                               and not isinstance(layer, keras.layers.BatchNormalization))
+        inputs = keras.Input(shape=input_shape)
+        x = keras.layers.RandomFlip("horizontal_and_vertical")(inputs)
+        x = keras.layers.RandomRotation(0.05, fill_mode="reflect")(x)
+        # the "caffe" preprocessing as plain layers (no Lambda: the .keras file stays code-free)
+        x = _caffe_layer()(x)
+        x = base(x, training=False)
+        x = keras.layers.Dropout(self.dropout)(x)
+        x = keras.layers.Dense(self.width, activation="relu")(x)
+        outputs = keras.layers.Dense(N_CLASSES, activation="softmax", dtype="float32")(x)
+        return keras.Model(inputs, outputs, name="finetune_head")
+
+
+def _caffe_layer():
+    """RGB->BGR and mean subtraction as a 1x1 convolution with fixed weights."""
+    import keras
+
+    kernel = np.zeros((1, 1, 3, 3), dtype=np.float32)
+    for out_c, in_c in enumerate((2, 1, 0)):
+        kernel[0, 0, in_c, out_c] = 1.0
+    layer = keras.layers.Conv2D(3, 1, use_bias=True, trainable=False, name="caffe_preprocess")
+    layer.build((None, None, None, 3))
+    layer.set_weights([kernel, -CAFFE_MEAN_BGR])
+    return layer

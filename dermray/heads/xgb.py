@@ -1,0 +1,104 @@
+"""Gradient-boosted trees (XGBoost ``hist``; CUDA where a GPU is visible), saved as UBJ."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dermray.heads.base import N_CLASSES, Head, HeadError, class_weights
+
+
+def _has_cuda() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_gpu_ids():
+            return True
+    except Exception:  # noqa: BLE001 - no Ray context: fall through
+        pass
+    return False
+
+
+class XGBoostHead(Head):
+    family = "xgboost"
+
+    def __init__(self, max_depth: int = 6, learning_rate: float = 0.1, n_estimators: int = 300,
+                 subsample: float = 1.0, colsample_bytree: float = 1.0,
+                 min_child_weight: float = 1.0, reg_lambda: float = 1.0,
+                 early_stopping_rounds: int = 20, class_weight: str = "none",
+                 report_every: int = 10, n_jobs: int = 0) -> None:
+        self.max_depth = max_depth
+        self.learning_rate = learning_rate
+        self.n_estimators = n_estimators
+        self.subsample = subsample
+        self.colsample_bytree = colsample_bytree
+        self.min_child_weight = min_child_weight
+        self.reg_lambda = reg_lambda
+        self.early_stopping_rounds = early_stopping_rounds
+        self.class_weight = class_weight
+        self.report_every = report_every
+        self.n_jobs = n_jobs
+
+    def _model(self, **extra):
+        import xgboost as xgb
+
+        return xgb.XGBClassifier(
+            max_depth=self.max_depth, learning_rate=self.learning_rate,
+            n_estimators=self.n_estimators, subsample=self.subsample,
+            colsample_bytree=self.colsample_bytree, min_child_weight=self.min_child_weight,
+            reg_lambda=self.reg_lambda, tree_method="hist", objective="multi:softprob",
+            num_class=N_CLASSES, device="cuda" if _has_cuda() else "cpu",
+            n_jobs=self.n_jobs or None, random_state=0, **extra)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None, progress=None) -> "XGBoostHead":
+        import xgboost as xgb
+
+        self._check_xy(X, y)
+        if self.early_stopping_rounds and eval_set is None:
+            raise HeadError("XGBoostHead with early_stopping_rounds needs eval_set=(X_val, y_val).")
+        callbacks = []
+        if progress is not None and eval_set is not None:
+            head = self
+
+            class Report(xgb.callback.TrainingCallback):
+                def after_iteration(self, model, epoch, evals_log):
+                    if (epoch + 1) % head.report_every == 0:
+                        dval = xgb.DMatrix(eval_set[0])
+                        progress((epoch + 1) // head.report_every,
+                                 model.predict(dval, iteration_range=(0, epoch + 1)))
+                    return False
+
+            callbacks.append(Report())
+        model = self._model(early_stopping_rounds=self.early_stopping_rounds or None,
+                            eval_metric="mlogloss", callbacks=callbacks or None)
+        weights = class_weights(y, self.class_weight)
+        sample_weight = np.asarray([weights[c] for c in y]) if weights else None
+        model.fit(X, y, sample_weight=sample_weight,
+                  eval_set=[tuple(eval_set)] if eval_set is not None else None, verbose=False)
+        self.model_ = model
+        self.classes_ = np.arange(N_CLASSES)
+        self.best_iteration_ = int(getattr(model, "best_iteration", self.n_estimators - 1) or 0)
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        self._check_fitted()
+        self._check_xy(np.asarray(X), where="predict_proba")
+        return self.model_.predict_proba(np.asarray(X, dtype=np.float32))
+
+    def save(self, directory: Path) -> None:
+        self._check_fitted()
+        directory = Path(directory)
+        self._write_params(directory)
+        self.model_.save_model(directory / "xgboost.ubj")
+
+    @classmethod
+    def load(cls, directory: Path) -> "XGBoostHead":
+        head = cls(**cls._read_params(directory))
+        model = head._model()
+        model.load_model(Path(directory) / "xgboost.ubj")
+        head.model_, head.classes_ = model, np.arange(N_CLASSES)
+        return head

@@ -1,0 +1,158 @@
+"""After the search: trials.csv, the winner by validation accuracy (ties: balanced accuracy),
+test metrics computed once for the winner and the best trial of each family, the exported model
+bundle, metrics.json, report.md and the confusion-matrix PNG."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dermray.errors import DermrayError
+from dermray.search import REPORTED, SearchConfig, head_params
+
+logger = logging.getLogger(__name__)
+
+PARAM_PREFIXES = ("logistic_", "xgboost_", "mlp_", "finetune_")
+
+
+def trials_frame(results, cfg: SearchConfig) -> pd.DataFrame:
+    """One row per trial: id, family, features, parameters, val metrics, status, iterations."""
+    rows = []
+    for result in results:
+        config = dict(result.config or {})
+        metrics = result.metrics or {}
+        family = config.get("family", "")
+        params = {k: v for k, v in config.items() if k.startswith(PARAM_PREFIXES)}
+        rows.append({
+            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "family": family,
+            "features": "images" if family == "finetune" else config.get("features", ""),
+            "params": json.dumps(params, sort_keys=True),
+            **{k: metrics.get(k, np.nan) for k in REPORTED},
+            "iterations": metrics.get("training_iteration", 0),
+            "completed": bool(metrics.get("final", False)),
+            "status": "ERROR" if result.error else "TERMINATED",
+            "path": result.path,
+        })
+    frame = pd.DataFrame(rows)
+    return frame.sort_values(["val_accuracy", "val_balanced_accuracy"], ascending=False,
+                             na_position="last").reset_index(drop=True)
+
+
+def pick(trials: pd.DataFrame) -> pd.Series:
+    """The winner: highest val accuracy, ties broken by val balanced accuracy."""
+    ok = trials[(trials["status"] == "TERMINATED") & trials["val_accuracy"].notna()]
+    if ok.empty:
+        raise DermrayError("No trial finished with a val_accuracy; see the Tune logs under "
+                           "OUT/tune for the errors.")
+    return ok.sort_values(["val_accuracy", "val_balanced_accuracy"], ascending=False).iloc[0]
+
+
+def _fitted_head(row: pd.Series, results, cfg: SearchConfig, data: dict[str, Any]):
+    """The trial's checkpointed head; refit from its config if ASHA stopped it first."""
+    from dermray.heads import load_head, make_head
+
+    result = next(r for r in results if r.path == row["path"])
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as directory:
+            return load_head(row["family"], Path(directory)), Path(directory)
+    logger.info("trial %s has no checkpoint (stopped early): refitting it", row["trial_id"])
+    X_tr, y_tr, X_va, y_va = data[row["features"]]
+    head = make_head(row["family"], head_params(result.config, cfg))
+    return head.fit(X_tr, y_tr, eval_set=(X_va, y_va)), None
+
+
+def score(head, family: str, features: str, cfg: SearchConfig, manifest_path: str,
+          split: str) -> tuple[dict[str, Any], pd.DataFrame, np.ndarray]:
+    """Metrics of a fitted head on one split, with the rows and probabilities."""
+    from dermray.catalog import read_manifest
+    from dermray.evaluate import metrics
+    from dermray.features import embedding_features, image_arrays
+
+    if family == "finetune":
+        X, y, frame = image_arrays(read_manifest(manifest_path), split, cfg.finetune_image_size)
+        frame = frame[~frame["error"].astype(bool)]
+    else:
+        X, y, frame = embedding_features(cfg.out, features, split)
+    proba = head.predict_proba(X)
+    return metrics(y, proba), frame, proba
+
+
+def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[str, Any],
+                  metrics: dict[str, Any], out: Path) -> Path:
+    """OUT/model: bundle.json (backbones, weights identity, features, label map, metrics) and
+    the head in a format that runs no code on load."""
+    from dermray.config import CLASSES
+    from dermray.features import parse_features
+
+    target = out / "model"
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    head.save(tmp / "head")
+    ext = extract_record.get("config", {})
+    if row["family"] == "finetune":
+        backbones = []
+        image_size = cfg.finetune_image_size
+    else:
+        names, _ = parse_features(row["features"])
+        backbones = [{"name": n, "weights": ext.get("weights", {}).get(n, "imagenet"),
+                      "weights_identity": extract_record.get("weights", {}).get(n, "unknown")}
+                     for n in names]
+        image_size = ext.get("image_size", 224)
+    bundle = {
+        "format": 1, "family": row["family"], "features": row["features"],
+        "params": json.loads(row["params"]), "trial_id": row["trial_id"],
+        "backbones": backbones, "image_size": image_size, "preprocessing": "caffe",
+        "tta_views": ext.get("tta_views", 0), "seed": ext.get("seed", 0),
+        "labels": list(CLASSES), "metrics": metrics,
+    }
+    (tmp / "bundle.json").write_text(json.dumps(bundle, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.replace(target)
+    return target
+
+
+def finish(results, cfg: SearchConfig, manifest_path: str, out: Path) -> dict[str, Any]:
+    """Write trials.csv, score the winner and each family's best on val and test, export."""
+    from dermray.evaluate import plot_confusion, write_report
+    from dermray.search import load_search_data
+
+    trials = trials_frame(results, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    trials.drop(columns=["path"]).to_csv(out / "trials.csv", index=False)
+    winner = pick(trials)
+    data = load_search_data(cfg, manifest_path) if not all(
+        bool(c) for c in trials["completed"]) else {}
+    best_per_family: dict[str, Any] = {}
+    winner_entry: dict[str, Any] = {}
+    winner_head = None
+    for family in trials["family"].unique():
+        row = pick(trials[trials["family"] == family])
+        head, _ = _fitted_head(row, results, cfg, data)
+        val, _, _ = score(head, family, row["features"], cfg, manifest_path, "val")
+        test, _, _ = score(head, family, row["features"], cfg, manifest_path, "test")
+        entry = {"trial_id": row["trial_id"], "family": family, "features": row["features"],
+                 "params": json.loads(row["params"]), "val": val, "test": test}
+        best_per_family[family] = entry
+        if row["trial_id"] == winner["trial_id"]:
+            winner_entry, winner_head = entry, head
+    extract_path = Path(cfg.out) / "extract_run.json"
+    extract_record = json.loads(extract_path.read_text()) if extract_path.exists() else {}
+    summary = {"n_trials": int(len(trials)), "winner": winner_entry,
+               "best_per_family": best_per_family}
+    metrics_json = {k: winner_entry[k] for k in ("family", "features", "params", "val", "test",
+                                                 "trial_id")}
+    (out / "metrics.json").write_text(json.dumps({**metrics_json,
+                                                  "best_per_family": best_per_family}, indent=2))
+    export_bundle(winner_head, winner, cfg, extract_record,
+                  {"val": winner_entry["val"], "test": winner_entry["test"]}, out)
+    plot_confusion(winner_entry["test"]["confusion_matrix"], out / "confusion_matrix.png",
+                   f"{winner_entry['family']} on {winner_entry['features']} (test)")
+    write_report(out, summary)
+    return summary

@@ -1,0 +1,77 @@
+"""Each head family on separable synthetic embeddings; the scikit-learn contract; round trips."""
+
+import numpy as np
+import pytest
+
+from dermray.heads import FAMILIES, HeadError, NotFittedError, load_head, make_head
+
+PARAMS = {
+    "logistic": {"C": 1.0},
+    "xgboost": {"n_estimators": 40, "max_depth": 3, "early_stopping_rounds": 10},
+    "mlp": {"epochs": 30, "width": 32, "patience": 5},
+}
+
+
+def blobs(n_per_class=30, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 4, (7, dim))
+    y = np.repeat(np.arange(7), n_per_class)
+    X = centers[y] + rng.normal(0, 1, (len(y), dim))
+    return X.astype(np.float32), y
+
+
+@pytest.mark.parametrize("family", ["logistic", "xgboost", "mlp"])
+def test_head_learns_and_round_trips(family, tmp_path):
+    X, y = blobs()
+    Xv, yv = X + np.random.default_rng(2).normal(0, 0.5, X.shape).astype(np.float32), y
+    seen = []
+    head = make_head(family, PARAMS[family])
+    assert head.fit(X, y, eval_set=(Xv, yv), progress=lambda i, p: seen.append(p.shape)) is head
+    proba = head.predict_proba(Xv)
+    assert proba.shape == (len(Xv), 7)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    assert (head.predict(Xv) == yv).mean() > 0.9
+    assert list(head.classes_) == list(range(7))
+    if family != "logistic":
+        assert seen and seen[0] == (len(Xv), 7)
+    head.save(tmp_path / "h")
+    assert not list((tmp_path / "h").glob("*.pkl"))
+    again = load_head(family, tmp_path / "h")
+    np.testing.assert_allclose(again.predict_proba(Xv), proba, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["logistic", "xgboost", "mlp", "finetune"])
+def test_unfitted_and_bad_input_errors(family):
+    head = make_head(family, {})
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        head.predict_proba(np.zeros((2, 4), np.float32))
+    if family != "finetune":
+        X, y = blobs(5)
+        with pytest.raises(HeadError, match=r"lack class\(es\) \[6\]"):
+            head.fit(X[y < 6], y[y < 6], eval_set=(X, y))
+
+
+def test_unknown_family():
+    with pytest.raises(HeadError, match="Known families: logistic, xgboost, mlp, finetune"):
+        make_head("svm", {})
+    assert FAMILIES == ("logistic", "xgboost", "mlp", "finetune")
+
+
+def test_finetune_runs_on_tiny_images(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(7), 4)
+    X = rng.integers(0, 255, (len(y), 32, 32, 3)).astype(np.uint8)
+    head = make_head("finetune", {"backbone": "resnet50", "weights": "none", "image_size": 32,
+                                  "epochs": 1, "batch_size": 8, "unfreeze_blocks": 1})
+    head.fit(X, y, eval_set=(X, y))
+    proba = head.predict_proba(X)
+    assert proba.shape == (len(y), 7)
+    model = head.model_
+    base = next(l for l in model.layers if l.name.startswith("resnet50"))
+    trainable = {w.path.split("/")[0] for w in base.trainable_weights}
+    assert trainable and all(name.startswith("conv5") for name in trainable)
+    head.save(tmp_path / "f")
+    np.testing.assert_allclose(load_head("finetune", tmp_path / "f").predict_proba(X), proba,
+                               atol=1e-5)
+    with pytest.raises(HeadError, match=r"images of shape \(N, 32, 32, 3\)"):
+        head.predict_proba(np.zeros((2, 16, 16, 3)))
