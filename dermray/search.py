@@ -7,6 +7,7 @@ per family, metric ``val_accuracy`` (max). Selection, test scoring and export ar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import tempfile
@@ -241,7 +242,8 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     sampler = (optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(4, len(cfg.families)))
                if cfg.algorithm == "tpe" else optuna.samplers.RandomSampler(seed=cfg.seed))
-    search = OptunaSearch(space=lambda trial: define_space(trial, cfg), metric=METRIC, mode="max",
+    # a partial of a module-level function pickles (Tune saves the searcher to resume it)
+    search = OptunaSearch(space=functools.partial(define_space, cfg=cfg), metric=METRIC, mode="max",
                           sampler=sampler,
                           points_to_evaluate=first_points(cfg) if cfg.seed_each_family else None)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.max_t,

@@ -2,63 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
-import pytest
-from PIL import Image
 
-from dermray.config import DataConfig, ExtractConfig
 from dermray.embeddings import backbone_dir, embedding_schema, load_embeddings, read_frame
 from dermray.extract import run_extract
-from dermray.pipeline import run_split
 
 BACKBONES = ("resnet50", "vgg19")
-
-
-def _damage(dataset: Path) -> dict[str, str]:
-    """Break some images and give others odd modes; returns image_id -> what was done."""
-    files = sorted(dataset.glob("HAM10000_images_part_*/*.jpg"))
-    done = {}
-    files[0].write_bytes(np.random.default_rng(0).bytes(500))
-    done[files[0].stem] = "corrupt"
-    data = files[1].read_bytes()
-    files[1].write_bytes(data[: len(data) // 2])
-    done[files[1].stem] = "truncated"
-    files[2].write_text("lesion_id,image_id,dx\n")
-    done[files[2].stem] = "text"
-    Image.open(files[3]).convert("L").save(files[3], "JPEG")
-    done[files[3].stem] = "gray"
-    Image.open(files[4]).convert("CMYK").save(files[4], "JPEG")
-    done[files[4].stem] = "cmyk"
-    arr = np.asarray(Image.open(files[5]).convert("L")).astype(np.uint16) * 257
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    files[5].write_bytes(buf.getvalue())
-    done[files[5].stem] = "16-bit"
-    Image.open(files[6]).convert("RGBA").save(buf := io.BytesIO(), "PNG")
-    files[6].write_bytes(buf.getvalue())
-    done[files[6].stem] = "rgba"
-    return done
-
-
-@pytest.fixture(scope="module")
-def extracted(ray_local, synth_dir, tmp_path_factory):
-    dataset = tmp_path_factory.mktemp("damaged")
-    shutil.copytree(synth_dir, dataset, dirs_exist_ok=True)
-    damage = _damage(dataset)
-    out = tmp_path_factory.mktemp("extract_out")
-    run_split(DataConfig(metadata=str(dataset / "HAM10000_metadata.csv"), out=str(out), seed=0))
-    cfg = ExtractConfig(manifest=str(out / "manifest.parquet"), out=str(out), backbones=BACKBONES,
-                        weights={b: "none" for b in BACKBONES}, image_size=32, batch_size=16,
-                        augment=True, max_views_per_image=2, tta_views=1, jit_compile=False)
-    record = run_extract(cfg)
-    return out, cfg, record, damage, ray_local
 
 
 def test_schema_counts_and_run_record(extracted):

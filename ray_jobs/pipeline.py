@@ -1,0 +1,13 @@
+"""`ray job submit` entrypoint for the whole pipeline: validate -> split -> extract -> search ->
+evaluate -> export, every stage whose section the config has.
+
+    ray job submit --working-dir . -- python ray_jobs/pipeline.py \
+        --config ray_jobs/configs/demo.yaml --out out/demo
+"""
+
+import sys
+
+from dermray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["run", *sys.argv[1:]]))
