@@ -135,6 +135,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0 if len(frame) else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from dermray.dashboard import write_dashboard
+
+    print(f"wrote {write_dashboard(args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dermray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -197,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write a CSV here instead of printing it")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="OUT/report.html: the Tune results dashboard (offline)")
+    p.add_argument("out", metavar="OUT")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("run", help="the whole pipeline from a config file")
     p.add_argument("--config", required=True)

@@ -80,6 +80,10 @@ class ExtractConfig:
     decode_batch_size: int = 16
     mixed_precision: bool = False
     jit_compile: bool = True
+    # who writes the Parquet: "actors" (each embedding actor, into OUT on its own node), "driver"
+    # (the job's driver, so OUT can be a local folder of the head on a multi-node cluster), or
+    # "auto": actors on a single node, the driver when the cluster has several
+    write_from: str = "auto"
 
     def __post_init__(self) -> None:
         from dermray.backbones import BACKBONES  # local: backbones imports this module
@@ -100,6 +104,8 @@ class ExtractConfig:
             _check(getattr(self, key) >= 0, "extract", key, getattr(self, key), ">= 0")
         _check(self.tta_views <= 7, "extract", "tta_views", self.tta_views,
                "at most 7 (the dihedral group has 8 views)")
+        _check(self.write_from in ("auto", "actors", "driver"), "extract", "write_from",
+               self.write_from, "'auto', 'actors' or 'driver'")
         _check(self.cpus_per_actor > 0, "extract", "cpus_per_actor", self.cpus_per_actor, "> 0")
         _check(self.num_gpus_per_actor >= 0, "extract", "num_gpus_per_actor",
                self.num_gpus_per_actor, ">= 0")

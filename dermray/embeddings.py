@@ -26,12 +26,17 @@ EXTRA_COLUMNS: tuple[str, ...] = ("age", "sex", "localization")
 KEY = ["image_id", "aug_index"]
 
 
+# split and backbone are also the hive folder names; dictionary-typed, they merge with the
+# partition columns that pandas / pyarrow / DuckDB infer from the folders
+PARTITION_TYPE = pa.dictionary(pa.int32(), pa.string())
+
+
 def embedding_schema(dim: int) -> pa.Schema:
     """The one schema of every embeddings file (``dim`` is the backbone's feature size)."""
     return pa.schema([
         ("image_id", pa.string()), ("lesion_id", pa.string()), ("dx", pa.string()),
-        ("label", pa.int64()), ("split", pa.string()), ("aug_index", pa.int32()),
-        ("backbone", pa.string()), ("embedding", pa.list_(pa.float32(), dim)),
+        ("label", pa.int64()), ("split", PARTITION_TYPE), ("aug_index", pa.int32()),
+        ("backbone", PARTITION_TYPE), ("embedding", pa.list_(pa.float32(), dim)),
         ("age", pa.float64()), ("sex", pa.string()), ("localization", pa.string()),
     ])
 
@@ -50,9 +55,9 @@ def to_table(rows: pd.DataFrame, embeddings: np.ndarray, backbone: str) -> pa.Ta
         "lesion_id": rows["lesion_id"].astype(str).to_numpy(),
         "dx": rows["dx"].astype(str).to_numpy(),
         "label": rows["label"].astype("int64").to_numpy(),
-        "split": rows["split"].astype(str).to_numpy(),
+        "split": pa.array(rows["split"].astype(str).to_numpy(), pa.string()).dictionary_encode(),
         "aug_index": rows["aug_index"].astype("int32").to_numpy(),
-        "backbone": np.full(n, backbone, dtype=object),
+        "backbone": pa.array(np.full(n, backbone, dtype=object), pa.string()).dictionary_encode(),
         "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
         "age": pd.to_numeric(rows["age"], errors="coerce").astype("float64").to_numpy(),
         "sex": rows["sex"].astype(str).to_numpy(),
@@ -80,7 +85,8 @@ def write_atomic(table: pa.Table, path: Path) -> Path:
 def _dataset(folder: Path) -> pads.Dataset | None:
     if not folder.is_dir() or not any(folder.rglob("*.parquet")):
         return None
-    return pads.dataset(str(folder), format="parquet", partitioning="hive",
+    # the files carry split and backbone themselves: no partition inference needed
+    return pads.dataset(str(folder), format="parquet", partitioning=None,
                         ignore_prefixes=[".", "_"])
 
 
@@ -103,6 +109,8 @@ def read_frame(out: str | Path, backbone: str, split: str | Sequence[str] | None
     columns = list(META_COLUMNS) + ["embedding"] + list(EXTRA_COLUMNS)
     table = ds.to_table(columns=columns, filter=filt)
     frame = table.to_pandas()
+    for col in ("split", "backbone"):
+        frame[col] = frame[col].astype(str)
     dups = frame.duplicated(KEY)
     if dups.any():
         raise DermrayError(f"{int(dups.sum())} duplicate view(s) in {backbone_dir(out, backbone)}; "

@@ -225,7 +225,10 @@ def actor_layout(cfg: ExtractConfig) -> dict[str, Any]:
         # CPU only: one actor per node, leaving the rest of the CPUs to decode tasks
         size = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
     threads = cfg.threads_per_actor or (0 if num_gpus else (os.cpu_count() or 1))
-    return {"size": size, "num_gpus": num_gpus, "num_cpus": cfg.cpus_per_actor, "threads": threads}
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    writer = cfg.write_from if cfg.write_from != "auto" else ("driver" if nodes > 1 else "actors")
+    return {"size": size, "num_gpus": num_gpus, "num_cpus": cfg.cpus_per_actor, "threads": threads,
+            "writer": writer}
 
 
 def _library_versions() -> dict[str, str]:
@@ -312,11 +315,15 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
                 "backbones": backbones, "weights": {b: cfg.weights_for(b) for b in backbones},
                 "image_size": cfg.image_size, "batch_size": cfg.batch_size,
                 "jit_compile": cfg.jit_compile, "threads": layout["threads"],
-                "mixed_precision": cfg.mixed_precision, "out": str(cfg.out), "seed": cfg.seed,
+                "mixed_precision": cfg.mixed_precision, "seed": cfg.seed,
+                "out": str(cfg.out) if layout["writer"] == "actors" else None,
             },
         )
-        summary = ds.to_pandas()
-        files_written = len(summary)
+        if layout["writer"] == "actors":
+            files_written = len(ds.to_pandas())
+        else:  # several nodes: embeddings come back to the driver, which writes them to OUT
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                files_written += len(write_batch(batch, str(cfg.out), backbones)["rows"])
     quarantine = consolidate_quarantine(cfg.out)
     counts = reconcile(plan, cfg.out, backbones, quarantine)
     wall = time.perf_counter() - start

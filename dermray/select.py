@@ -36,6 +36,8 @@ def trials_frame(results, cfg: SearchConfig) -> pd.DataFrame:
             "params": json.dumps(params, sort_keys=True),
             **{k: metrics.get(k, np.nan) for k in REPORTED},
             "iterations": metrics.get("training_iteration", 0),
+            "time_total_s": metrics.get("time_total_s", np.nan),
+            "ended_at": metrics.get("timestamp", np.nan),
             "completed": bool(metrics.get("final", False)),
             "status": "ERROR" if result.error else "TERMINATED",
             "path": result.path,
@@ -155,4 +157,7 @@ def finish(results, cfg: SearchConfig, manifest_path: str, out: Path) -> dict[st
     plot_confusion(winner_entry["test"]["confusion_matrix"], out / "confusion_matrix.png",
                    f"{winner_entry['family']} on {winner_entry['features']} (test)")
     write_report(out, summary)
+    from dermray.dashboard import write_dashboard
+
+    write_dashboard(out)
     return summary

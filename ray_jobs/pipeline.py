@@ -6,8 +6,12 @@ evaluate -> export, every stage whose section the config has.
 """
 
 import sys
+from pathlib import Path
 
-from dermray.cli import main
+# the submitted working dir's code, whatever else is installed on the node
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dermray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

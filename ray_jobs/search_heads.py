@@ -5,8 +5,12 @@
 """
 
 import sys
+from pathlib import Path
 
-from dermray.cli import main
+# the submitted working dir's code, whatever else is installed on the node
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dermray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["search", *sys.argv[1:]]))

@@ -73,3 +73,25 @@ def extracted(ray_local, synth_dir, tmp_path_factory):
     return out, cfg, record, damage, ray_local
 
 
+
+
+SEARCH = {"families": ["logistic", "xgboost", "mlp", "finetune"],
+          "features": ["resnet50", "vgg19+meta"], "num_samples": 5, "max_concurrent": 2,
+          "grace_period": 2, "mlp_max_epochs": 8, "xgb_max_estimators": 30,
+          "finetune_weights": {"resnet50": "none"}, "finetune_image_size": 32,
+          "finetune_epochs": 1, "finetune_max_train_images": 48}
+
+
+@pytest.fixture(scope="session")
+def searched(extracted, tmp_path_factory):
+    out, *_ = extracted
+    config = tmp_path_factory.mktemp("cfg") / "search.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump({"search": SEARCH}))
+    from dermray.pipeline import run_search_stage
+
+    summary = run_search_stage(str(config), str(out), str(out / "manifest.parquet"))
+    return out, summary
+
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -78,3 +79,20 @@ def test_resume_after_interruption(extracted):
                                np.stack(before["embedding"]), atol=1e-4)
     noop = run_extract(cfg)
     assert noop["views_pending_at_start"] == 0 and noop["wall_s"] < 30
+
+
+def test_driver_writes_when_asked(extracted, tmp_path):
+    """write_from=driver (multi-node clusters): same rows and values as the actors wrote."""
+    import dataclasses
+
+    out, cfg, record, _, _ = extracted
+    shutil.copy(out / "manifest.parquet", tmp_path / "manifest.parquet")
+    driver_cfg = dataclasses.replace(cfg, out=str(tmp_path), manifest=str(tmp_path / "manifest.parquet"),
+                                     backbones=("resnet50",), write_from="driver")
+    again = run_extract(driver_cfg)
+    assert again["actor_layout"]["writer"] == "driver"
+    assert again["rows"]["resnet50"]["rows"] == record["rows"]["resnet50"]["rows"]
+    a = read_frame(out, "resnet50").set_index(["image_id", "aug_index"])
+    b = read_frame(tmp_path, "resnet50").set_index(["image_id", "aug_index"])
+    np.testing.assert_allclose(np.stack(b.loc[a.index, "embedding"]), np.stack(a["embedding"]),
+                               atol=1e-4)

@@ -1,0 +1,100 @@
+"""End to end: a real `ray start --head` with token auth, the smoke pipeline submitted with
+`ray job submit`, waited for until SUCCEEDED, its outputs checked; the head is stopped by killing
+its own process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("head")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    gcs, dashboard = free_port(), free_port()
+    with open(logs / "head.log", "w") as log:
+        head = subprocess.Popen(
+            [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+             "--include-dashboard=true", "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if ray_cli("job", "list", "--address", address, env=env, timeout=60).returncode == 0:
+            break
+        assert head.poll() is None, (logs / "head.log").read_text()[-3000:]
+        time.sleep(2)
+    else:
+        pytest.fail("the Ray head did not answer: " + (logs / "head.log").read_text()[-3000:])
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)  # the whole group the test started, never by name
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
+
+
+def test_pipeline_job_succeeds(ray_head, tmp_path):
+    address, env = ray_head
+    out = tmp_path / "out"
+    job_id = f"dermray-e2e-{uuid.uuid4().hex[:8]}"
+    submitted = ray_cli(
+        "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
+        "--runtime-env", "ray_jobs/runtime_env.yaml", "--working-dir", str(REPO), "--",
+        "python", "ray_jobs/pipeline.py", "--config", "ray_jobs/configs/smoke.yaml",
+        "--out", str(out), env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    status = ""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        res = ray_cli("job", "status", "--address", address, job_id, env=env)
+        status = res.stdout + res.stderr
+        if "SUCCEEDED" in status or "FAILED" in status or "STOPPED" in status:
+            break
+        time.sleep(5)
+    logs = ray_cli("job", "logs", "--address", address, job_id, env=env).stdout
+    assert "SUCCEEDED" in status, f"{status}\n{logs[-4000:]}"
+
+    # without the token, the head refuses the job API
+    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+    no_token.update(RAY_AUTH_MODE="disabled")
+    refused = ray_cli("job", "list", "--address", address, env=no_token)
+    assert refused.returncode != 0
+
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    emb = pd.read_parquet(out / "embeddings" / "backbone=resnet50")
+    assert len(emb) == len(manifest) == 140
+    trials = pd.read_csv(out / "trials.csv")
+    assert set(trials["family"]) == {"logistic", "xgboost", "mlp", "finetune"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["trial_id"] in set(trials["trial_id"])
+    bundle = json.loads((out / "model" / "bundle.json").read_text())
+    assert bundle["family"] == metrics["family"] and (out / "model" / "head").is_dir()
