@@ -31,6 +31,7 @@ def run(algorithm: str, args) -> dict:
         "num_samples": args.num_samples, "algorithm": algorithm, "max_concurrent": 2,
         "seed": args.seed, "xgb_max_estimators": args.xgb_max_estimators,
         "storage_path": str(storage), "experiment": algorithm, "seed_each_family": False,
+        "grace_period": 10,
     })
     start = time.perf_counter()
     results = run_search(cfg, str(Path(args.out) / "manifest.parquet"), resume=False)
@@ -51,10 +52,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out/ham10000")
     parser.add_argument("--json", default="out/bench_search.json")
-    parser.add_argument("--num-samples", type=int, default=12)
+    parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--families", nargs="+", default=["logistic", "xgboost", "mlp"])
-    parser.add_argument("--features", nargs="+", default=["resnet50", "resnet50_ms"])
-    parser.add_argument("--xgb-max-estimators", type=int, default=200)
+    parser.add_argument("--features", nargs="+", default=["resnet50", "resnet50+meta"])
+    parser.add_argument("--xgb-max-estimators", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
