@@ -41,9 +41,10 @@ class Bundle:
                                       seed=self.spec.get("seed", 0))
         return self._embedder
 
-    def features(self, images: np.ndarray) -> np.ndarray:
-        """Head inputs for decoded images: embeddings (TTA-averaged as in training) + metadata."""
-        from dermray.features import metadata_matrix, parse_features
+    def features(self, images: np.ndarray, meta: pd.DataFrame | None = None) -> np.ndarray:
+        """Head inputs for decoded images: embeddings (TTA-averaged as in training) + metadata
+        (``meta``: age, sex, localization per image; None: the 'unknown' encoding)."""
+        from dermray.features import metadata_matrix
 
         if self.spec["family"] == "finetune":
             return images
@@ -55,15 +56,25 @@ class Bundle:
                                for k in views], axis=0)
             parts.append(stacked)
         X = np.concatenate(parts, axis=1)
-        _, meta = parse_features(self.spec["features"])
-        if meta:  # arbitrary images carry no patient metadata: the "unknown" encoding
-            unknown = pd.DataFrame({"age": [np.nan] * len(X), "sex": "unknown",
-                                    "localization": "unknown"})
-            X = np.concatenate([X, metadata_matrix(unknown)], axis=1)
+        if self.uses_metadata:
+            if meta is None:  # no patient metadata given: the "unknown" encoding
+                meta = pd.DataFrame({"age": [np.nan] * len(X), "sex": "unknown",
+                                     "localization": "unknown"})
+            X = np.concatenate([X, metadata_matrix(meta.reset_index(drop=True))], axis=1)
         return X
 
-    def predict_files(self, paths: Iterable[Path]) -> tuple[pd.DataFrame, list[str]]:
-        """Predictions for every readable image; the problems with the others, by file."""
+    @property
+    def uses_metadata(self) -> bool:
+        from dermray.features import parse_features
+
+        return self.spec["family"] != "finetune" and parse_features(self.spec["features"])[1]
+
+    def predict_files(self, paths: Iterable[Path],
+                      metadata: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[str]]:
+        """Predictions for every readable image; the problems with the others, by file.
+
+        ``metadata`` (HAM10000 columns, indexed by image_id) feeds models trained with patient
+        metadata; images it does not list get the 'unknown' encoding."""
         images, ids, problems = [], [], []
         for path in paths:
             try:
@@ -74,7 +85,13 @@ class Bundle:
         columns = ["image_id", "dx", *[f"p_{c}" for c in self.labels]]
         if not images:
             return pd.DataFrame(columns=columns), problems
-        proba = self.head.predict_proba(self.features(np.stack(images)))
+        meta = None
+        if metadata is not None and self.uses_metadata:
+            meta = pd.DataFrame({"age": [metadata["age"].get(i, np.nan) for i in ids],
+                                 "sex": [metadata["sex"].get(i, "unknown") for i in ids],
+                                 "localization": [metadata["localization"].get(i, "unknown")
+                                                  for i in ids]})
+        proba = self.head.predict_proba(self.features(np.stack(images), meta))
         frame = pd.DataFrame(proba, columns=columns[2:])
         frame.insert(0, "dx", [self.labels[i] for i in proba.argmax(axis=1)])
         frame.insert(0, "image_id", ids)

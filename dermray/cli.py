@@ -124,7 +124,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = collect_images(args.inputs)
     if not files:
         raise DermrayError(f"No images found in {', '.join(args.inputs)}.")
-    frame, problems = bundle.predict_files(files)
+    metadata = None
+    if args.metadata:
+        from dermray.catalog import read_metadata
+
+        metadata = read_metadata(args.metadata).drop_duplicates("image_id").set_index("image_id")
+    frame, problems = bundle.predict_files(files, metadata)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     if args.out:
@@ -202,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify image files with an exported model bundle")
     p.add_argument("--model", required=True, help="OUT/model of a `dermray run`")
     p.add_argument("--out", help="write a CSV here instead of printing it")
+    p.add_argument("--metadata", help="HAM10000-style CSV with age, sex, localization per "
+                   "image_id, for models trained with patient metadata")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.set_defaults(func=cmd_predict)
 

@@ -51,7 +51,7 @@ def test_bundle_round_trip_reproduces_reported_metrics(searched):
     # from the image files, through decode + embed, as `dermray predict` does
     manifest = pd.read_parquet(out / "manifest.parquet").set_index("image_id")
     paths = [Path(manifest.loc[i, "path"]) for i in frame["image_id"][:12]]
-    preds, problems = bundle.predict_files(paths)
+    preds, problems = bundle.predict_files(paths, metadata=manifest)
     assert problems == [] and len(preds) == len(paths)
     direct = bundle.head.predict_proba(X[:12])
     got = preds[[f"p_{c}" for c in bundle.labels]].to_numpy()
@@ -86,3 +86,24 @@ def test_split_missing_a_class_is_a_clear_error(extracted, monkeypatch):
     monkeypatch.setattr(features, "embedding_features", without_vasc)
     with pytest.raises(DermrayError, match=r"val split of 'resnet50' lacks class\(es\) vasc"):
         load_search_data(cfg, str(out / "manifest.parquet"))
+
+
+def test_predict_command_skips_a_bad_file(searched, tmp_path, capsys):
+    import shutil
+
+    from dermray.cli import main
+
+    out, _ = searched
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for path in manifest["path"][:3]:
+        shutil.copy(path, folder)
+    (folder / "notes.jpg").write_text("not an image")
+    csv = tmp_path / "preds.csv"
+    assert main(["predict", "--model", str(out / "model"), "--out", str(csv), str(folder)]) == 0
+    preds = pd.read_csv(csv)
+    assert len(preds) == 3 and set(preds["dx"]) <= {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
+    probs = preds[[c for c in preds.columns if c.startswith("p_")]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-3)
+    assert "notes.jpg" in capsys.readouterr().err
