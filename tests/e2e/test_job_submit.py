@@ -36,7 +36,9 @@ def ray_cli(*args: str, env: dict, timeout: float = 120) -> subprocess.Completed
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     logs = tmp_path_factory.mktemp("head")
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    # as with an activated venv: the job's `python` must be the one that has dermray's packages
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     gcs, dashboard = free_port(), free_port()
     with open(logs / "head.log", "w") as log:
         head = subprocess.Popen(
