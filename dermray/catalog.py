@@ -12,9 +12,10 @@ import io
 import json
 import logging
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -177,7 +178,7 @@ class Catalog:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "rows": int(len(self.frame)),
+            "rows": len(self.frame),
             "lesions": int(self.frame["lesion_id"].nunique()),
             "class_counts": self.class_counts,
             "image_dirs": self.image_dirs,

@@ -122,9 +122,9 @@ def write_dashboard(out: str | Path) -> Path:
     per_class = pd.DataFrame([{"class": c, **{k: (v if v is not None else np.nan)
                                               for k, v in m.items()}}
                               for c, m in test["per_class"].items()])
-    from dermray.evaluate import plot_confusion
-
     import tempfile
+
+    from dermray.evaluate import plot_confusion
 
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_confusion(test["confusion_matrix"], Path(tmp) / "cm.png", "winner, test")

@@ -16,9 +16,15 @@ logger = logging.getLogger(__name__)
 def metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
     """Accuracy, balanced accuracy, macro-F1, log-loss, per-class P/R/F1, one-vs-rest ROC AUC and
     the confusion matrix (rows: true class, columns: predicted), over the 7 classes."""
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
-                                 f1_score, log_loss, precision_recall_fscore_support,
-                                 roc_auc_score)
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        log_loss,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
 
     labels = list(range(len(CLASSES)))
     y_true = np.asarray(y_true)
@@ -35,7 +41,7 @@ def metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
         per_class[cls] = {"precision": float(precision[i]), "recall": float(recall[i]),
                           "f1": float(f1[i]), "support": int(support[i]), "roc_auc": auc}
     return {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro",

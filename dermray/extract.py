@@ -23,7 +23,7 @@ from dermray.augment import DecodeError, decode_image, make_view, plan_views
 from dermray.backbones import get_spec, weights_identity
 from dermray.catalog import open_fs, read_manifest
 from dermray.config import ExtractConfig, config_to_dict
-from dermray.embeddings import (backbone_dir, content_name, read_keys, to_table, write_atomic)
+from dermray.embeddings import backbone_dir, content_name, read_keys, to_table, write_atomic
 from dermray.errors import DermrayError
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,9 @@ class Embedder:
                  mixed_precision: bool = False, out: str | None = None, seed: int = 0) -> None:
         if threads:
             os.environ["OMP_NUM_THREADS"] = str(threads)
-        from dermray.backbones import build_extractor, compile_forward, configure_devices
-
         import keras
+
+        from dermray.backbones import build_extractor, compile_forward, configure_devices
 
         self.gpus = configure_devices(mixed_precision)
         if threads:
@@ -275,7 +275,7 @@ def reconcile(plan: pd.DataFrame, out: str, backbones: list[str],
                 f"{len(frame)} ({dups} duplicates), quarantined {len(quarantine)}. Rerun "
                 "`dermray extract` to fill the gaps.")
         counts[name] = {
-            "rows": int(len(frame)),
+            "rows": len(frame),
             "per_split": {k: int(v) for k, v in frame["split"].value_counts().sort_index().items()},
             "per_class": {k: int(v) for k, v in frame["dx"].value_counts().sort_index().items()},
         }
@@ -331,10 +331,10 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
         "config": config_to_dict(cfg),
         "versions": _library_versions(),
         "weights": identities,
-        "views_planned": int(len(plan)),
-        "views_pending_at_start": int(len(pending)),
+        "views_planned": len(plan),
+        "views_pending_at_start": len(pending),
         "rows": counts,
-        "quarantined": int(len(quarantine)),
+        "quarantined": len(quarantine),
         "quarantined_images": int(quarantine["image_id"].nunique()) if len(quarantine) else 0,
         "files_written": files_written,
         "actor_layout": layout,

@@ -12,14 +12,13 @@ import hashlib
 import json
 import logging
 import shutil
-import socket
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from dermray.errors import FetchError
 
@@ -45,10 +44,10 @@ class RemoteFile:
 def _open(url: str, headers: dict[str, str] | None = None, timeout: float = 60.0):
     request = urllib.request.Request(url, headers={"User-Agent": "dermray", **(headers or {})})
     try:
-        return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (https/http only)
+        return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError:
         raise
-    except (urllib.error.URLError, socket.timeout, ConnectionError) as exc:
+    except (TimeoutError, urllib.error.URLError, ConnectionError) as exc:
         host = urllib.parse.urlsplit(url).netloc
         raise FetchError(
             f"Cannot reach {host} ({exc}). Are you offline? HAM10000 can also be downloaded by "
@@ -81,7 +80,7 @@ def list_files(base_url: str = DATAVERSE, doi: str = DOI) -> dict[str, RemoteFil
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5()  # noqa: S324 (Dataverse publishes MD5s; not for security)
+    digest = hashlib.md5()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(CHUNK), b""):
             digest.update(block)

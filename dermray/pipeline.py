@@ -68,7 +68,6 @@ def run_pipeline(config_path: str, out: str) -> dict[str, Any]:
 def run_search_stage(config_path: str | None, out: str, manifest_path: str,
                      overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Search the heads on OUT's embeddings, then select, score on test once, export."""
-    import dermray.search  # noqa: F401 - registers the 'search' config section
     from dermray.search import run_search, storage_path
     from dermray.select import finish
 

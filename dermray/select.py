@@ -146,7 +146,7 @@ def finish(results, cfg: SearchConfig, manifest_path: str, out: Path) -> dict[st
             winner_entry, winner_head = entry, head
     extract_path = Path(cfg.out) / "extract_run.json"
     extract_record = json.loads(extract_path.read_text()) if extract_path.exists() else {}
-    summary = {"n_trials": int(len(trials)), "winner": winner_entry,
+    summary = {"n_trials": len(trials), "winner": winner_entry,
                "best_per_family": best_per_family}
     metrics_json = {k: winner_entry[k] for k in ("family", "features", "params", "val", "test",
                                                  "trial_id")}

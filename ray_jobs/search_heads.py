@@ -10,7 +10,7 @@ from pathlib import Path
 # the submitted working dir's code, whatever else is installed on the node
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dermray.cli import main  # noqa: E402
+from dermray.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["search", *sys.argv[1:]]))

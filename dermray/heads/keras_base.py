@@ -20,7 +20,7 @@ class KerasHead(Head):
     def _inputs(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(X, dtype=np.float32)
 
-    def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None, progress=None) -> "KerasHead":
+    def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None, progress=None) -> KerasHead:
         import keras
 
         self._check_xy(X.reshape(len(X), -1) if X.ndim > 2 else X, y)
@@ -58,7 +58,7 @@ class KerasHead(Head):
         self.model_.save(directory / self.model_file)
 
     @classmethod
-    def load(cls, directory: Path) -> "KerasHead":
+    def load(cls, directory: Path) -> KerasHead:
         import keras
 
         head = cls(**cls._read_params(directory))

@@ -19,7 +19,7 @@ class LogisticHead(Head):
         self.standardize = standardize
         self.max_iter = max_iter
 
-    def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None, progress=None) -> "LogisticHead":
+    def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None, progress=None) -> LogisticHead:
         from sklearn.linear_model import LogisticRegression
 
         self._check_xy(X, y)
@@ -49,7 +49,7 @@ class LogisticHead(Head):
                  mean=self.mean_, scale=self.scale_, classes=self.classes_)
 
     @classmethod
-    def load(cls, directory: Path) -> "LogisticHead":
+    def load(cls, directory: Path) -> LogisticHead:
         head = cls(**cls._read_params(directory))
         with np.load(Path(directory) / "logistic.npz", allow_pickle=False) as arrays:
             head.coef_, head.intercept_ = arrays["coef"], arrays["intercept"]

@@ -24,7 +24,7 @@ class MLPHead(KerasHead):
         self.batch_size = batch_size
         self.seed = seed
 
-    def fit(self, X, y, eval_set=None, progress=None) -> "MLPHead":
+    def fit(self, X, y, eval_set=None, progress=None) -> MLPHead:
         X = np.asarray(X, dtype=np.float32)
         # the normalisation is a layer of the model, so the saved .keras file carries it
         self._mean, self._var = X.mean(axis=0), X.var(axis=0) + 1e-6

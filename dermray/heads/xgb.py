@@ -54,7 +54,7 @@ class XGBoostHead(Head):
             num_class=N_CLASSES, device="cuda" if _has_cuda() else "cpu",
             n_jobs=self.n_jobs or None, random_state=0, **extra)
 
-    def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None, progress=None) -> "XGBoostHead":
+    def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None, progress=None) -> XGBoostHead:
         import xgboost as xgb
 
         self._check_xy(X, y)
@@ -96,7 +96,7 @@ class XGBoostHead(Head):
         self.model_.save_model(directory / "xgboost.ubj")
 
     @classmethod
-    def load(cls, directory: Path) -> "XGBoostHead":
+    def load(cls, directory: Path) -> XGBoostHead:
         head = cls(**cls._read_params(directory))
         model = head._model()
         model.load_model(Path(directory) / "xgboost.ubj")

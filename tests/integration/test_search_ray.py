@@ -15,7 +15,7 @@ from dermray.config import build_section
 from dermray.errors import ConfigError, DermrayError
 from dermray.evaluate import metrics
 from dermray.features import embedding_features
-from dermray.pipeline import run_search_stage
+
 
 def test_every_family_tried_and_best_val_accuracy_wins(searched):
     out, summary = searched

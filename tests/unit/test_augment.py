@@ -5,8 +5,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermray.augment import (DecodeError, augment_image, decode_image, dihedral, make_view,
-                             plan_views)
+from dermray.augment import (
+    DecodeError,
+    augment_image,
+    decode_image,
+    dihedral,
+    make_view,
+    plan_views,
+)
 from dermray.config import CLASSES
 
 
@@ -49,7 +55,7 @@ def test_dihedral_group_and_tta_views(rgb):
 def test_odd_modes_are_converted(rgb, mode, fmt):
     if mode == "I;16":
         data = io.BytesIO()
-        Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(data, "PNG")
+        Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(data, "PNG")
         data = data.getvalue()
     else:
         data = _jpeg(rgb, mode, fmt)

@@ -1,8 +1,15 @@
 import numpy as np
 import pytest
 
-from dermray.backbones import (BACKBONES, BackboneError, build_extractor, caffe_preprocess,
-                               get_spec, resolve_weights, weights_identity)
+from dermray.backbones import (
+    BACKBONES,
+    BackboneError,
+    build_extractor,
+    caffe_preprocess,
+    get_spec,
+    resolve_weights,
+    weights_identity,
+)
 
 
 def test_caffe_preprocessing_equals_keras():

@@ -6,8 +6,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermray.catalog import (build_catalog, build_manifest, manifest_config, read_manifest,
-                             split_frame, validate_metadata, write_manifest)
+from dermray.catalog import (
+    build_catalog,
+    build_manifest,
+    manifest_config,
+    read_manifest,
+    split_frame,
+    validate_metadata,
+    write_manifest,
+)
 from dermray.config import CLASSES, SPLITS
 from dermray.errors import CatalogError
 from dermray.synth import synth_metadata

@@ -46,7 +46,7 @@ class FakeDataverse:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 outer.requests.append((self.path, self.headers.get("Range")))
                 if self.path.startswith("/api/datasets/"):
                     return self._send(200, json.dumps(outer.listing()).encode())
@@ -123,7 +123,7 @@ def test_interrupted_download_resumes_with_range(dataverse, tmp_path):
     assert 0 < have < len(dataverse.files[2][1])
     dataverse.requests.clear()
     fetch(tmp_path, base_url=dataverse.url)
-    assert (f"/api/access/datafile/2", f"bytes={have}-") in dataverse.requests
+    assert ("/api/access/datafile/2", f"bytes={have}-") in dataverse.requests
     assert len(list((tmp_path / "HAM10000_images_part_1").glob("*.jpg"))) == 391
 
 
