@@ -95,9 +95,10 @@ def test_predict_command_skips_a_bad_file(searched, tmp_path, capsys):
 
     out, _ = searched
     manifest = pd.read_parquet(out / "manifest.parquet")
+    quarantined = set(pd.read_parquet(out / "quarantine.parquet")["image_id"])
     folder = tmp_path / "imgs"
     folder.mkdir()
-    for path in manifest["path"][:3]:
+    for path in manifest.loc[~manifest["image_id"].isin(quarantined), "path"][:3]:
         shutil.copy(path, folder)
     (folder / "notes.jpg").write_text("not an image")
     csv = tmp_path / "preds.csv"
