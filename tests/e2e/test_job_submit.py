@@ -68,12 +68,18 @@ def test_pipeline_job_succeeds(ray_head, tmp_path):
     address, env = ray_head
     out = tmp_path / "out"
     job_id = f"dermray-e2e-{uuid.uuid4().hex[:8]}"
-    submitted = ray_cli(
-        "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
-        "--runtime-env", "ray_jobs/runtime_env.yaml", "--working-dir", str(REPO), "--",
-        "python", "ray_jobs/pipeline.py", "--config", "ray_jobs/configs/smoke.yaml",
-        "--out", str(out), env=env)
-    assert submitted.returncode == 0, submitted.stderr
+    command = ["job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
+               "--runtime-env", "ray_jobs/runtime_env.yaml", "--working-dir", str(REPO), "--",
+               "python", "ray_jobs/pipeline.py", "--config", "ray_jobs/configs/smoke.yaml",
+               "--out", str(out)]
+    # the job API can answer before the node's job agent has registered ("No available agent
+    # to submit job, please try again later"): that one answer is retried
+    for _ in range(20):
+        submitted = ray_cli(*command, env=env)
+        if submitted.returncode == 0 or "No available agent" not in submitted.stderr:
+            break
+        time.sleep(3)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
     status = ""
     deadline = time.time() + 600
     while time.time() < deadline:
