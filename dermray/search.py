@@ -6,7 +6,6 @@ per family, metric ``val_accuracy`` (max). Selection, test scoring and export ar
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -17,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from dermray.config import _check, register_section
+from dermray.config import CLASSES, _check, register_section
+from dermray.errors import DermrayError
 from dermray.heads import FAMILIES
 
 logger = logging.getLogger(__name__)
@@ -198,14 +198,9 @@ def load_search_data(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
         X_va, y_va, _ = image_arrays(manifest, "val", cfg.finetune_image_size)
         data["images"] = (X_tr, y_tr, X_va, y_va)
     for key, (_, y_tr, _, y_va) in data.items():
-        from dermray.heads.base import N_CLASSES
-
         for split, y in (("train", y_tr), ("val", y_va)):
-            missing = sorted(set(range(N_CLASSES)) - set(np.unique(y).tolist()))
+            missing = sorted(set(range(len(CLASSES))) - set(np.unique(y).tolist()))
             if missing:
-                from dermray.config import CLASSES
-                from dermray.errors import DermrayError
-
                 raise DermrayError(f"The {split} split of '{key}' lacks class(es) "
                                    f"{', '.join(CLASSES[i] for i in missing)}; every class must be "
                                    "in every split (re-split with more data, or another seed).")
@@ -269,6 +264,3 @@ def run_search(cfg: SearchConfig, manifest_path: str, resume: bool = True):
     tuner = build_tuner(cfg, data, resume=resume)
     return tuner.fit()
 
-
-def replace(cfg: SearchConfig, **changes: Any) -> SearchConfig:
-    return dataclasses.replace(cfg, **changes)
