@@ -25,6 +25,7 @@ from dermray.catalog import open_fs, read_manifest
 from dermray.config import ExtractConfig, config_to_dict
 from dermray.embeddings import backbone_dir, content_name, read_keys, to_table, write_atomic
 from dermray.errors import DermrayError
+from dermray.raysession import ensure_ray
 
 logger = logging.getLogger(__name__)
 
@@ -300,8 +301,7 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
     files_written = 0
     layout: dict[str, Any] = {}
     if len(pending):
-        if not ray.is_initialized():
-            ray.init(log_to_driver=False)
+        ensure_ray()
         layout = actor_layout(cfg)
         blocks = max(1, min(len(pending) // max(cfg.decode_batch_size, 1), 200))
         ds = ray.data.from_pandas(pending).repartition(blocks)

@@ -19,6 +19,7 @@ import numpy as np
 from dermray.config import CLASSES, _check, register_section
 from dermray.errors import DermrayError
 from dermray.heads import FAMILIES
+from dermray.raysession import ensure_ray
 
 logger = logging.getLogger(__name__)
 
@@ -256,10 +257,8 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
 
 def run_search(cfg: SearchConfig, manifest_path: str, resume: bool = True):
     """Run (or resume) the experiment; returns the ResultGrid."""
-    import ray
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    ensure_ray()
     data = load_search_data(cfg, manifest_path)
     tuner = build_tuner(cfg, data, resume=resume)
     return tuner.fit()
