@@ -63,11 +63,11 @@ def _fitted_head(row: pd.Series, results, cfg: SearchConfig, data: dict[str, Any
     result = next(r for r in results if r.path == row["path"])
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as directory:
-            return load_head(row["family"], Path(directory)), Path(directory)
+            return load_head(row["family"], Path(directory))
     logger.info("trial %s has no checkpoint (stopped early): refitting it", row["trial_id"])
     X_tr, y_tr, X_va, y_va = data[row["features"]]
     head = make_head(row["family"], head_params(result.config, cfg))
-    return head.fit(X_tr, y_tr, eval_set=(X_va, y_va)), None
+    return head.fit(X_tr, y_tr, eval_set=(X_va, y_va))
 
 
 def score(head, family: str, features: str, cfg: SearchConfig, manifest_path: str,
@@ -136,7 +136,7 @@ def finish(results, cfg: SearchConfig, manifest_path: str, out: Path) -> dict[st
     winner_head = None
     for family in trials["family"].unique():
         row = pick(trials[trials["family"] == family])
-        head, _ = _fitted_head(row, results, cfg, data)
+        head = _fitted_head(row, results, cfg, data)
         val, _, _ = score(head, family, row["features"], cfg, manifest_path, "val")
         test, _, _ = score(head, family, row["features"], cfg, manifest_path, "test")
         entry = {"trial_id": row["trial_id"], "family": family, "features": row["features"],
