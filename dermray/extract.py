@@ -189,26 +189,23 @@ def write_batch(batch: dict[str, np.ndarray], out: str, backbones: list[str]) ->
             for k in ("kind", "backbone", "split", "rows")}
 
 
-def done_keys(out: str, name: str) -> set[tuple[str, int]]:
-    keys = read_keys(backbone_dir(out, name))
+def done_keys(folder: Path) -> set[tuple[str, int]]:
+    """The (image_id, aug_index) views already written under a folder of part files."""
+    keys = read_keys(folder)
     return set(zip(keys["image_id"], keys["aug_index"].astype(int)))
 
 
 def pending_views(plan: pd.DataFrame, out: str, backbones: list[str]) -> pd.DataFrame:
     """The views still to do, with a ``need_<backbone>`` flag per backbone (resume)."""
     keys = list(zip(plan["image_id"], plan["aug_index"].astype(int)))
-    quarantined = done_keys_quarantine(out)
+    quarantined = done_keys(Path(out) / QUARANTINE_DIR)
     pending = plan.copy()
     for name in backbones:
-        done = done_keys(out, name) | quarantined
+        done = done_keys(backbone_dir(out, name)) | quarantined
         pending[f"need_{name}"] = [k not in done for k in keys]
     need_any = pending[[f"need_{n}" for n in backbones]].any(axis=1)
     return pending[need_any].reset_index(drop=True)
 
-
-def done_keys_quarantine(out: str) -> set[tuple[str, int]]:
-    keys = read_keys(Path(out) / QUARANTINE_DIR)
-    return set(zip(keys["image_id"], keys["aug_index"].astype(int)))
 
 
 def actor_layout(cfg: ExtractConfig) -> dict[str, Any]:
