@@ -108,7 +108,7 @@ def pipeline_rate(backbone: str, weights: str, size: int, batch: int, n: int) ->
     start = time.perf_counter()
     record = run_extract(cfg)
     e2e = n / (time.perf_counter() - start)
-    files = sorted(backbone_dir(out, backbone).rglob("*.parquet"), key=lambda p: p.stat().st_mtime)
+    files = sorted(Path(backbone_dir(out, backbone)).rglob("*.parquet"), key=lambda p: p.stat().st_mtime)
     rows = [pads.dataset(str(f)).count_rows() for f in files]
     span = files[-1].stat().st_mtime - files[0].stat().st_mtime
     steady = (sum(rows) - rows[0]) / span if span > 0 else float("nan")

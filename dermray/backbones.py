@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,9 @@ class BackboneSpec:
     # (other backbone, start, stop): this backbone's features are a column slice of that one's,
     # so an actor holding both computes the network once
     slice_of: tuple[str, int, int] | None = None
+    # Keras' ImageNet "notop" weights file (its name is the URL's last segment) and Keras' md5
+    imagenet_url: str = ""
+    imagenet_md5: str = ""
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -51,14 +55,20 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-register_backbone(BackboneSpec("vgg19", "VGG19", 512, gflops_224=39.3))
+KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+RESNET50_IMAGENET = {"imagenet_url": KERAS_WEIGHTS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                     "imagenet_md5": "4d473c1dd8becc155b73f8504c6f6626"}
+register_backbone(BackboneSpec(
+    "vgg19", "VGG19", 512, gflops_224=39.3,
+    imagenet_url=KERAS_WEIGHTS + "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    imagenet_md5="253f8cb515780f3b799900260a226db6"))
 register_backbone(BackboneSpec("resnet50", "ResNet50", 2048, gflops_224=8.2,
-                               slice_of=("resnet50_ms", 1792, 3840)))
+                               slice_of=("resnet50_ms", 1792, 3840), **RESNET50_IMAGENET))
 # multi-stage ResNet50: the pooled outputs of all four stages (256+512+1024+2048)
 register_backbone(BackboneSpec(
     "resnet50_ms", "ResNet50", 3840, gflops_224=8.2,
     stages=("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
-))
+    **RESNET50_IMAGENET))
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -96,18 +106,107 @@ def resolve_weights(weights: str | None) -> str | None:
     return str(path)
 
 
-def weights_identity(weights: str | None) -> str:
-    """'imagenet', 'none' or 'sha256:<hex>' of a weights file: what the run record stores."""
+WEIGHT_SUFFIXES = (".h5", ".keras")
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: str | Path) -> str:
+    """'sha256:<hex>' of a file (remembered per path, size and mtime within a process)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        _SHA256[key] = f"sha256:{digest.hexdigest()}"
+    return _SHA256[key]
+
+
+def imagenet_name(backbone: str) -> str:
+    """The file name of the backbone's Keras ImageNet weights ('' if it has none)."""
+    return get_spec(backbone).imagenet_url.rpartition("/")[2]
+
+
+def imagenet_file(backbone: str) -> str:
+    """Keras' ImageNet weights of a backbone, downloaded once into the Keras cache (Keras checks
+    its md5); needs internet the first time."""
+    import keras
+
+    spec = get_spec(backbone)
+    if not spec.imagenet_url:
+        raise BackboneError(f"Backbone {backbone} has no ImageNet weights to download.")
+    try:
+        return keras.utils.get_file(imagenet_name(backbone), spec.imagenet_url,
+                                    cache_subdir="models", file_hash=spec.imagenet_md5)
+    except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
+        raise BackboneError(
+            f"Could not get the ImageNet weights of {backbone} ({spec.imagenet_url}): "
+            f"{str(exc)[:200]}. Without internet, put {imagenet_name(backbone)} in a folder and "
+            "pass its path as the weights (or that folder as --weights-dir).") from None
+
+
+def weights_identity(weights: str | None, backbone: str | None = None) -> str:
+    """What a run records: 'none' (seeded random weights) or 'sha256:<hex>' of the weights file.
+
+    'imagenet' is hashed too when the backbone is given (downloading Keras' file if needed), so
+    that a bundle finds the same file on another machine by content, not by path.
+    """
     resolved = resolve_weights(weights)
     if resolved is None:
         return "none"
     if resolved == "imagenet":
-        return "imagenet"
-    digest = hashlib.sha256()
-    with open(resolved, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+        return sha256_file(imagenet_file(backbone)) if backbone else "imagenet"
+    return sha256_file(resolved)
+
+
+def weights_name(weights: str | None, backbone: str) -> str:
+    """The file name a run used (a hint for finding it again; identity decides)."""
+    resolved = resolve_weights(weights)
+    if resolved is None:
+        return ""
+    return imagenet_name(backbone) if resolved == "imagenet" else Path(resolved).name
+
+
+def weights_search_dirs(extra: Sequence[str | Path] = ()) -> list[Path]:
+    """Where weights are looked for by identity: the folders given, $DERMRAY_WEIGHTS_DIR
+    (os.pathsep-separated), then the Keras cache ($KERAS_HOME or ~/.keras, subfolder models)."""
+    env = [d for d in os.environ.get("DERMRAY_WEIGHTS_DIR", "").split(os.pathsep) if d]
+    keras_home = os.environ.get("KERAS_HOME") or os.path.join("~", ".keras")
+    return [Path(d).expanduser() for d in (*extra, *env, os.path.join(keras_home, "models"))]
+
+
+def find_weights(backbone: str, identity: str, name: str = "",
+                 search_dirs: Sequence[str | Path] = ()) -> str:
+    """The weights to build ``backbone`` with, found by identity, never by a recorded path.
+
+    Looks in ``weights_search_dirs(search_dirs)`` (the recorded file name first, then every
+    .h5/.keras file), then, for Keras' ImageNet file, downloads it and checks its hash.
+    """
+    if identity in ("none", "imagenet"):  # seeded random weights; or an unhashed old record
+        return identity
+    dirs = weights_search_dirs(search_dirs)
+    for folder in dirs:
+        if not folder.is_dir():
+            continue
+        files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+        files.sort(key=lambda p: p.name != name)  # the recorded name first: usually one hash
+        for path in files:
+            if sha256_file(path) == identity:
+                return str(path)
+    if name and name == imagenet_name(backbone):
+        path = imagenet_file(backbone)
+        found = sha256_file(path)
+        if found != identity:
+            raise BackboneError(
+                f"Keras' ImageNet weights for {backbone} ({path}) are {found}, but the model was "
+                f"trained with {identity}. Put the training weights file in a folder and pass it "
+                "as --weights-dir.")
+        return path
+    raise BackboneError(
+        f"No weights file for backbone {backbone} with {identity} (trained with "
+        f"{name or 'an unnamed file'}) in {', '.join(str(d) for d in dirs)}. Put that file in a "
+        "folder and pass --weights-dir FOLDER (or set DERMRAY_WEIGHTS_DIR).")
 
 
 def configure_devices(mixed_precision: bool = False) -> list[str]:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from dermray import storage
 from dermray.augment import DecodeError, decode_image, dihedral
-from dermray.backbones import weights_identity
+from dermray.backbones import find_weights
 from dermray.errors import DermrayError
 
 logger = logging.getLogger(__name__)
@@ -26,6 +30,7 @@ class Bundle:
     spec: dict[str, Any]
     head: Any
     directory: Path
+    weights: dict[str, str] = field(default_factory=dict)  # backbone -> weights found for it
     _embedder: Any = None
 
     @property
@@ -37,8 +42,7 @@ class Bundle:
             from dermray.extract import Embedder
 
             names = [b["name"] for b in self.spec["backbones"]]
-            weights = {b["name"]: b["weights"] for b in self.spec["backbones"]}
-            self._embedder = Embedder(names, weights, self.spec["image_size"], batch_size=16,
+            self._embedder = Embedder(names, self.weights, self.spec["image_size"], batch_size=16,
                                       seed=self.spec.get("seed", 0))
         return self._embedder
 
@@ -99,25 +103,33 @@ class Bundle:
         return frame, problems
 
 
-def load_bundle(directory: str | Path, verify_weights: bool = True) -> Bundle:
-    """Load OUT/model; checks that each backbone's weights file is the one trained with."""
+def load_bundle(model: str | Path, weights_dirs: Sequence[str | Path] = ()) -> Bundle:
+    """Load OUT/model (a folder or an ``s3://`` URI).
+
+    Each backbone's weights are found by their recorded identity (sha256) in ``weights_dirs``,
+    $DERMRAY_WEIGHTS_DIR or the Keras cache, or downloaded from Keras where they are its ImageNet
+    file; a file with another hash is never used.
+    """
     from dermray.heads import load_head
 
-    directory = Path(directory)
+    directory = Path(model)
+    if storage.is_remote(model):
+        directory = Path(tempfile.mkdtemp(prefix="dermray-model-"))
+        atexit.register(shutil.rmtree, directory, True)
+        storage.download_dir(model, directory)
     spec_path = directory / "bundle.json"
     if not spec_path.is_file():
-        raise DermrayError(f"{directory} is not a dermray model bundle (no bundle.json); pass "
-                           "the OUT/model folder of a `dermray run`.")
+        raise DermrayError(f"{storage.display(model)} is not a dermray model bundle (no "
+                           "bundle.json); pass the OUT/model folder of a `dermray run`.")
     spec = json.loads(spec_path.read_text())
-    if verify_weights:
-        for b in spec["backbones"]:
-            found = weights_identity(b["weights"])
-            if found != b["weights_identity"]:
-                raise DermrayError(f"Backbone {b['name']} weights {b['weights']} are {found}, but "
-                                   f"the model was trained with {b['weights_identity']}. Put the "
-                                   "same weights file at that path.")
+    weights = {}
+    for b in spec["backbones"]:
+        recorded = b.get("weights", "")  # format 1 recorded a path: its folder is one more place
+        extra = [*weights_dirs, *([Path(recorded).parent] if recorded else [])]
+        weights[b["name"]] = find_weights(b["name"], b.get("weights_identity", "unknown"),
+                                          b.get("weights_name") or Path(recorded).name, extra)
     return Bundle(spec=spec, head=load_head(spec["family"], directory / "head"),
-                  directory=directory)
+                  directory=directory, weights=weights)
 
 
 def collect_images(inputs: Iterable[str]) -> list[Path]:

@@ -25,6 +25,8 @@ import pyarrow.parquet as pq
 
 from dermray.config import CLASSES, SPLITS
 from dermray.errors import CatalogError
+from dermray.storage import join as join_uri
+from dermray.storage import open_fs, write_parquet
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +38,6 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "image_id", "lesion_id", "dx", "label", "split", "path", "age", "sex", "localization",
 )
 MAX_EXAMPLES = 10
-
-
-def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it, for a local path or an ``s3://`` URI."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
-
-
-def _join_uri(base: str, name: str) -> str:
-    """Append a path segment to a path or URI, keeping a URI's query (``?endpoint_override=``)."""
-    path, sep, query = base.partition("?")
-    return path.rstrip("/") + "/" + name + (sep + query if sep else "")
 
 
 def read_metadata(uri: str) -> pd.DataFrame:
@@ -138,7 +127,7 @@ def resolve_image_dirs(roots: Iterable[str]) -> list[str]:
             dirs.append(root)
         for entry in sorted(entries, key=lambda e: e.base_name):
             if entry.type == pafs.FileType.Directory and LAYOUT_DIRS.match(entry.base_name):
-                dirs.append(_join_uri(root, entry.base_name))
+                dirs.append(join_uri(root, entry.base_name))
     return dirs
 
 
@@ -159,7 +148,7 @@ def index_images(dirs: Sequence[str]) -> tuple[dict[str, str], int]:
             if stem in index:
                 repeats += 1
                 continue
-            index[stem] = _join_uri(root, name) if "://" in root else str(Path(path) / name)
+            index[stem] = join_uri(root, name) if "://" in root else str(Path(path) / name)
     return index, repeats
 
 
@@ -298,13 +287,9 @@ def write_manifest(frame: pd.DataFrame, out: str, config: dict[str, Any]) -> str
     """Write ``OUT/manifest.parquet`` atomically, the config in the file's metadata."""
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({b"dermray": json.dumps({"config": config}).encode()})
-    fs, root = open_fs(out)
-    fs.create_dir(root, recursive=True)
-    target = f"{root}/manifest.parquet"
-    tmp = f"{root}/.manifest.parquet.tmp"
-    pq.write_table(table, tmp, filesystem=fs)
-    fs.move(tmp, target)
-    return target if "://" not in out else _join_uri(out, "manifest.parquet")
+    target = join_uri(out, "manifest.parquet")
+    write_parquet(table, target)
+    return target if "://" in str(out) else open_fs(target)[1]
 
 
 def read_manifest(uri: str) -> pd.DataFrame:

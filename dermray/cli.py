@@ -121,7 +121,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from dermray.bundle import collect_images, load_bundle
 
-    bundle = load_bundle(args.model)
+    bundle = load_bundle(args.model, weights_dirs=args.weights_dir or ())
     files = collect_images(args.inputs)
     if not files:
         raise DermrayError(f"No images found in {', '.join(args.inputs)}.")
@@ -206,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("predict", help="classify image files with an exported model bundle")
-    p.add_argument("--model", required=True, help="OUT/model of a `dermray run`")
+    p.add_argument("--model", required=True,
+                   help="OUT/model of a `dermray run` (a folder or an s3:// URI)")
+    p.add_argument("--weights-dir", action="append", metavar="DIR",
+                   help="a folder holding the backbone weights files (found by their sha256; "
+                   "repeatable; also $DERMRAY_WEIGHTS_DIR and the Keras cache)")
     p.add_argument("--out", help="write a CSV here instead of printing it")
     p.add_argument("--metadata", help="HAM10000-style CSV with age, sex, localization per "
                    "image_id, for models trained with patient metadata")

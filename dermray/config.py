@@ -73,17 +73,20 @@ class ExtractConfig:
     # test-time augmentation: extra views (flips/rotations) of val and test images
     tta_views: int = 0
     seed: int = 0
-    # Ray layout: 0 actors means one per GPU on a GPU cluster, one per node's CPUs otherwise
+    # Ray layout: num_actors > 0 fixes the pool's size. With 0 the pool autoscales: from the
+    # actors that fit now (one per GPU present, at least one; one per node without GPUs) up to
+    # max_actors, as the cluster autoscaler adds GPU nodes
     num_actors: int = 0
+    max_actors: int = 0
     cpus_per_actor: float = 1.0
     threads_per_actor: int = 0  # 0: all cores of the node
     num_gpus_per_actor: float = 0.0  # 0: auto (1 where the cluster has GPUs)
     decode_batch_size: int = 16
     mixed_precision: bool = False
     jit_compile: bool = True
-    # who writes the Parquet: "actors" (each embedding actor, into OUT on its own node), "driver"
-    # (the job's driver, so OUT can be a local folder of the head on a multi-node cluster), or
-    # "auto": actors on a single node, the driver when the cluster has several
+    # who writes the Parquet: "actors" (each embedding actor, straight into OUT), "driver" (the
+    # job's driver, so OUT can be a local folder of the head on a multi-node cluster), or "auto":
+    # the actors when OUT is s3:// or the cluster has one node, else the driver
     write_from: str = "auto"
 
     def __post_init__(self) -> None:
@@ -101,7 +104,8 @@ class ExtractConfig:
                "an integer in [32, 1024]")
         for key in ("batch_size", "max_views_per_image", "decode_batch_size"):
             _check(getattr(self, key) >= 1, "extract", key, getattr(self, key), ">= 1")
-        for key in ("target_per_class", "tta_views", "seed", "num_actors", "threads_per_actor"):
+        for key in ("target_per_class", "tta_views", "seed", "num_actors", "max_actors",
+                    "threads_per_actor"):
             _check(getattr(self, key) >= 0, "extract", key, getattr(self, key), ">= 0")
         _check(self.tta_views <= 7, "extract", "tta_views", self.tta_views,
                "at most 7 (the dihedral group has 8 views)")

@@ -8,12 +8,12 @@ import base64
 import html
 import io
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from dermray import storage
 from dermray.errors import DermrayError
 
 SORT_JS = """
@@ -101,13 +101,14 @@ def _table(frame: pd.DataFrame, table_id: str, highlight: str | None = None) -> 
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
-def write_dashboard(out: str | Path) -> Path:
-    out = Path(out)
-    if not (out / "trials.csv").is_file() or not (out / "metrics.json").is_file():
-        raise DermrayError(f"{out} has no trials.csv / metrics.json; run `dermray run` or "
-                           "`dermray search` with --out there first.")
-    trials = pd.read_csv(out / "trials.csv")
-    result: dict[str, Any] = json.loads((out / "metrics.json").read_text())
+def write_dashboard(out: str) -> str:
+    """Write OUT/report.html (OUT: a folder or an s3:// URI); returns its path."""
+    trials_uri, metrics_uri = storage.join(out, "trials.csv"), storage.join(out, "metrics.json")
+    if not storage.is_file(trials_uri) or not storage.is_file(metrics_uri):
+        raise DermrayError(f"{storage.display(out)} has no trials.csv / metrics.json; run "
+                           "`dermray run` or `dermray search` with --out there first.")
+    trials = pd.read_csv(io.BytesIO(storage.read_bytes(trials_uri)))
+    result: dict[str, Any] = json.loads(storage.read_text(metrics_uri))
     shown = trials[[c for c in ("trial_id", "family", "features", "val_accuracy",
                                 "val_balanced_accuracy", "val_macro_f1", "val_log_loss",
                                 "iterations", "time_total_s", "status", "params")
@@ -122,13 +123,10 @@ def write_dashboard(out: str | Path) -> Path:
     per_class = pd.DataFrame([{"class": c, **{k: (v if v is not None else np.nan)
                                               for k, v in m.items()}}
                               for c, m in test["per_class"].items()])
-    import tempfile
-
     from dermray.evaluate import plot_confusion
 
-    with tempfile.TemporaryDirectory() as tmp:
-        png = plot_confusion(test["confusion_matrix"], Path(tmp) / "cm.png", "winner, test")
-        cm = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+    png = plot_confusion(test["confusion_matrix"], "winner, test")
+    cm = "data:image/png;base64," + base64.b64encode(png).decode()
     figs = plots(trials)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>dermray: Tune results</title><style>{CSS}</style></head>
@@ -150,6 +148,4 @@ Test (scored once, after selection): accuracy {test['accuracy']:.4f}, balanced a
 <script>{SORT_JS}</script>
 </body></html>
 """
-    path = out / "report.html"
-    path.write_text(page)
-    return path
+    return storage.write_text(storage.join(out, "report.html"), page)

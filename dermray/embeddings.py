@@ -1,14 +1,14 @@
 """The embeddings Parquet contract: one schema, atomic part files, readers, backbone fusion.
 
 Layout: ``OUT/embeddings/backbone=<name>/split=<split>/part-<hash>.parquet``, one row per image
-view, the embedding a fixed-size list of float32. Part files are written under a temporary name
-and renamed, so a reader never sees half a file; readers skip names starting with "." or "_".
+view, the embedding a fixed-size list of float32. ``OUT`` is a local folder or an ``s3://`` URI.
+Part files are written atomically (``dermray.storage``), so a reader never sees half a file;
+readers skip names starting with "." or "_".
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,14 +16,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
+from dermray import storage
 from dermray.errors import DermrayError
 
 META_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "label", "split", "aug_index",
                                  "backbone")
 EXTRA_COLUMNS: tuple[str, ...] = ("age", "sex", "localization")
 KEY = ["image_id", "aug_index"]
+QUARANTINE_DIR = "_quarantine"
 
 
 # split and backbone are also the hive folder names; dictionary-typed, they merge with the
@@ -41,8 +42,14 @@ def embedding_schema(dim: int) -> pa.Schema:
     ])
 
 
-def backbone_dir(out: str | Path, backbone: str) -> Path:
-    return Path(out) / "embeddings" / f"backbone={backbone}"
+def backbone_dir(out: str | Path, backbone: str) -> str:
+    """The folder (path or URI) of one backbone's part files."""
+    return storage.join(out, "embeddings", f"backbone={backbone}")
+
+
+def quarantine_dir(out: str | Path) -> str:
+    """The folder of the quarantine part files (views that could not be decoded)."""
+    return storage.join(out, QUARANTINE_DIR)
 
 
 def to_table(rows: pd.DataFrame, embeddings: np.ndarray, backbone: str) -> pa.Table:
@@ -73,26 +80,19 @@ def content_name(keys: pd.DataFrame) -> str:
     return "part-" + hashlib.sha1(text.encode()).hexdigest()[:20] + ".parquet"
 
 
-def write_atomic(table: pa.Table, path: Path) -> Path:
-    """Write a Parquet file under a temporary name in the same folder, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def _dataset(folder: Path) -> pads.Dataset | None:
-    if not folder.is_dir() or not any(folder.rglob("*.parquet")):
+def dataset(folder: str | Path) -> pads.Dataset | None:
+    """The part files under a folder (path or URI) as one dataset; None when there are none."""
+    files = storage.list_files(folder, ".parquet")
+    if not files:
         return None
+    fs, _ = storage.open_fs(folder)
     # the files carry split and backbone themselves: no partition inference needed
-    return pads.dataset(str(folder), format="parquet", partitioning=None,
-                        ignore_prefixes=[".", "_"])
+    return pads.dataset(files, format="parquet", filesystem=fs)
 
 
-def read_keys(folder: Path) -> pd.DataFrame:
+def read_keys(folder: str | Path) -> pd.DataFrame:
     """The (image_id, aug_index) of every row under a folder of part files (empty if none)."""
-    ds = _dataset(folder)
+    ds = dataset(folder)
     if ds is None:
         return pd.DataFrame({"image_id": pd.Series(dtype=str), "aug_index": pd.Series(dtype="int32")})
     return ds.to_table(columns=KEY).to_pandas()
@@ -100,7 +100,7 @@ def read_keys(folder: Path) -> pd.DataFrame:
 
 def read_frame(out: str | Path, backbone: str, split: str | Sequence[str] | None = None) -> pd.DataFrame:
     """One backbone's rows as a DataFrame (the embedding column holds numpy arrays)."""
-    ds = _dataset(backbone_dir(out, backbone))
+    ds = dataset(backbone_dir(out, backbone))
     if ds is None:
         raise DermrayError(f"No embeddings for backbone '{backbone}' under {out}/embeddings; run "
                            f"`dermray extract --backbone {backbone}` first.")

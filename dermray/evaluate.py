@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dermray import storage
 from dermray.config import CLASSES
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,8 @@ def metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
     }
 
 
-def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> Path:
-    """Row-normalised confusion matrix with counts, as a PNG."""
+def plot_confusion(matrix: list[list[int]], title: str) -> bytes:
+    """Row-normalised confusion matrix with counts, as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,10 +75,10 @@ def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> Path:
                     color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    return path
+    return buf.getvalue()
 
 
 def _row(name: str, m: dict[str, Any]) -> str:
@@ -85,7 +86,7 @@ def _row(name: str, m: dict[str, Any]) -> str:
             f"{m['macro_f1']:.3f} | {m['log_loss']:.3f} |")
 
 
-def write_report(out: Path, summary: dict[str, Any]) -> Path:
+def write_report(out: str, summary: dict[str, Any]) -> str:
     """``OUT/report.md``: the winner, the best trial per family, per-class figures."""
     win = summary["winner"]
     lines = [
@@ -113,6 +114,4 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
     lines += ["", "![confusion matrix](confusion_matrix.png)", "",
               "Splits are lesion-grouped: no lesion is in two splits. The winner was chosen on "
               "validation accuracy only; the test split was scored once, after selection.", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return storage.write_text(storage.join(out, "report.md"), "\n".join(lines))

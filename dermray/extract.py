@@ -19,27 +19,29 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dermray import storage
 from dermray.augment import DecodeError, decode_image, make_view, plan_views
-from dermray.backbones import get_spec, weights_identity
-from dermray.catalog import open_fs, read_manifest
+from dermray.backbones import get_spec, weights_identity, weights_name
+from dermray.catalog import read_manifest
 from dermray.config import ExtractConfig, config_to_dict
-from dermray.embeddings import backbone_dir, content_name, read_keys, to_table, write_atomic
+from dermray.embeddings import (
+    backbone_dir,
+    content_name,
+    dataset,
+    quarantine_dir,
+    read_keys,
+    to_table,
+)
 from dermray.errors import DermrayError
 from dermray.raysession import ensure_ray
+from dermray.storage import read_bytes
 
 logger = logging.getLogger(__name__)
 
 PLAN_COLUMNS = ["image_id", "lesion_id", "dx", "label", "split", "path", "age", "sex",
                 "localization", "aug_index"]
-QUARANTINE_DIR = "_quarantine"
 # test hook: when set, the first Embedder call in the whole run kills its actor process once
 FAULT_ONCE_ENV = "DERMRAY_TEST_KILL_ACTOR_ONCE"
-
-
-def read_bytes(path: str) -> bytes:
-    fs, inner = open_fs(path)
-    with fs.open_input_stream(inner) as stream:
-        return stream.read()
 
 
 def decode_batch(batch: dict[str, np.ndarray], image_size: int, seed: int,
@@ -95,6 +97,7 @@ class Embedder:
         self.backbones = list(backbones)
         self.batch_size = batch_size
         self.out = out  # where to write part files; None: return the embeddings instead
+        self.where = _where()
         # a backbone that is a slice of another one held here is not built a second time
         self.sliced = {}
         for name in self.backbones:
@@ -153,6 +156,8 @@ class Embedder:
             out[f"emb_{name}"] = emb
         for name, (source, lo, hi) in self.sliced.items():
             out[f"emb_{name}"] = np.ascontiguousarray(out[f"emb_{source}"][:, lo:hi])
+        for key, value in self.where.items():  # which actor on which node embedded each view
+            out[key] = np.full(len(ok), value, dtype=object)
         if self.out is not None:
             # writing here (milliseconds per batch) keeps the embeddings out of the object store
             # and needs no CPU slot of its own, which a 2-core laptop does not have to spare
@@ -160,36 +165,59 @@ class Embedder:
         return out
 
 
+WHERE_COLUMNS = ("actor_id", "node_id", "gpu_ids")
+
+
+def _where() -> dict[str, str]:
+    """This process's Ray actor id, node id and GPU ids ("local" outside an actor)."""
+    where = {"actor_id": f"local-{os.getpid()}", "node_id": "local", "gpu_ids": ""}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            where = {"actor_id": ctx.get_actor_id() or where["actor_id"],
+                     "node_id": ctx.get_node_id(),
+                     "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids())}
+    except Exception:
+        logger.debug("no Ray runtime context", exc_info=True)
+    return where
+
+
 def write_batch(batch: dict[str, np.ndarray], out: str, backbones: list[str]) -> dict[str, np.ndarray]:
     """Write a batch's embeddings (one part file per backbone and split) and its quarantined
-    views; return one summary row per file written."""
+    views; return one summary row per file written, and one for the batch (which actor on which
+    node embedded how many views)."""
     frame = pd.DataFrame({k: list(v) if np.ndim(v) > 1 else v for k, v in batch.items()
                           if not k.startswith("emb_")})
     bad = frame["error"].astype(bool).to_numpy()
-    written: list[dict[str, Any]] = []
+    where = {k: str(frame[k].iloc[0]) if k in frame and len(frame) else "" for k in WHERE_COLUMNS}
+    written: list[dict[str, Any]] = [{"kind": "batch", "backbone": "", "split": "",
+                                      "rows": len(frame), **where}]
     if bad.any():
         rows = frame.loc[bad, ["image_id", "aug_index", "split", "path", "error"]]
         rows = rows.rename(columns={"error": "reason"})
-        path = Path(out) / QUARANTINE_DIR / content_name(rows)
         import pyarrow as pa
 
-        write_atomic(pa.Table.from_pandas(rows.astype({"aug_index": "int32"}), preserve_index=False),
-                     path)
-        written.append({"kind": "quarantine", "backbone": "", "split": "", "rows": len(rows)})
+        storage.write_parquet(
+            pa.Table.from_pandas(rows.astype({"aug_index": "int32"}), preserve_index=False),
+            storage.join(quarantine_dir(out), content_name(rows)))
+        written.append({"kind": "quarantine", "backbone": "", "split": "", "rows": len(rows),
+                        **where})
     for name in backbones:
         need = ~bad & frame.get(f"need_{name}", pd.Series(True, index=frame.index)).astype(bool)
         for split, idx in frame[need].groupby("split").groups.items():
             rows = frame.loc[idx]
             table = to_table(rows, batch[f"emb_{name}"][np.asarray(idx)], name)
-            path = backbone_dir(out, name) / f"split={split}" / content_name(rows)
-            write_atomic(table, path)
+            storage.write_parquet(table, storage.join(backbone_dir(out, name), f"split={split}",
+                                                      content_name(rows)))
             written.append({"kind": "embeddings", "backbone": name, "split": split,
-                            "rows": len(rows)})
+                            "rows": len(rows), **where})
     return {k: np.asarray([w[k] for w in written], dtype=object if k != "rows" else np.int64)
-            for k in ("kind", "backbone", "split", "rows")}
+            for k in written[0]}
 
 
-def done_keys(folder: Path) -> set[tuple[str, int]]:
+def done_keys(folder: str) -> set[tuple[str, int]]:
     """The (image_id, aug_index) views already written under a folder of part files."""
     keys = read_keys(folder)
     return set(zip(keys["image_id"], keys["aug_index"].astype(int)))
@@ -198,7 +226,7 @@ def done_keys(folder: Path) -> set[tuple[str, int]]:
 def pending_views(plan: pd.DataFrame, out: str, backbones: list[str]) -> pd.DataFrame:
     """The views still to do, with a ``need_<backbone>`` flag per backbone (resume)."""
     keys = list(zip(plan["image_id"], plan["aug_index"].astype(int)))
-    quarantined = done_keys(Path(out) / QUARANTINE_DIR)
+    quarantined = done_keys(quarantine_dir(out))
     pending = plan.copy()
     for name in backbones:
         done = done_keys(backbone_dir(out, name)) | quarantined
@@ -209,24 +237,43 @@ def pending_views(plan: pd.DataFrame, out: str, backbones: list[str]) -> pd.Data
 
 
 def actor_layout(cfg: ExtractConfig) -> dict[str, Any]:
-    """How many embedding actors, with which resources, from the config and the cluster."""
+    """The embedding actor pool, with which resources, from the config and the cluster.
+
+    On GPUs the pool autoscales: it starts with the actors that fit on the GPUs present now (at
+    least one: its pending demand is what makes the cluster autoscaler add a GPU node) and grows
+    to ``max_actors`` as Ray Data queues work and the autoscaler brings GPUs.
+    """
     import ray
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
     num_gpus = cfg.num_gpus_per_actor or (1.0 if gpus else 0.0)
     if cfg.num_actors:
-        size = cfg.num_actors
+        min_size = max_size = cfg.num_actors
     elif num_gpus:
-        size = max(1, int(gpus / num_gpus))
+        min_size = max(1, int(gpus / num_gpus))
+        max_size = max(min_size, cfg.max_actors)
     else:
         # CPU only: one actor per node, leaving the rest of the CPUs to decode tasks
-        size = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
+        min_size = max(1, nodes)
+        max_size = max(min_size, cfg.max_actors)
     threads = cfg.threads_per_actor or (0 if num_gpus else (os.cpu_count() or 1))
-    nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    writer = cfg.write_from if cfg.write_from != "auto" else ("driver" if nodes > 1 else "actors")
-    return {"size": size, "num_gpus": num_gpus, "num_cpus": cfg.cpus_per_actor, "threads": threads,
-            "writer": writer}
+    if cfg.write_from != "auto":
+        writer = cfg.write_from
+    else:  # a local OUT on a multi-node cluster exists only on the head: the driver writes it
+        writer = "driver" if nodes > 1 and not storage.is_remote(cfg.out) else "actors"
+    return {"min_size": min_size, "max_size": max_size, "num_gpus": num_gpus,
+            "num_cpus": cfg.cpus_per_actor, "threads": threads, "writer": writer}
+
+
+def actor_summary(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """Views embedded per actor (with its node and GPUs), from the batch summary rows."""
+    if rows.empty:
+        return []
+    grouped = rows.groupby(list(WHERE_COLUMNS), as_index=False)["rows"].sum()
+    return [{"actor_id": r.actor_id, "node_id": r.node_id, "gpu_ids": r.gpu_ids,
+             "views": int(r.rows)} for r in grouped.itertuples()]
 
 
 def _library_versions() -> dict[str, str]:
@@ -243,27 +290,23 @@ def _library_versions() -> dict[str, str]:
 
 def consolidate_quarantine(out: str) -> pd.DataFrame:
     """Gather the quarantine part files into ``OUT/quarantine.parquet`` (always written)."""
-    from dermray.embeddings import _dataset
-
-    ds = _dataset(Path(out) / QUARANTINE_DIR)
+    ds = dataset(quarantine_dir(out))
     columns = ["image_id", "aug_index", "split", "path", "reason"]
     frame = ds.to_table(columns=columns).to_pandas() if ds else pd.DataFrame(columns=columns)
     frame = frame.drop_duplicates(["image_id", "aug_index"]).sort_values(["image_id", "aug_index"])
     import pyarrow as pa
 
-    write_atomic(pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False),
-                 Path(out) / "quarantine.parquet")
+    storage.write_parquet(pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False),
+                          storage.join(out, "quarantine.parquet"))
     return frame
 
 
 def reconcile(plan: pd.DataFrame, out: str, backbones: list[str],
               quarantine: pd.DataFrame) -> dict[str, Any]:
     """Check views planned = rows written + views quarantined, per backbone, no duplicates."""
-    from dermray.embeddings import _dataset
-
     counts: dict[str, Any] = {}
     for name in backbones:
-        ds = _dataset(backbone_dir(out, name))
+        ds = dataset(backbone_dir(out, name))
         frame = (ds.to_table(columns=["image_id", "aug_index", "split", "dx"]).to_pandas()
                  if ds else pd.DataFrame(columns=["image_id", "aug_index", "split", "dx"]))
         dups = int(frame.duplicated(["image_id", "aug_index"]).sum())
@@ -292,11 +335,12 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
                       max_views_per_image=cfg.max_views_per_image, tta_views=cfg.tta_views,
                       seed=cfg.seed)[PLAN_COLUMNS]
     backbones = list(cfg.backbones)
-    identities = {b: weights_identity(cfg.weights_for(b)) for b in backbones}  # fails early
+    identities = {b: weights_identity(cfg.weights_for(b), b) for b in backbones}  # fails early
     pending = pending_views(plan, cfg.out, backbones)
     logger.info("extract: %d views planned, %d pending", len(plan), len(pending))
     files_written = 0
     layout: dict[str, Any] = {}
+    actors: list[dict[str, Any]] = []
     if len(pending):
         ensure_ray()
         layout = actor_layout(cfg)
@@ -307,7 +351,8 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
         ds = ds.map_batches(
             Embedder, batch_size=cfg.batch_size, num_cpus=layout["num_cpus"],
             num_gpus=layout["num_gpus"] or None,
-            compute=ray.data.ActorPoolStrategy(size=layout["size"]),
+            compute=ray.data.ActorPoolStrategy(min_size=layout["min_size"],
+                                               max_size=layout["max_size"]),
             fn_constructor_kwargs={
                 "backbones": backbones, "weights": {b: cfg.weights_for(b) for b in backbones},
                 "image_size": cfg.image_size, "batch_size": cfg.batch_size,
@@ -317,10 +362,13 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
             },
         )
         if layout["writer"] == "actors":
-            files_written = len(ds.to_pandas())
-        else:  # several nodes: embeddings come back to the driver, which writes them to OUT
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                files_written += len(write_batch(batch, str(cfg.out), backbones)["rows"])
+            summary = ds.to_pandas()
+        else:  # a local OUT on several nodes: embeddings come back to the driver, which writes
+            summary = pd.concat([pd.DataFrame(write_batch(batch, str(cfg.out), backbones))
+                                 for batch in ds.iter_batches(batch_size=None,
+                                                              batch_format="numpy")])
+        files_written = int((summary["kind"] != "batch").sum())
+        actors = actor_summary(summary[summary["kind"] == "batch"])
     quarantine = consolidate_quarantine(cfg.out)
     counts = reconcile(plan, cfg.out, backbones, quarantine)
     wall = time.perf_counter() - start
@@ -328,6 +376,7 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
         "config": config_to_dict(cfg),
         "versions": _library_versions(),
         "weights": identities,
+        "weights_names": {b: weights_name(cfg.weights_for(b), b) for b in backbones},
         "views_planned": len(plan),
         "views_pending_at_start": len(pending),
         "rows": counts,
@@ -335,11 +384,10 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
         "quarantined_images": int(quarantine["image_id"].nunique()) if len(quarantine) else 0,
         "files_written": files_written,
         "actor_layout": layout,
+        "actors": actors,
         "wall_s": round(wall, 2),
         "images_per_s": round(len(pending) / wall, 2) if len(pending) else None,
-        "embeddings": str(Path(cfg.out) / "embeddings"),
+        "embeddings": storage.join(cfg.out, "embeddings"),
     }
-    tmp = Path(cfg.out) / ".extract_run.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(Path(cfg.out) / "extract_run.json")
+    storage.write_text(storage.join(cfg.out, "extract_run.json"), json.dumps(record, indent=2))
     return record

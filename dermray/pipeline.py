@@ -14,21 +14,28 @@ from typing import Any
 import pandas as pd
 
 import dermray.search  # noqa: F401 - registers the 'search' config section
+from dermray import storage
 from dermray.config import DataConfig, config_to_dict, load_section, read_yaml
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_data(cfg: DataConfig) -> DataConfig:
-    """With no metadata but ``synth_n``, write the synthetic dataset first (once) and use it."""
+    """With no metadata but ``synth_n``, write the synthetic dataset first (once, under
+    OUT/synthetic, uploaded there when OUT is s3://) and use it."""
     if cfg.metadata:
         return cfg
     from dermray.synth import METADATA_NAME, write_synth_dataset
 
-    dest = Path(cfg.out) / "synthetic"
-    if not (dest / METADATA_NAME).is_file():
-        write_synth_dataset(dest, n=cfg.synth_n, seed=cfg.seed)
-    return dataclasses.replace(cfg, metadata=str(dest / METADATA_NAME), images=(str(dest),))
+    dest = storage.join(cfg.out, "synthetic")
+    metadata = storage.join(dest, METADATA_NAME)
+    if not storage.is_file(metadata):
+        # the metadata last: its presence means that the images are all there
+        with storage.staged(dest, last=METADATA_NAME) as local:
+            write_synth_dataset(local, n=cfg.synth_n, seed=cfg.seed)
+    if not storage.is_remote(dest):
+        metadata, dest = str(Path(metadata)), str(Path(dest))
+    return dataclasses.replace(cfg, metadata=metadata, images=(dest,))
 
 
 def run_split(cfg: DataConfig) -> tuple[str, pd.DataFrame]:
@@ -73,16 +80,16 @@ def run_search_stage(config_path: str | None, out: str, manifest_path: str,
 
     cfg = load_section("search", config_path, {"out": out, **(overrides or {})})
     results = run_search(cfg, manifest_path)
-    summary = finish(results, cfg, manifest_path, Path(out))
+    summary = finish(results, cfg, manifest_path, out)
     win = summary["winner"]
     return {
         "winner": {"family": win["family"], "features": win["features"],
                    "val_accuracy": round(win["val"]["accuracy"], 4),
                    "test_accuracy": round(win["test"]["accuracy"], 4),
                    "test_balanced_accuracy": round(win["test"]["balanced_accuracy"], 4)},
-        "trials": str(Path(out) / "trials.csv"),
-        "metrics": str(Path(out) / "metrics.json"),
-        "report": str(Path(out) / "report.md"),
-        "model": str(Path(out) / "model"),
+        "trials": storage.join(out, "trials.csv"),
+        "metrics": storage.join(out, "metrics.json"),
+        "report": storage.join(out, "report.md"),
+        "model": storage.join(out, "model"),
         "tune_logs": storage_path(cfg),
     }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from dermray import storage
 from dermray.config import CLASSES, _check, register_section
 from dermray.errors import DermrayError
 from dermray.heads import FAMILIES
@@ -209,7 +209,21 @@ def load_search_data(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
 
 
 def storage_path(cfg: SearchConfig) -> str:
-    return cfg.storage_path or str(Path(cfg.out, "tune").resolve())
+    """Where Tune keeps the experiment: search.storage_path, else OUT/tune (a folder or URI)."""
+    if cfg.storage_path:
+        return cfg.storage_path
+    return storage.join(cfg.out, "tune") if storage.is_remote(cfg.out) else str(
+        Path(cfg.out, "tune").resolve())
+
+
+def tune_storage(cfg: SearchConfig) -> tuple[str, Any]:
+    """Tune's storage path and filesystem: a URI's own filesystem (so that its query, such as
+    an S3 endpoint, is honoured) with the path inside it; locally the folder and None."""
+    uri = storage_path(cfg)
+    if storage.is_remote(uri):
+        fs, path = storage.open_fs(uri)
+        return path, fs
+    return uri, None
 
 
 def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
@@ -232,10 +246,12 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
 
     trainable = tune.with_resources(
         tune.with_parameters(train_head, data=data, cfg=cfg), resources=resources)
-    path = os.path.join(storage_path(cfg), cfg.experiment)
-    if resume and tune.Tuner.can_restore(path):
+    root, filesystem = tune_storage(cfg)
+    path = f"{root.rstrip('/')}/{cfg.experiment}"
+    if resume and tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         logger.info("resuming the Tune experiment at %s", path)
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
+                                  storage_filesystem=filesystem)
     sampler = (optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(4, len(cfg.families)))
                if cfg.algorithm == "tpe" else optuna.samplers.RandomSampler(seed=cfg.seed))
     # a partial of a module-level function pickles (Tune saves the searcher to resume it)
@@ -249,7 +265,8 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=cfg.num_samples,
                                     search_alg=ConcurrencyLimiter(search, cfg.max_concurrent),
                                     scheduler=scheduler),
-        run_config=tune.RunConfig(name=cfg.experiment, storage_path=storage_path(cfg),
+        run_config=tune.RunConfig(name=cfg.experiment, storage_path=root,
+                                  storage_filesystem=filesystem,
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   verbose=0),
     )

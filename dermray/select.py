@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from dermray import storage
 from dermray.errors import DermrayError
 from dermray.search import REPORTED, SearchConfig, head_params
 
@@ -87,47 +89,56 @@ def score(head, family: str, features: str, cfg: SearchConfig, manifest_path: st
 
 
 def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[str, Any],
-                  metrics: dict[str, Any], out: Path) -> Path:
-    """OUT/model: bundle.json (backbones, weights identity, features, label map, metrics) and
-    the head in a format that runs no code on load."""
+                  metrics: dict[str, Any], out: str) -> str:
+    """OUT/model: bundle.json (backbones with their weights' identity, features, label map,
+    metrics) and the head in a format that runs no code on load. Weights are named by content
+    (sha256), never by a path of this machine, so the bundle predicts anywhere."""
     from dermray.config import CLASSES
     from dermray.features import parse_features
 
-    target = out / "model"
-    tmp = out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    head.save(tmp / "head")
     ext = extract_record.get("config", {})
     if row["family"] == "finetune":
         backbones = []
         image_size = cfg.finetune_image_size
     else:
         names, _ = parse_features(row["features"])
-        backbones = [{"name": n, "weights": ext.get("weights", {}).get(n, "imagenet"),
-                      "weights_identity": extract_record.get("weights", {}).get(n, "unknown")}
+        backbones = [{"name": n,
+                      "weights_identity": extract_record.get("weights", {}).get(n, "unknown"),
+                      "weights_name": extract_record.get("weights_names", {}).get(n, "")}
                      for n in names]
         image_size = ext.get("image_size", 224)
     bundle = {
-        "format": 1, "family": row["family"], "features": row["features"],
+        "format": 2, "family": row["family"], "features": row["features"],
         "params": json.loads(row["params"]), "trial_id": row["trial_id"],
         "backbones": backbones, "image_size": image_size, "preprocessing": "caffe",
         "tta_views": ext.get("tta_views", 0), "seed": ext.get("seed", 0),
         "labels": list(CLASSES), "metrics": metrics,
     }
-    (tmp / "bundle.json").write_text(json.dumps(bundle, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.replace(target)
-    return target
+    target = storage.join(out, "model")
+    # built beside its target (a local OUT: one rename puts it in place) or in a temp folder
+    parent = Path(out) if not storage.is_remote(out) else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=parent))
+    try:
+        head.save(tmp / "head")
+        (tmp / "bundle.json").write_text(json.dumps(bundle, indent=2))
+        return storage.replace_dir(tmp, target, marker="bundle.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def finish(results, cfg: SearchConfig, manifest_path: str, out: Path) -> dict[str, Any]:
-    """Write trials.csv, score the winner and each family's best on val and test, export."""
+def finish(results, cfg: SearchConfig, manifest_path: str, out: str) -> dict[str, Any]:
+    """Write trials.csv, score the winner and each family's best on val and test, export.
+
+    ``out`` is a folder or an ``s3://`` URI."""
+    from dermray.dashboard import write_dashboard
     from dermray.evaluate import plot_confusion, write_report
     from dermray.search import load_search_data
 
     trials = trials_frame(results, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    trials.drop(columns=["path"]).to_csv(out / "trials.csv", index=False)
+    storage.write_text(storage.join(out, "trials.csv"),
+                       trials.drop(columns=["path"]).to_csv(index=False))
     winner = pick(trials)
     data = load_search_data(cfg, manifest_path) if not all(
         bool(c) for c in trials["completed"]) else {}
@@ -144,20 +155,20 @@ def finish(results, cfg: SearchConfig, manifest_path: str, out: Path) -> dict[st
         best_per_family[family] = entry
         if row["trial_id"] == winner["trial_id"]:
             winner_entry, winner_head = entry, head
-    extract_path = Path(cfg.out) / "extract_run.json"
-    extract_record = json.loads(extract_path.read_text()) if extract_path.exists() else {}
+    extract_path = storage.join(cfg.out, "extract_run.json")
+    extract_record = json.loads(storage.read_text(extract_path)) if storage.is_file(
+        extract_path) else {}
     summary = {"n_trials": len(trials), "winner": winner_entry,
                "best_per_family": best_per_family}
     metrics_json = {k: winner_entry[k] for k in ("family", "features", "params", "val", "test",
                                                  "trial_id")}
-    (out / "metrics.json").write_text(json.dumps({**metrics_json,
-                                                  "best_per_family": best_per_family}, indent=2))
+    storage.write_text(storage.join(out, "metrics.json"),
+                       json.dumps({**metrics_json, "best_per_family": best_per_family}, indent=2))
     export_bundle(winner_head, winner, cfg, extract_record,
                   {"val": winner_entry["val"], "test": winner_entry["test"]}, out)
-    plot_confusion(winner_entry["test"]["confusion_matrix"], out / "confusion_matrix.png",
-                   f"{winner_entry['family']} on {winner_entry['features']} (test)")
+    storage.write_bytes(storage.join(out, "confusion_matrix.png"), plot_confusion(
+        winner_entry["test"]["confusion_matrix"],
+        f"{winner_entry['family']} on {winner_entry['features']} (test)"))
     write_report(out, summary)
-    from dermray.dashboard import write_dashboard
-
     write_dashboard(out)
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ BACKBONES = ("resnet50", "vgg19")
 def test_schema_counts_and_run_record(extracted):
     out, cfg, record, _, _ = extracted
     for name, dim in (("resnet50", 2048), ("vgg19", 512)):
-        folder = backbone_dir(out, name)
+        folder = Path(backbone_dir(out, name))
         files = list(folder.rglob("*.parquet"))
         assert files and {f.parent.name for f in files} == {"split=train", "split=val", "split=test"}
         schema = pads.dataset(str(files[0])).schema
@@ -68,7 +69,7 @@ def test_fusion_and_tta_average(extracted):
 def test_resume_after_interruption(extracted):
     out, cfg, record, _, _ = extracted
     before = read_frame(out, "resnet50").set_index(["image_id", "aug_index"])
-    parts = sorted((backbone_dir(out, "resnet50") / "split=train").glob("*.parquet"))
+    parts = sorted((Path(backbone_dir(out, "resnet50")) / "split=train").glob("*.parquet"))
     for part in parts[: len(parts) // 2]:  # as if the job had died half way
         part.unlink()
     again = run_extract(cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -42,7 +43,7 @@ class TrialRows(HTMLParser):
 
 def test_report_opens_offline_in_chromium(searched, tmp_path):
     out, _ = searched
-    page = write_dashboard(out)
+    page = Path(write_dashboard(str(out)))
     text = page.read_text()
     assert "http://" not in text and "https://" not in text  # self-contained: opens offline
     browser = find_browser()

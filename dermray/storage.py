@@ -1,0 +1,197 @@
+"""Where outputs live: a local folder or an ``s3://bucket/prefix`` URI, in one place.
+
+Every stage names its outputs as strings (``join(out, "embeddings", ...)``) and reads and writes
+them through these helpers, so the same code writes to a laptop's disk and to S3. A URI may carry
+pyarrow's S3 options as a query (``s3://b/p?region=us-east-1`` or
+``?endpoint_override=127.0.0.1:9000&scheme=http``); ``join`` keeps the query on every child.
+
+Writes are atomic: locally a file is written under a unique temporary name in the same folder
+and renamed; an S3 object appears whole when its upload completes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def is_remote(uri: str | Path) -> bool:
+    return "://" in str(uri)
+
+
+def open_fs(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it, for a local path or a URI."""
+    uri = str(uri)
+    if is_remote(uri):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def join(base: str | Path, *names: str) -> str:
+    """Append path segments to a path or URI, keeping a URI's query on the result."""
+    path, sep, query = str(base).partition("?")
+    for name in names:
+        path = path.rstrip("/") + "/" + str(name).strip("/")
+    return path + (sep + query if sep else "")
+
+
+def display(uri: str | Path) -> str:
+    """A URI without its query (for messages and records)."""
+    return str(uri).partition("?")[0]
+
+
+def exists(uri: str | Path) -> bool:
+    fs, path = open_fs(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_file(uri: str | Path) -> bool:
+    fs, path = open_fs(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def read_bytes(uri: str | Path) -> bytes:
+    fs, path = open_fs(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def read_text(uri: str | Path) -> str:
+    return read_bytes(uri).decode()
+
+
+def _tmp_name(path: str) -> str:
+    head, _, name = path.rpartition("/")
+    return f"{head}/.{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def write_bytes(uri: str | Path, data: bytes) -> str:
+    """Write a whole file atomically (parent folders are created)."""
+    fs, path = open_fs(uri)
+    fs.create_dir(path.rpartition("/")[0], recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = _tmp_name(path)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    else:
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+    return str(uri)
+
+
+def write_text(uri: str | Path, text: str) -> str:
+    return write_bytes(uri, text.encode())
+
+
+def write_parquet(table: pa.Table, uri: str | Path) -> str:
+    """Write a Parquet file atomically (parent folders are created)."""
+    fs, path = open_fs(uri)
+    fs.create_dir(path.rpartition("/")[0], recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = _tmp_name(path)
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    else:
+        pq.write_table(table, path, filesystem=fs)
+    return str(uri)
+
+
+def list_files(uri: str | Path, suffix: str = "") -> list[str]:
+    """Files below a folder (recursive, inner paths), skipping names that start with '.' or '_'
+    (temporary files and private folders); empty if the folder does not exist."""
+    fs, path = open_fs(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    files = []
+    for info in infos:
+        rel = info.path[len(path):].lstrip("/")
+        if info.type == pafs.FileType.File and info.path.endswith(suffix) and not any(
+                part.startswith((".", "_")) for part in rel.split("/")):
+            files.append(info.path)
+    return sorted(files)
+
+
+def delete(uri: str | Path) -> None:
+    """Remove a file or a whole folder, if it exists."""
+    fs, path = open_fs(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def upload_dir(local: str | Path, uri: str | Path, last: str | None = None) -> None:
+    """Copy a local folder's files to ``uri`` (a folder); ``last`` (a relative name) is written
+    after every other file, so that a reader that waits for it sees the whole folder."""
+    local = Path(local)
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.relative_to(local).as_posix() == last)
+    for file in files:
+        write_bytes(join(uri, file.relative_to(local).as_posix()), file.read_bytes())
+
+
+def download_dir(uri: str | Path, local: str | Path) -> Path:
+    """Copy every file below ``uri`` into the local folder ``local``."""
+    fs, path = open_fs(uri)
+    local = Path(local)
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.type == pafs.FileType.File:
+            target = local / info.path[len(path):].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as stream:
+                target.write_bytes(stream.read())
+    return local
+
+
+@contextmanager
+def staged(uri: str | Path, last: str | None = None) -> Iterator[Path]:
+    """A local folder standing for ``uri``: the folder itself when it is local; otherwise a
+    temporary folder whose files are uploaded to ``uri`` (``last`` after the others) when the
+    block ends without error."""
+    if not is_remote(uri):
+        folder = Path(uri)
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+    folder = Path(tempfile.mkdtemp(prefix="dermray-stage-"))
+    try:
+        yield folder
+        upload_dir(folder, uri, last=last)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def replace_dir(local: str | Path, uri: str | Path, marker: str) -> str:
+    """Put a locally built folder at ``uri``, replacing what was there.
+
+    Locally: rename the new folder in and the old one out (never half of each). On S3: upload
+    every file with ``marker`` last, then delete objects of the old folder that the new one lacks.
+    """
+    local = Path(local)
+    if not is_remote(uri):
+        target = Path(uri)
+        old = target.with_name(f".{target.name}.old.{uuid.uuid4().hex[:8]}")
+        if target.exists():
+            target.rename(old)
+        local.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        return str(target)
+    keep = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    fs, path = open_fs(uri)
+    stale = [info.path for info in fs.get_file_info(pafs.FileSelector(path, recursive=True,
+                                                                      allow_not_found=True))
+             if info.type == pafs.FileType.File and info.path[len(path):].lstrip("/") not in keep]
+    upload_dir(local, uri, last=marker)
+    for item in stale:
+        fs.delete_file(item)
+    return str(uri)
