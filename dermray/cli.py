@@ -112,8 +112,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     from dermray.pipeline import run_search_stage
 
     overrides = {"num_samples": args.num_samples, "algorithm": args.algorithm}
-    result = run_search_stage(args.config, args.out, args.manifest or f"{args.out}/manifest.parquet",
-                              overrides)
+    from dermray.storage import join
+
+    result = run_search_stage(args.config, args.out,
+                              args.manifest or join(args.out, "manifest.parquet"), overrides)
     print(json.dumps(result, indent=2))
     return 0
 

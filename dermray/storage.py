@@ -77,8 +77,8 @@ def _tmp_name(path: str) -> str:
 def write_bytes(uri: str | Path, data: bytes) -> str:
     """Write a whole file atomically (parent folders are created)."""
     fs, path = open_fs(uri)
-    fs.create_dir(path.rpartition("/")[0], recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
+    if isinstance(fs, pafs.LocalFileSystem):  # S3 has no folders to make (only empty markers)
+        fs.create_dir(path.rpartition("/")[0], recursive=True)
         tmp = _tmp_name(path)
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -96,8 +96,8 @@ def write_text(uri: str | Path, text: str) -> str:
 def write_parquet(table: pa.Table, uri: str | Path) -> str:
     """Write a Parquet file atomically (parent folders are created)."""
     fs, path = open_fs(uri)
-    fs.create_dir(path.rpartition("/")[0], recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path.rpartition("/")[0], recursive=True)
         tmp = _tmp_name(path)
         pq.write_table(table, tmp)
         os.replace(tmp, path)

@@ -10,6 +10,12 @@ import pytest
 # keep TensorFlow quiet and on the CPU in tests
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# fake AWS credentials for moto, set before any Ray worker starts (workers inherit them); no
+# test reaches real AWS, and no instance-metadata lookup makes a silent endpoint hang
+for _key, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ[_key] = _value
+os.environ.pop("AWS_PROFILE", None)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DERMRAY_SHARED", REPO.parent / "shared"))
@@ -55,3 +61,36 @@ def synth_manifest(synth_dir, tmp_path_factory) -> Path:
                      out=str(out), seed=0)
     path, _ = run_split(cfg)
     return Path(path)
+
+
+class MotoS3:
+    """moto's S3 server on 127.0.0.1: ``uri(bucket, key)`` gives an s3:// URI pyarrow (and so
+    every dermray stage) reaches it with."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import boto3
+
+        self.endpoint = f"http://{host}:{port}"
+        self.query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+        self.client = boto3.client("s3", endpoint_url=self.endpoint)
+
+    def uri(self, bucket: str, key: str = "") -> str:
+        return f"s3://{bucket}/{key}".rstrip("/") + f"?{self.query}"
+
+    def bucket(self, name: str) -> str:
+        self.client.create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    pytest.importorskip("boto3")
+    server_mod = pytest.importorskip("moto.server")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    yield MotoS3(*server.get_host_and_port())
+    server.stop()

@@ -38,7 +38,13 @@ def ray_head(tmp_path_factory):
     logs = tmp_path_factory.mktemp("head")
     # as with an activated venv: the job's `python` must be the one that has dermray's packages
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    # an empty HOME, as on a fresh machine: `ray start` does not create the token, so it is
+    # generated first, as the README says
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(PATH=path, HOME=str(tmp_path_factory.mktemp("home")), RAY_AUTH_MODE="token",
+               RAY_USAGE_STATS_ENABLED="0")
+    token = ray_cli("get-auth-token", "--generate", env=env)
+    assert token.returncode == 0 and token.stdout.strip(), token.stderr
     gcs, dashboard = free_port(), free_port()
     with open(logs / "head.log", "w") as log:
         head = subprocess.Popen(
