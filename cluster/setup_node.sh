@@ -21,7 +21,19 @@ export PATH="$HOME/.local/bin:$PATH"
 
 log() { echo "setup_node: $*" >&2; }
 
-# A GPU without a working driver fails here, not later inside an embedding actor.
+# A GPU node without a working driver gets NVIDIA's proprietary one when the yaml names its
+# branch (p3.yaml: DERMRAY_NVIDIA_DRIVER=580-server, the last branch for Volta), through
+# Canonical's documented `ubuntu-drivers install --gpgpu nvidia:<branch>`; it loads without a
+# reboot on a fresh instance. A GPU still without a driver fails here, not in an actor.
+if [ -n "${DERMRAY_NVIDIA_DRIVER:-}" ] && lspci 2>/dev/null | grep -qi nvidia \
+    && ! nvidia-smi > /dev/null 2>&1; then
+  log "installing the NVIDIA $DERMRAY_NVIDIA_DRIVER driver (proprietary kernel module)"
+  sudo apt-get update -qq
+  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ubuntu-drivers-common
+  sudo ubuntu-drivers install --gpgpu "nvidia:$DERMRAY_NVIDIA_DRIVER"
+  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "nvidia-utils-$DERMRAY_NVIDIA_DRIVER"
+  sudo modprobe nvidia || true
+fi
 if lspci 2>/dev/null | grep -qi nvidia && ! nvidia-smi > /dev/null 2>&1; then
   log "an NVIDIA GPU is present but nvidia-smi fails: the AMI's driver does not drive it" \
       "(a V100 needs NVIDIA's proprietary kernel module, R580 branch or older; see docs/cluster.md)"

@@ -53,7 +53,10 @@ def test_config_choices(name):
     assert any(w["node_config"]["InstanceType"] in CONFIGS[name] for w in workers)
     assert all(w["max_workers"] >= w["min_workers"] for w in workers)
     assert config["idle_timeout_minutes"] > 0
-    assert config["setup_commands"] == ['DERMRAY_ENV_CACHE="" bash ~/dermray/cluster/setup_node.sh']
+    [setup] = config["setup_commands"]
+    assert setup.endswith('DERMRAY_ENV_CACHE="" bash ~/dermray/cluster/setup_node.sh')
+    # a P3 needs the proprietary driver installed (Canonical's image has none); g6's DLAMI has one
+    assert ("DERMRAY_NVIDIA_DRIVER=580-server" in setup) == (name == "p3.yaml")
     # every node: its own profile from cluster/iam.py, never the launcher's default
     assert {n["node_config"]["IamInstanceProfile"]["Name"] for n in nodes.values()} \
         == {"dermray-head", "dermray-worker"}
@@ -72,11 +75,13 @@ def test_config_choices(name):
     assert "aws_secret_access_key" not in text.lower() and "AKIA" not in text
 
 
-def test_g6_differs_from_p3_only_in_images_and_worker_type():
+def test_g6_differs_from_p3_only_in_images_worker_type_and_driver():
     def strip(config: dict) -> dict:
         for node in config["available_node_types"].values():
             node["node_config"].pop("ImageId")
         config["available_node_types"]["gpu_worker"]["node_config"].pop("InstanceType")
+        config["setup_commands"] = [c.replace("DERMRAY_NVIDIA_DRIVER=580-server ", "")
+                                    for c in config["setup_commands"]]
         return config
 
     assert strip(load_config("g6.yaml")) == strip(load_config("p3.yaml"))
