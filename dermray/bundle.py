@@ -50,8 +50,9 @@ class Bundle:
         """Head inputs for decoded images: embeddings (TTA-averaged as in training) + metadata
         (``meta``: age, sex, localization per image; None: the 'unknown' encoding)."""
         from dermray.features import metadata_matrix
+        from dermray.heads import IMAGES, get_family
 
-        if self.spec["family"] == "finetune":
+        if get_family(self.spec["family"]).input == IMAGES:
             return images
         embedder = self.embedder()
         views = range(self.spec.get("tta_views", 0) + 1)
@@ -71,8 +72,10 @@ class Bundle:
     @property
     def uses_metadata(self) -> bool:
         from dermray.features import parse_features
+        from dermray.heads import EMBEDDINGS, get_family
 
-        return self.spec["family"] != "finetune" and parse_features(self.spec["features"])[1]
+        return (get_family(self.spec["family"]).input == EMBEDDINGS
+                and parse_features(self.spec["features"])[1])
 
     def predict_files(self, paths: Iterable[Path],
                       metadata: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[str]]:

@@ -23,7 +23,8 @@ CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
-def _check(ok: bool, section: str, key: str, value: Any, must: str) -> None:
+def check(ok: bool, section: str, key: str, value: Any, must: str) -> None:
+    """Raise ConfigError ("section.key must be ... Got value instead.") unless ``ok``."""
     if not ok:
         raise ConfigError(f"{section}.{key} must be {must}. Got {value!r} instead.")
 
@@ -45,13 +46,13 @@ class DataConfig:
     def __post_init__(self) -> None:
         for key in ("train_frac", "val_frac", "test_frac"):
             value = getattr(self, key)
-            _check(0.0 < value < 1.0, "data", key, value, "a fraction strictly between 0 and 1")
+            check(0.0 < value < 1.0, "data", key, value, "a fraction strictly between 0 and 1")
         total = self.train_frac + self.val_frac + self.test_frac
-        _check(abs(total - 1.0) < 1e-6, "data", "train_frac+val_frac+test_frac", total,
+        check(abs(total - 1.0) < 1e-6, "data", "train_frac+val_frac+test_frac", total,
                "1.0 (the three fractions must add up)")
-        _check(self.seed >= 0, "data", "seed", self.seed, "a non-negative integer")
-        _check(self.synth_n >= 0, "data", "synth_n", self.synth_n, ">= 0")
-        _check(bool(self.metadata) or self.synth_n > 0, "data", "metadata", self.metadata,
+        check(self.seed >= 0, "data", "seed", self.seed, "a non-negative integer")
+        check(self.synth_n >= 0, "data", "synth_n", self.synth_n, ">= 0")
+        check(bool(self.metadata) or self.synth_n > 0, "data", "metadata", self.metadata,
                "a metadata CSV path (or set data.synth_n for synthetic data)")
 
 
@@ -92,39 +93,99 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         from dermray.backbones import BACKBONES  # local: backbones imports this module
 
-        _check(len(self.backbones) > 0, "extract", "backbones", self.backbones, "non-empty")
+        check(len(self.backbones) > 0, "extract", "backbones", self.backbones, "non-empty")
         for name in self.backbones:
-            _check(name in BACKBONES, "extract", "backbones", name,
+            check(name in BACKBONES, "extract", "backbones", name,
                    f"one of {sorted(BACKBONES)}")
         for name, value in self.weights.items():
-            _check(name in BACKBONES, "extract", "weights", name, f"keyed by one of {sorted(BACKBONES)}")
-            _check(isinstance(value, str) and value != "", "extract", f"weights.{name}", value,
+            check(name in BACKBONES, "extract", "weights", name, f"keyed by one of {sorted(BACKBONES)}")
+            check(isinstance(value, str) and value != "", "extract", f"weights.{name}", value,
                    "'imagenet', 'none' or a weights file path")
-        _check(32 <= self.image_size <= 1024, "extract", "image_size", self.image_size,
+        check(32 <= self.image_size <= 1024, "extract", "image_size", self.image_size,
                "an integer in [32, 1024]")
         for key in ("batch_size", "max_views_per_image", "decode_batch_size"):
-            _check(getattr(self, key) >= 1, "extract", key, getattr(self, key), ">= 1")
+            check(getattr(self, key) >= 1, "extract", key, getattr(self, key), ">= 1")
         for key in ("target_per_class", "tta_views", "seed", "num_actors", "max_actors",
                     "threads_per_actor"):
-            _check(getattr(self, key) >= 0, "extract", key, getattr(self, key), ">= 0")
-        _check(self.tta_views <= 7, "extract", "tta_views", self.tta_views,
+            check(getattr(self, key) >= 0, "extract", key, getattr(self, key), ">= 0")
+        check(self.tta_views <= 7, "extract", "tta_views", self.tta_views,
                "at most 7 (the dihedral group has 8 views)")
-        _check(self.write_from in ("auto", "actors", "driver"), "extract", "write_from",
+        check(self.write_from in ("auto", "actors", "driver"), "extract", "write_from",
                self.write_from, "'auto', 'actors' or 'driver'")
-        _check(self.cpus_per_actor > 0, "extract", "cpus_per_actor", self.cpus_per_actor, "> 0")
-        _check(self.num_gpus_per_actor >= 0, "extract", "num_gpus_per_actor",
+        check(self.cpus_per_actor > 0, "extract", "cpus_per_actor", self.cpus_per_actor, "> 0")
+        check(self.num_gpus_per_actor >= 0, "extract", "num_gpus_per_actor",
                self.num_gpus_per_actor, ">= 0")
 
     def weights_for(self, backbone: str) -> str:
         return self.weights.get(backbone, "imagenet")
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "extract": ExtractConfig}
+def _default_families() -> tuple[str, ...]:
+    from dermray.heads import FAMILIES  # local: the heads import this module
+
+    return FAMILIES
 
 
-def register_section(name: str, cls: type) -> None:
-    """Let a later stage (search, ...) add its own section without this module importing it."""
-    SECTIONS[name] = cls
+@dataclass(frozen=True)
+class SearchConfig:
+    """The head search: which families and features, how many trials, with what resources.
+
+    The keys of one family (``mlp_max_epochs``, ``xgb_max_estimators``, ``finetune_*``) are
+    read and validated by that family's spec (``dermray.heads``), not here.
+    """
+
+    out: str = "out"
+    families: tuple[str, ...] = field(default_factory=_default_families)
+    features: tuple[str, ...] = ("resnet50", "vgg19", "resnet50+vgg19")
+    num_samples: int = 24
+    algorithm: str = "tpe"  # tpe (Optuna) | random
+    max_concurrent: int = 2
+    seed: int = 0
+    cpus_per_trial: float = 1.0
+    gpus_per_finetune_trial: float = -1.0  # -1: one GPU where the cluster has GPUs, else 0
+    grace_period: int = 3
+    max_t: int = 100
+    max_failures: int = 1
+    storage_path: str = ""  # default OUT/tune; s3://bucket/prefix on a cluster
+    experiment: str = "heads"
+    # first trials to run, one per family, so that every family is tried even on small budgets
+    seed_each_family: bool = True
+    mlp_max_epochs: int = 60
+    xgb_max_estimators: int = 400
+    finetune_backbones: tuple[str, ...] = ("resnet50",)
+    finetune_weights: dict[str, str] = field(default_factory=dict)
+    finetune_image_size: int = 224
+    finetune_epochs: int = 10
+    finetune_max_train_images: int = 0  # 0: all (a cluster); small on a laptop
+
+    def __post_init__(self) -> None:
+        # local: both import this module
+        from dermray.features import parse_features
+        from dermray.heads import EMBEDDINGS, FAMILY_SPECS
+
+        known = ", ".join(FAMILY_SPECS)
+        check(len(self.families) > 0, "search", "families", self.families,
+              f"a non-empty list of {known}")
+        for fam in self.families:
+            check(fam in FAMILY_SPECS, "search", "families", fam, f"one of {known}")
+        on_embeddings = [f for f in self.families if FAMILY_SPECS[f].input == EMBEDDINGS]
+        check(not on_embeddings or len(self.features) > 0, "search", "features",
+              self.features, "non-empty when an embedding family is searched")
+        for spec in self.features:
+            parse_features(spec)
+        check(self.algorithm in ("tpe", "random"), "search", "algorithm", self.algorithm,
+              "'tpe' or 'random'")
+        for key in ("num_samples", "max_concurrent", "grace_period", "max_t"):
+            check(getattr(self, key) >= 1, "search", key, getattr(self, key), ">= 1")
+        check(self.max_failures >= 0, "search", "max_failures", self.max_failures, ">= 0")
+        check(self.cpus_per_trial > 0, "search", "cpus_per_trial", self.cpus_per_trial, "> 0")
+        for family in FAMILY_SPECS.values():  # every family's own keys, searched or not
+            family.check_config(self)
+
+
+# every section of every shipped config, in one place: no command depends on which stage
+# modules happen to be imported
+SECTIONS: dict[str, type] = {"data": DataConfig, "extract": ExtractConfig, "search": SearchConfig}
 
 
 def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:

@@ -13,7 +13,6 @@ from typing import Any
 
 import pandas as pd
 
-import dermray.search  # noqa: F401 - registers the 'search' config section
 from dermray import storage
 from dermray.config import DataConfig, config_to_dict, load_section, read_yaml
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 import functools
 import logging
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from dermray import storage
-from dermray.config import CLASSES, _check, register_section
+from dermray.config import CLASSES, SearchConfig
 from dermray.errors import DermrayError
-from dermray.heads import FAMILIES
+from dermray.heads import EMBEDDINGS, IMAGES, FamilySpec, get_family
 from dermray.raysession import ensure_ray
 
 logger = logging.getLogger(__name__)
@@ -27,123 +27,28 @@ METRIC = "val_accuracy"
 REPORTED = ("val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_log_loss")
 
 
-@dataclass(frozen=True)
-class SearchConfig:
-    """The head search: which families and features, how many trials, with what resources."""
-
-    out: str = "out"
-    families: tuple[str, ...] = ("logistic", "xgboost", "mlp", "finetune")
-    features: tuple[str, ...] = ("resnet50", "vgg19", "resnet50+vgg19")
-    num_samples: int = 24
-    algorithm: str = "tpe"  # tpe (Optuna) | random
-    max_concurrent: int = 2
-    seed: int = 0
-    cpus_per_trial: float = 1.0
-    gpus_per_finetune_trial: float = -1.0  # -1: one GPU where the cluster has GPUs, else 0
-    grace_period: int = 3
-    max_t: int = 100
-    max_failures: int = 1
-    storage_path: str = ""  # default OUT/tune; s3://bucket/prefix on a cluster
-    experiment: str = "heads"
-    # first trials to run, one per family, so that every family is tried even on small budgets
-    seed_each_family: bool = True
-    mlp_max_epochs: int = 60
-    xgb_max_estimators: int = 400
-    finetune_backbones: tuple[str, ...] = ("resnet50",)
-    finetune_weights: dict[str, str] = field(default_factory=dict)
-    finetune_image_size: int = 224
-    finetune_epochs: int = 10
-    finetune_max_train_images: int = 0  # 0: all (a cluster); small on a laptop
-
-    def __post_init__(self) -> None:
-        from dermray.features import parse_features
-
-        _check(len(self.families) > 0, "search", "families", self.families,
-               f"a non-empty list of {', '.join(FAMILIES)}")
-        for fam in self.families:
-            _check(fam in FAMILIES, "search", "families", fam, f"one of {', '.join(FAMILIES)}")
-        embedding_families = [f for f in self.families if f != "finetune"]
-        _check(not embedding_families or len(self.features) > 0, "search", "features",
-               self.features, "non-empty when an embedding family is searched")
-        for spec in self.features:
-            parse_features(spec)
-        _check(self.algorithm in ("tpe", "random"), "search", "algorithm", self.algorithm,
-               "'tpe' or 'random'")
-        for key in ("num_samples", "max_concurrent", "grace_period", "max_t", "mlp_max_epochs",
-                    "xgb_max_estimators", "finetune_image_size", "finetune_epochs"):
-            _check(getattr(self, key) >= 1, "search", key, getattr(self, key), ">= 1")
-        _check(self.max_failures >= 0, "search", "max_failures", self.max_failures, ">= 0")
-        _check(self.cpus_per_trial > 0, "search", "cpus_per_trial", self.cpus_per_trial, "> 0")
-
-
-register_section("search", SearchConfig)
-
-
 def define_space(trial, cfg: SearchConfig) -> dict[str, Any] | None:
     """The conditional space, define-by-run: the family first, then only its parameters."""
-    family = trial.suggest_categorical("family", list(cfg.families))
-    if family != "finetune":
+    spec = get_family(trial.suggest_categorical("family", list(cfg.families)))
+    if spec.input == EMBEDDINGS:
         trial.suggest_categorical("features", list(cfg.features))
-    if family == "logistic":
-        trial.suggest_float("logistic_C", 1e-4, 10.0, log=True)
-        trial.suggest_categorical("logistic_class_weight", ["none", "balanced"])
-    elif family == "xgboost":
-        trial.suggest_int("xgboost_max_depth", 2, 8)
-        trial.suggest_float("xgboost_learning_rate", 0.02, 0.3, log=True)
-        trial.suggest_float("xgboost_subsample", 0.5, 1.0)
-        trial.suggest_float("xgboost_colsample_bytree", 0.2, 1.0)
-        trial.suggest_float("xgboost_min_child_weight", 0.5, 10.0, log=True)
-        trial.suggest_float("xgboost_reg_lambda", 0.1, 10.0, log=True)
-    elif family == "mlp":
-        trial.suggest_int("mlp_layers", 1, 3)
-        trial.suggest_categorical("mlp_width", [128, 256, 512, 1024])
-        trial.suggest_float("mlp_dropout", 0.0, 0.6)
-        trial.suggest_float("mlp_learning_rate", 1e-4, 3e-3, log=True)
-        trial.suggest_categorical("mlp_class_weight", ["none", "balanced"])
-    elif family == "finetune":
-        trial.suggest_categorical("finetune_backbone", list(cfg.finetune_backbones))
-        trial.suggest_int("finetune_unfreeze_blocks", 0, 2)
-        trial.suggest_float("finetune_learning_rate", 1e-5, 1e-3, log=True)
-        trial.suggest_float("finetune_dropout", 0.0, 0.5)
+    spec.space(trial, cfg)
     return None
 
 
-def head_params(config: dict[str, Any], cfg: SearchConfig) -> dict[str, Any]:
+def head_params(config: dict[str, Any], cfg: SearchConfig, has_gpu: bool = False) -> dict[str, Any]:
     """A trial's config -> the head's constructor arguments (fixed settings added)."""
-    family = config["family"]
-    prefix = family + "_"
-    params = {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
-    if family == "xgboost":
-        params.update(n_estimators=cfg.xgb_max_estimators, early_stopping_rounds=20,
-                      n_jobs=max(1, int(cfg.cpus_per_trial)))
-    elif family == "mlp":
-        params.update(epochs=cfg.mlp_max_epochs, patience=5, seed=cfg.seed)
-    elif family == "finetune":
-        backbone = params["backbone"]
-        params.update(weights=cfg.finetune_weights.get(backbone, "imagenet"),
-                      image_size=cfg.finetune_image_size, epochs=cfg.finetune_epochs,
-                      patience=3, seed=cfg.seed, batch_size=16)
-    return params
+    return get_family(config["family"]).head_params(config, cfg, has_gpu)
 
 
 def first_points(cfg: SearchConfig) -> list[dict[str, Any]]:
     """One sensible trial per family, evaluated first, so that no family goes untried."""
     points = []
     feats = cfg.features[0] if cfg.features else None
-    defaults = {
-        "logistic": {"logistic_C": 0.1, "logistic_class_weight": "none"},
-        "xgboost": {"xgboost_max_depth": 4, "xgboost_learning_rate": 0.1, "xgboost_subsample": 0.8,
-                    "xgboost_colsample_bytree": 0.5, "xgboost_min_child_weight": 1.0,
-                    "xgboost_reg_lambda": 1.0},
-        "mlp": {"mlp_layers": 1, "mlp_width": 256, "mlp_dropout": 0.3,
-                "mlp_learning_rate": 1e-3, "mlp_class_weight": "none"},
-        "finetune": {"finetune_backbone": cfg.finetune_backbones[0],
-                     "finetune_unfreeze_blocks": 1, "finetune_learning_rate": 1e-4,
-                     "finetune_dropout": 0.3},
-    }
     for fam in cfg.families:
-        point = {"family": fam, **defaults[fam]}
-        if fam != "finetune":
+        spec = get_family(fam)
+        point = {"family": fam, **spec.first_point(cfg)}
+        if spec.input == EMBEDDINGS:
             point["features"] = feats
         points.append(point)
     return points
@@ -157,23 +62,25 @@ def val_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
             "val_macro_f1": m["macro_f1"], "val_log_loss": m["log_loss"]}
 
 
-def train_head(config: dict[str, Any], data: dict[str, Any], cfg: SearchConfig) -> None:
-    """The Tune trainable: fit one head, report val metrics per iteration, checkpoint at the end."""
+def train_head(config: dict[str, Any], data: dict[str, Any], cfg: SearchConfig,
+               specs: dict[str, FamilySpec]) -> None:
+    """The Tune trainable: fit one head, report val metrics per iteration, checkpoint at the end.
+
+    ``specs`` travel with the trainable, so a family registered only in the driver runs too."""
+    import ray
     from ray import tune
 
-    from dermray.heads import make_head
-
-    family = config["family"]
-    key = "images" if family == "finetune" else config["features"]
+    spec = specs[config["family"]]
+    key = spec.features_of(config)
     X_train, y_train, X_val, y_val = data[key]
-    head = make_head(family, head_params(config, cfg))
-    tags = {"family": family, "features": key}
+    head = spec.head_class(**spec.head_params(config, cfg, has_gpu=bool(ray.get_gpu_ids())))
+    tags = {"family": spec.name, "features": key}
 
     def progress(iteration: int, proba: np.ndarray) -> None:
         tune.report({**val_metrics(y_val, proba), **tags})
 
     head.fit(X_train, y_train, eval_set=(X_val, y_val),
-             progress=progress if family in ("xgboost", "mlp", "finetune") else None)
+             progress=progress if spec.iterative else None)
     final = val_metrics(y_val, head.predict_proba(X_val))
     with tempfile.TemporaryDirectory() as tmp:
         head.save(Path(tmp))
@@ -181,23 +88,32 @@ def train_head(config: dict[str, Any], data: dict[str, Any], cfg: SearchConfig) 
                     checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def load_search_data(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
-    """Train and val arrays per feature spec (and images, when finetune is searched)."""
+def head_inputs(spec: FamilySpec, cfg: SearchConfig, features: str, split: str,
+                manifest_path: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """X, y and the rows of one split, in the input kind the family takes: embeddings of a
+    feature spec, or the decoded images of the manifest (unreadable ones left out)."""
     from dermray.catalog import read_manifest
     from dermray.features import embedding_features, image_arrays
 
+    if spec.input == IMAGES:
+        X, y, frame = image_arrays(read_manifest(manifest_path), split, spec.image_size(cfg),
+                                   limit, cfg.seed)
+        return X, y, frame[~frame["error"].astype(bool)]
+    return embedding_features(cfg.out, features, split)
+
+
+def load_search_data(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
+    """Train and val arrays per input: each feature spec, and images when a family takes them."""
     data: dict[str, Any] = {}
-    if any(f != "finetune" for f in cfg.families):
-        for spec in cfg.features:
-            X_tr, y_tr, _ = embedding_features(cfg.out, spec, "train")
-            X_va, y_va, _ = embedding_features(cfg.out, spec, "val")
-            data[spec] = (X_tr, y_tr, X_va, y_va)
-    if "finetune" in cfg.families:
-        manifest = read_manifest(manifest_path)
-        X_tr, y_tr, _ = image_arrays(manifest, "train", cfg.finetune_image_size,
-                                     cfg.finetune_max_train_images, cfg.seed)
-        X_va, y_va, _ = image_arrays(manifest, "val", cfg.finetune_image_size)
-        data["images"] = (X_tr, y_tr, X_va, y_va)
+    for fam in cfg.families:
+        spec = get_family(fam)
+        keys = list(cfg.features) if spec.input == EMBEDDINGS else [IMAGES]
+        for key in keys:
+            if key not in data:
+                X_tr, y_tr, _ = head_inputs(spec, cfg, key, "train", manifest_path,
+                                            spec.max_train_images(cfg))
+                X_va, y_va, _ = head_inputs(spec, cfg, key, "val", manifest_path)
+                data[key] = (X_tr, y_tr, X_va, y_va)
     for key, (_, y_tr, _, y_va) in data.items():
         for split, y in (("train", y_tr), ("val", y_va)):
             missing = sorted(set(range(len(CLASSES))) - set(np.unique(y).tolist()))
@@ -235,17 +151,14 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-    finetune_gpus = cfg.gpus_per_finetune_trial if cfg.gpus_per_finetune_trial >= 0 else (
-        1.0 if gpus else 0.0)
+    has_gpus = bool(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else False
+    specs = {fam: get_family(fam) for fam in cfg.families}
 
     def resources(config: dict[str, Any]) -> dict[str, float]:
-        if config.get("family") == "finetune":
-            return {"CPU": cfg.cpus_per_trial, "GPU": finetune_gpus}
-        return {"CPU": cfg.cpus_per_trial, "GPU": 0}
+        return specs[config["family"]].resources(cfg, has_gpus)
 
     trainable = tune.with_resources(
-        tune.with_parameters(train_head, data=data, cfg=cfg), resources=resources)
+        tune.with_parameters(train_head, data=data, cfg=cfg, specs=specs), resources=resources)
     root, filesystem = tune_storage(cfg)
     path = f"{root.rstrip('/')}/{cfg.experiment}"
     if resume and tune.Tuner.can_restore(path, storage_filesystem=filesystem):

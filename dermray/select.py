@@ -15,26 +15,27 @@ import numpy as np
 import pandas as pd
 
 from dermray import storage
+from dermray.config import SearchConfig
 from dermray.errors import DermrayError
-from dermray.search import REPORTED, SearchConfig, head_params
+from dermray.heads import IMAGES, get_family, param_prefixes
+from dermray.search import REPORTED, head_inputs, head_params
 
 logger = logging.getLogger(__name__)
-
-PARAM_PREFIXES = ("logistic_", "xgboost_", "mlp_", "finetune_")
 
 
 def trials_frame(results, cfg: SearchConfig) -> pd.DataFrame:
     """One row per trial: id, family, features, parameters, val metrics, status, iterations."""
     rows = []
+    prefixes = param_prefixes()  # of every registered family, a test's own included
     for result in results:
         config = dict(result.config or {})
         metrics = result.metrics or {}
         family = config.get("family", "")
-        params = {k: v for k, v in config.items() if k.startswith(PARAM_PREFIXES)}
+        params = {k: v for k, v in config.items() if k.startswith(prefixes)}
         rows.append({
             "trial_id": metrics.get("trial_id") or Path(result.path).name,
             "family": family,
-            "features": "images" if family == "finetune" else config.get("features", ""),
+            "features": get_family(family).features_of(config) if family else "",
             "params": json.dumps(params, sort_keys=True),
             **{k: metrics.get(k, np.nan) for k in REPORTED},
             "iterations": metrics.get("training_iteration", 0),
@@ -60,30 +61,23 @@ def pick(trials: pd.DataFrame) -> pd.Series:
 
 def _fitted_head(row: pd.Series, results, cfg: SearchConfig, data: dict[str, Any]):
     """The trial's checkpointed head; refit from its config if ASHA stopped it first."""
-    from dermray.heads import load_head, make_head
-
+    head_class = get_family(row["family"]).head_class
     result = next(r for r in results if r.path == row["path"])
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as directory:
-            return load_head(row["family"], Path(directory))
+            return head_class.load(Path(directory))
     logger.info("trial %s has no checkpoint (stopped early): refitting it", row["trial_id"])
     X_tr, y_tr, X_va, y_va = data[row["features"]]
-    head = make_head(row["family"], head_params(result.config, cfg))
+    head = head_class(**head_params(result.config, cfg))
     return head.fit(X_tr, y_tr, eval_set=(X_va, y_va))
 
 
 def score(head, family: str, features: str, cfg: SearchConfig, manifest_path: str,
           split: str) -> tuple[dict[str, Any], pd.DataFrame, np.ndarray]:
     """Metrics of a fitted head on one split, with the rows and probabilities."""
-    from dermray.catalog import read_manifest
     from dermray.evaluate import metrics
-    from dermray.features import embedding_features, image_arrays
 
-    if family == "finetune":
-        X, y, frame = image_arrays(read_manifest(manifest_path), split, cfg.finetune_image_size)
-        frame = frame[~frame["error"].astype(bool)]
-    else:
-        X, y, frame = embedding_features(cfg.out, features, split)
+    X, y, frame = head_inputs(get_family(family), cfg, features, split, manifest_path)
     proba = head.predict_proba(X)
     return metrics(y, proba), frame, proba
 
@@ -97,9 +91,10 @@ def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[
     from dermray.features import parse_features
 
     ext = extract_record.get("config", {})
-    if row["family"] == "finetune":
+    spec = get_family(row["family"])
+    if spec.input == IMAGES:
         backbones = []
-        image_size = cfg.finetune_image_size
+        image_size = spec.image_size(cfg)
     else:
         names, _ = parse_features(row["features"])
         backbones = [{"name": n,

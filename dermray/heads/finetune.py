@@ -4,11 +4,18 @@ runs on tiny inputs."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from dermray.backbones import CAFFE_MEAN_BGR, build_extractor, get_spec
+from dermray.config import check
 from dermray.heads.base import N_CLASSES, HeadError
 from dermray.heads.keras_base import KerasHead
+from dermray.heads.registry import IMAGES, FamilySpec, register_family
+
+if TYPE_CHECKING:
+    from dermray.config import SearchConfig
 
 # the layer-name prefixes of each backbone's last blocks, top first
 TOP_BLOCKS = {"vgg19": ("block5", "block4", "block3"),
@@ -79,3 +86,48 @@ def _caffe_layer():
     layer.build((None, None, None, 3))
     layer.set_weights([kernel, -CAFFE_MEAN_BGR])
     return layer
+
+
+def _space(trial: Any, cfg: SearchConfig) -> None:
+    trial.suggest_categorical("finetune_backbone", list(cfg.finetune_backbones))
+    trial.suggest_int("finetune_unfreeze_blocks", 0, 2)
+    trial.suggest_float("finetune_learning_rate", 1e-5, 1e-3, log=True)
+    trial.suggest_float("finetune_dropout", 0.0, 0.5)
+
+
+def _first_point(cfg: SearchConfig) -> dict[str, Any]:
+    return {"finetune_backbone": cfg.finetune_backbones[0], "finetune_unfreeze_blocks": 1,
+            "finetune_learning_rate": 1e-4, "finetune_dropout": 0.3}
+
+
+def _fixed(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
+    return {"weights": cfg.finetune_weights.get(params["backbone"], "imagenet"),
+            "image_size": cfg.finetune_image_size, "epochs": cfg.finetune_epochs,
+            "patience": 3, "seed": cfg.seed, "batch_size": 16}
+
+
+def _resources(cfg: SearchConfig, cluster_has_gpus: bool) -> dict[str, float]:
+    gpus = cfg.gpus_per_finetune_trial
+    return {"CPU": cfg.cpus_per_trial,
+            "GPU": gpus if gpus >= 0 else (1.0 if cluster_has_gpus else 0.0)}
+
+
+def _image_size(cfg: SearchConfig) -> int:
+    return cfg.finetune_image_size
+
+
+def _max_train_images(cfg: SearchConfig) -> int:
+    return cfg.finetune_max_train_images
+
+
+def _check_config(cfg: SearchConfig) -> None:
+    for key in ("finetune_image_size", "finetune_epochs"):
+        check(getattr(cfg, key) >= 1, "search", key, getattr(cfg, key), ">= 1")
+
+
+SPEC = register_family(FamilySpec(
+    "finetune", FinetuneHead, space=_space, first_point=_first_point, input=IMAGES,
+    fixed_params=_fixed, resources=_resources, iterative=True,
+    config_keys=("finetune_backbones", "finetune_weights", "finetune_image_size",
+                 "finetune_epochs", "finetune_max_train_images", "gpus_per_finetune_trial"),
+    check_config=_check_config, image_size=_image_size, max_train_images=_max_train_images))

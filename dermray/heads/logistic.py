@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dermray.heads.base import Head, class_weights, softmax
+from dermray.heads.registry import FamilySpec, register_family
+
+if TYPE_CHECKING:
+    from dermray.config import SearchConfig
 
 
 class LogisticHead(Head):
@@ -55,3 +60,16 @@ class LogisticHead(Head):
             head.coef_, head.intercept_ = arrays["coef"], arrays["intercept"]
             head.mean_, head.scale_, head.classes_ = arrays["mean"], arrays["scale"], arrays["classes"]
         return head
+
+
+def _space(trial: Any, cfg: SearchConfig) -> None:
+    trial.suggest_float("logistic_C", 1e-4, 10.0, log=True)
+    trial.suggest_categorical("logistic_class_weight", ["none", "balanced"])
+
+
+def _first_point(cfg: SearchConfig) -> dict[str, Any]:
+    return {"logistic_C": 0.1, "logistic_class_weight": "none"}
+
+
+SPEC = register_family(FamilySpec("logistic", LogisticHead, space=_space,
+                                  first_point=_first_point))

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
+from dermray.config import check
 from dermray.heads.base import N_CLASSES
 from dermray.heads.keras_base import KerasHead
+from dermray.heads.registry import FamilySpec, register_family
+
+if TYPE_CHECKING:
+    from dermray.config import SearchConfig
 
 
 class MLPHead(KerasHead):
@@ -40,3 +47,29 @@ class MLPHead(KerasHead):
             x = keras.layers.Dropout(self.dropout)(x)
         outputs = keras.layers.Dense(N_CLASSES, activation="softmax", dtype="float32")(x)
         return keras.Model(inputs, outputs, name="mlp_head")
+
+
+def _space(trial: Any, cfg: SearchConfig) -> None:
+    trial.suggest_int("mlp_layers", 1, 3)
+    trial.suggest_categorical("mlp_width", [128, 256, 512, 1024])
+    trial.suggest_float("mlp_dropout", 0.0, 0.6)
+    trial.suggest_float("mlp_learning_rate", 1e-4, 3e-3, log=True)
+    trial.suggest_categorical("mlp_class_weight", ["none", "balanced"])
+
+
+def _first_point(cfg: SearchConfig) -> dict[str, Any]:
+    return {"mlp_layers": 1, "mlp_width": 256, "mlp_dropout": 0.3, "mlp_learning_rate": 1e-3,
+            "mlp_class_weight": "none"}
+
+
+def _fixed(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
+    return {"epochs": cfg.mlp_max_epochs, "patience": 5, "seed": cfg.seed}
+
+
+def _check_config(cfg: SearchConfig) -> None:
+    check(cfg.mlp_max_epochs >= 1, "search", "mlp_max_epochs", cfg.mlp_max_epochs, ">= 1")
+
+
+SPEC = register_family(FamilySpec(
+    "mlp", MLPHead, space=_space, first_point=_first_point, fixed_params=_fixed, iterative=True,
+    config_keys=("mlp_max_epochs",), check_config=_check_config))

@@ -1,26 +1,18 @@
-"""Gradient-boosted trees (XGBoost ``hist``; CUDA where a GPU is visible), saved as UBJ."""
+"""Gradient-boosted trees (XGBoost ``hist``, on the ``device`` it is given), saved as UBJ."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dermray.config import check
 from dermray.heads.base import N_CLASSES, Head, HeadError, class_weights
+from dermray.heads.registry import FamilySpec, register_family
 
-
-def _has_cuda() -> bool:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
-        return False
-    try:
-        import ray
-
-        if ray.is_initialized() and ray.get_gpu_ids():
-            return True
-    except Exception:  # noqa: BLE001 - no Ray context: fall through
-        pass
-    return False
+if TYPE_CHECKING:
+    from dermray.config import SearchConfig
 
 
 class XGBoostHead(Head):
@@ -30,7 +22,7 @@ class XGBoostHead(Head):
                  subsample: float = 1.0, colsample_bytree: float = 1.0,
                  min_child_weight: float = 1.0, reg_lambda: float = 1.0,
                  early_stopping_rounds: int = 20, class_weight: str = "none",
-                 report_every: int = 10, n_jobs: int = 0) -> None:
+                 report_every: int = 10, n_jobs: int = 0, device: str = "cpu") -> None:
         self.max_depth = max_depth
         self.learning_rate = learning_rate
         self.n_estimators = n_estimators
@@ -42,6 +34,7 @@ class XGBoostHead(Head):
         self.class_weight = class_weight
         self.report_every = report_every
         self.n_jobs = n_jobs
+        self.device = device
 
     def _model(self, **extra):
         import xgboost as xgb
@@ -51,7 +44,7 @@ class XGBoostHead(Head):
             n_estimators=self.n_estimators, subsample=self.subsample,
             colsample_bytree=self.colsample_bytree, min_child_weight=self.min_child_weight,
             reg_lambda=self.reg_lambda, tree_method="hist", objective="multi:softprob",
-            num_class=N_CLASSES, device="cuda" if _has_cuda() else "cpu",
+            num_class=N_CLASSES, device=self.device,
             n_jobs=self.n_jobs or None, random_state=0, **extra)
 
     def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None, progress=None) -> XGBoostHead:
@@ -97,8 +90,49 @@ class XGBoostHead(Head):
 
     @classmethod
     def load(cls, directory: Path) -> XGBoostHead:
-        head = cls(**cls._read_params(directory))
+        # a loaded model predicts on the CPU, wherever it was trained (the device is the trial's)
+        head = cls(**{**cls._read_params(directory), "device": "cpu"})
         model = head._model()
         model.load_model(Path(directory) / "xgboost.ubj")
         head.model_, head.classes_ = model, np.arange(N_CLASSES)
         return head
+
+
+def _space(trial: Any, cfg: SearchConfig) -> None:
+    trial.suggest_int("xgboost_max_depth", 2, 8)
+    trial.suggest_float("xgboost_learning_rate", 0.02, 0.3, log=True)
+    trial.suggest_float("xgboost_subsample", 0.5, 1.0)
+    trial.suggest_float("xgboost_colsample_bytree", 0.2, 1.0)
+    trial.suggest_float("xgboost_min_child_weight", 0.5, 10.0, log=True)
+    trial.suggest_float("xgboost_reg_lambda", 0.1, 10.0, log=True)
+
+
+def _first_point(cfg: SearchConfig) -> dict[str, Any]:
+    return {"xgboost_max_depth": 4, "xgboost_learning_rate": 0.1, "xgboost_subsample": 0.8,
+            "xgboost_colsample_bytree": 0.5, "xgboost_min_child_weight": 1.0,
+            "xgboost_reg_lambda": 1.0}
+
+
+def _fixed(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
+    return {"n_estimators": cfg.xgb_max_estimators, "early_stopping_rounds": 20,
+            "n_jobs": max(1, int(cfg.cpus_per_trial))}
+
+
+def _resources(cfg: SearchConfig, cluster_has_gpus: bool) -> dict[str, float]:
+    # one GPU per trial where the cluster has them: XGBoost's CUDA hist is many times faster
+    return {"CPU": cfg.cpus_per_trial, "GPU": 1.0 if cluster_has_gpus else 0}
+
+
+def _device(has_gpu: bool) -> dict[str, Any]:
+    return {"device": "cuda" if has_gpu else "cpu"}
+
+
+def _check_config(cfg: SearchConfig) -> None:
+    check(cfg.xgb_max_estimators >= 1, "search", "xgb_max_estimators", cfg.xgb_max_estimators,
+          ">= 1")
+
+
+SPEC = register_family(FamilySpec(
+    "xgboost", XGBoostHead, space=_space, first_point=_first_point, fixed_params=_fixed,
+    resources=_resources, device_params=_device, iterative=True,
+    config_keys=("xgb_max_estimators",), check_config=_check_config))
