@@ -1,5 +1,8 @@
 """Image decoding, transforms and the class-balancing plan. Pure functions, no Ray.
 
+``decode_batch`` turns a batch of views (``dict[str, np.ndarray]``, as Ray Data hands it) into
+decoded, augmented images; the extraction job maps it over its dataset.
+
 A view is ``(image_id, aug_index)``. View 0 is the original image. In the train split, views
 1..k of minority-class images are random lesion-preserving augmentations, deterministic in
 ``(image_id, aug_index, seed)``. In val and test, views 1..k (test-time augmentation) are the
@@ -15,6 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageEnhance, ImageOps
 
+from dermray import storage
 from dermray.config import CLASSES
 
 
@@ -103,6 +107,34 @@ def make_view(image: np.ndarray, split: str, image_id: str, aug_index: int, seed
     if split == "train":
         return augment_image(image, image_id, aug_index, seed)
     return dihedral(image, aug_index)
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, seed: int,
+                 draft: bool = True) -> dict[str, np.ndarray]:
+    """Read, decode, resize and augment each view; failures get an ``error`` and a blank image."""
+    n = len(batch["image_id"])
+    images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    errors = np.full(n, "", dtype=object)
+    cache: dict[str, np.ndarray | str] = {}  # several views of one image decode it once
+    for i in range(n):
+        path = str(batch["path"][i])
+        if path not in cache:
+            try:
+                cache[path] = decode_image(storage.read_bytes(path), image_size, draft=draft)
+            except DecodeError as exc:
+                cache[path] = str(exc)
+            except (FileNotFoundError, OSError) as exc:
+                cache[path] = f"cannot read file: {exc}"
+        decoded = cache[path]
+        if isinstance(decoded, str):
+            errors[i] = decoded
+            continue
+        images[i] = make_view(decoded, str(batch["split"][i]), str(batch["image_id"][i]),
+                              int(batch["aug_index"][i]), seed)
+    out = dict(batch)
+    out["image"] = images
+    out["error"] = errors
+    return out
 
 
 def plan_views(manifest: pd.DataFrame, augment: bool = True, target_per_class: int = 0,

@@ -272,3 +272,83 @@ def compile_forward(model, jit_compile: bool = True) -> Callable[[np.ndarray], n
                          reduce_retracing=True)
         return lambda x: np.asarray(fn(tf.convert_to_tensor(x, tf.float32)), dtype=np.float32)
     return lambda x: np.asarray(model.predict_on_batch(x), dtype=np.float32)
+
+
+def limit_threads(threads: int) -> None:
+    """Run TensorFlow's ops on at most ``threads`` cores (0: leave TensorFlow's default)."""
+    import keras
+
+    if threads and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+
+
+class FrozenExtractor:
+    """Frozen backbones, built once: one batch of uint8 RGB images in, embeddings out. No Ray.
+
+    A backbone that is a column slice of another one held here (``resnet50`` of ``resnet50_ms``,
+    with the same weights) is not built a second time: its features are sliced off the other's.
+    """
+
+    def __init__(self, backbones: Sequence[str], weights: dict[str, str], image_size: int,
+                 batch_size: int = 32, jit_compile: bool = True, mixed_precision: bool = False,
+                 seed: int = 0) -> None:
+        import keras
+
+        self.gpus = configure_devices(mixed_precision)
+        self.backbones = list(backbones)
+        self.batch_size = batch_size
+        self.sliced: dict[str, tuple[str, int, int]] = {}
+        for name in self.backbones:
+            spec = get_spec(name)
+            if (spec.slice_of and spec.slice_of[0] in self.backbones
+                    and weights.get(name, "imagenet") == weights.get(spec.slice_of[0], "imagenet")):
+                self.sliced[name] = spec.slice_of
+        self.forward: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+        for name in self.backbones:
+            if name in self.sliced:
+                continue
+            # weights=None draws random weights: seed them, or every process (and every rerun)
+            # would embed with a different network
+            keras.utils.set_random_seed(seed)
+            model = build_extractor(name, weights.get(name, "imagenet"), image_size)
+            self.forward[name] = compile_forward(model, jit_compile=jit_compile)
+
+    def embed(self, name: str, images: np.ndarray) -> np.ndarray:
+        """Embed uint8 images (N, S, S, 3) -> (N, feature_dim) float32."""
+        if name in self.sliced:
+            source, lo, hi = self.sliced[name]
+            return np.ascontiguousarray(self._run(source, images)[:, lo:hi])
+        return self._run(name, images)
+
+    def _run(self, name: str, images: np.ndarray) -> np.ndarray:
+        """One network in fixed-size chunks (the last one padded), so XLA compiles once."""
+        dim = get_spec(name).feature_dim
+        out = np.zeros((len(images), dim), dtype=np.float32)
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            n = len(chunk)
+            if n < self.batch_size:
+                pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            out[start:start + n] = self.forward[name](preprocess(name, chunk))[:n]
+        return out
+
+    def embed_rows(self, images: np.ndarray, needed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every backbone's embeddings of the rows it needs (``needed[name]``, a boolean mask;
+        zeros elsewhere). Each network runs once, on the rows that it or a slice of it needs."""
+        out: dict[str, np.ndarray] = {}
+        for name in self.forward:
+            need = np.asarray(needed[name], dtype=bool)
+            for derived, (source, _, _) in self.sliced.items():
+                if source == name:
+                    need = need | np.asarray(needed[derived], dtype=bool)
+            emb = np.zeros((len(images), get_spec(name).feature_dim), dtype=np.float32)
+            if need.any():
+                emb[need] = self._run(name, images[need])
+            out[name] = emb
+        for name, (source, lo, hi) in self.sliced.items():
+            out[name] = np.ascontiguousarray(out[source][:, lo:hi])
+        return out

@@ -39,11 +39,11 @@ class Bundle:
 
     def embedder(self):
         if self._embedder is None and self.spec["backbones"]:
-            from dermray.extract import Embedder
+            from dermray.backbones import FrozenExtractor
 
             names = [b["name"] for b in self.spec["backbones"]]
-            self._embedder = Embedder(names, self.weights, self.spec["image_size"], batch_size=16,
-                                      seed=self.spec.get("seed", 0))
+            self._embedder = FrozenExtractor(names, self.weights, self.spec["image_size"],
+                                             batch_size=16, seed=self.spec.get("seed", 0))
         return self._embedder
 
     def features(self, images: np.ndarray, meta: pd.DataFrame | None = None) -> np.ndarray:

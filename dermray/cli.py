@@ -136,7 +136,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     if args.out:
-        frame.to_csv(args.out, index=False, float_format="%.5f")
+        from dermray import storage
+
+        storage.write_text(args.out, frame.to_csv(index=False, float_format="%.5f"))
         print(f"wrote {len(frame)} predictions to {args.out}")
     else:
         print(frame.to_csv(index=False, float_format="%.5f"), end="")

@@ -1,9 +1,10 @@
 """The extraction job: manifest -> views -> decode+augment (CPU tasks) -> frozen backbones (actor
 pool, one GPU per actor on a cluster) -> Parquet part files, with quarantine and resume.
 
-Pure pieces (``decode_batch``, ``Embedder.__call__``, ``write_batch``) take and return
-``dict[str, np.ndarray]`` batches and are testable without Ray; ``run_extract`` wires them into
-a Ray Data pipeline.
+The pure pieces live beside their data: ``augment.decode_batch`` (decode + augment a batch of
+views) and ``backbones.FrozenExtractor`` (the models; one batch in, embeddings out). This module
+is the Ray Data wiring: the ``Embedder`` actor around the extractor (with the fault hook and the
+actor/node record), ``write_batch`` (part files and quarantine), resume and reconciliation.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from dermray import storage
-from dermray.augment import DecodeError, decode_image, make_view, plan_views
-from dermray.backbones import get_spec, weights_identity, weights_name
+from dermray.augment import decode_batch, plan_views
+from dermray.backbones import FrozenExtractor, limit_threads, weights_identity, weights_name
 from dermray.catalog import read_manifest
 from dermray.config import ExtractConfig, config_to_dict
 from dermray.embeddings import (
@@ -34,7 +35,6 @@ from dermray.embeddings import (
 )
 from dermray.errors import DermrayError
 from dermray.raysession import ensure_ray
-from dermray.storage import read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -44,36 +44,10 @@ PLAN_COLUMNS = ["image_id", "lesion_id", "dx", "label", "split", "path", "age", 
 FAULT_ONCE_ENV = "DERMRAY_TEST_KILL_ACTOR_ONCE"
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int, seed: int,
-                 draft: bool = True) -> dict[str, np.ndarray]:
-    """Read, decode, resize and augment each view; failures get an ``error`` and a blank image."""
-    n = len(batch["image_id"])
-    images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
-    errors = np.full(n, "", dtype=object)
-    cache: dict[str, np.ndarray | str] = {}  # several views of one image decode it once
-    for i in range(n):
-        path = str(batch["path"][i])
-        if path not in cache:
-            try:
-                cache[path] = decode_image(read_bytes(path), image_size, draft=draft)
-            except DecodeError as exc:
-                cache[path] = str(exc)
-            except (FileNotFoundError, OSError) as exc:
-                cache[path] = f"cannot read file: {exc}"
-        decoded = cache[path]
-        if isinstance(decoded, str):
-            errors[i] = decoded
-            continue
-        images[i] = make_view(decoded, str(batch["split"][i]), str(batch["image_id"][i]),
-                              int(batch["aug_index"][i]), seed)
-    out = dict(batch)
-    out["image"] = images
-    out["error"] = errors
-    return out
-
-
 class Embedder:
-    """Holds the frozen backbones of one actor; embeds the decoded views of a batch.
+    """The Ray Data actor: a ``FrozenExtractor`` built once per actor, the fault hook, and the
+    record of which actor on which node embedded each view; writes the part files itself when
+    given ``out``.
 
     TensorFlow is imported here, inside the actor, after its thread count is set.
     """
@@ -83,37 +57,13 @@ class Embedder:
                  mixed_precision: bool = False, out: str | None = None, seed: int = 0) -> None:
         if threads:
             os.environ["OMP_NUM_THREADS"] = str(threads)
-        import keras
-
-        from dermray.backbones import build_extractor, compile_forward, configure_devices
-
-        self.gpus = configure_devices(mixed_precision)
-        if threads:
-            if keras.backend.backend() == "tensorflow":
-                import tensorflow as tf
-
-                tf.config.threading.set_intra_op_parallelism_threads(threads)
-                tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+            limit_threads(threads)
+        self.extractor = FrozenExtractor(backbones, weights, image_size, batch_size,
+                                         jit_compile=jit_compile,
+                                         mixed_precision=mixed_precision, seed=seed)
         self.backbones = list(backbones)
-        self.batch_size = batch_size
         self.out = out  # where to write part files; None: return the embeddings instead
         self.where = _where()
-        # a backbone that is a slice of another one held here is not built a second time
-        self.sliced = {}
-        for name in self.backbones:
-            spec = get_spec(name)
-            if (spec.slice_of and spec.slice_of[0] in self.backbones
-                    and weights.get(name, "imagenet") == weights.get(spec.slice_of[0], "imagenet")):
-                self.sliced[name] = spec.slice_of
-        self.forward = {}
-        for name in self.backbones:
-            if name in self.sliced:
-                continue
-            # weights=None draws random weights: seed them, or every actor (and every rerun)
-            # would embed with a different network and the Parquet would mix them
-            keras.utils.set_random_seed(seed)
-            model = build_extractor(name, weights.get(name, "imagenet"), image_size)
-            self.forward[name] = compile_forward(model, jit_compile=jit_compile)
 
     def _maybe_fault(self) -> None:
         marker = os.environ.get(FAULT_ONCE_ENV)
@@ -121,41 +71,15 @@ class Embedder:
             Path(marker).write_text(str(os.getpid()))
             os._exit(1)  # simulate a crashed actor: Ray restarts it and retries the batch
 
-    def embed(self, name: str, images: np.ndarray) -> np.ndarray:
-        """Embed uint8 images in fixed-size chunks (padding the last) so XLA compiles once."""
-        from dermray.backbones import preprocess
-
-        dim = get_spec(name).feature_dim
-        out = np.zeros((len(images), dim), dtype=np.float32)
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            n = len(chunk)
-            if n < self.batch_size:
-                pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), dtype=chunk.dtype)
-                chunk = np.concatenate([chunk, pad])
-            out[start:start + n] = self.forward[name](preprocess(name, chunk))[:n]
-        return out
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._maybe_fault()
         ok = np.asarray([not e for e in batch["error"]])
         out = {k: v for k, v in batch.items() if k != "image"}
-
-        def needed(name: str) -> np.ndarray:
-            flags = batch.get(f"need_{name}", np.ones(len(ok), bool))
-            return ok & np.asarray(flags, dtype=bool)
-
-        for name in self.forward:
-            need = needed(name)
-            for derived, (source, _, _) in self.sliced.items():
-                if source == name:
-                    need = need | needed(derived)
-            emb = np.zeros((len(ok), get_spec(name).feature_dim), dtype=np.float32)
-            if need.any():
-                emb[need] = self.embed(name, batch["image"][need])
+        needed = {name: ok & np.asarray(batch.get(f"need_{name}", np.ones(len(ok), bool)),
+                                        dtype=bool)
+                  for name in self.backbones}
+        for name, emb in self.extractor.embed_rows(batch["image"], needed).items():
             out[f"emb_{name}"] = emb
-        for name, (source, lo, hi) in self.sliced.items():
-            out[f"emb_{name}"] = np.ascontiguousarray(out[f"emb_{source}"][:, lo:hi])
         for key, value in self.where.items():  # which actor on which node embedded each view
             out[key] = np.full(len(ok), value, dtype=object)
         if self.out is not None:

@@ -55,7 +55,7 @@ def image_arrays(manifest: pd.DataFrame, split: str, size: int, limit: int = 0,
                  seed: int = 0) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """Decoded images of a split (original views) for the fine-tuned CNN; unreadable images are
     left out and listed in the returned frame's ``error`` column."""
-    from dermray.extract import decode_batch
+    from dermray.augment import decode_batch
 
     rows = manifest[manifest["split"] == split]
     if limit and len(rows) > limit:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dermray import storage
 from dermray.errors import FetchError
 
 logger = logging.getLogger(__name__)
@@ -148,8 +149,7 @@ def unpack(archive: Path, dest: Path) -> Path:
     except zipfile.BadZipFile:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FetchError(f"{archive} is not a valid zip; delete it and fetch again.") from None
-    tmp.replace(final)
-    return final
+    return Path(storage.replace_dir(tmp, final, marker=""))
 
 
 def fetch(dest: str | Path, base_url: str = DATAVERSE, doi: str = DOI,

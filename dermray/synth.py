@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from dermray import storage
 from dermray.config import CLASSES
 
 logger = logging.getLogger(__name__)
@@ -98,8 +99,6 @@ def write_synth_dataset(dest: str | Path, n: int = 280, seed: int = 0,
         view_seed = seed * 1_000_003 + int(row.image_id[5:])
         img = render_lesion(row.dx, lesion_seed, view_seed, size)
         img.save(dest / PART_DIRS[i % 2] / f"{row.image_id}.jpg", quality=90)
-    tmp = dest / f".{METADATA_NAME}.tmp"
-    frame.to_csv(tmp, index=False)
-    tmp.replace(dest / METADATA_NAME)
+    storage.write_text(str(dest / METADATA_NAME), frame.to_csv(index=False))
     logger.info("wrote %d synthetic images to %s", len(frame), dest)
     return dest / METADATA_NAME
