@@ -1,17 +1,23 @@
-"""What every head shares: parameter storage, input checks, the not-fitted error."""
+"""What every head shares: the scikit-learn estimator contract (``__init__`` stores parameters,
+``fit`` validates them, ``get_params`` / ``set_params``, fitted attributes ending in ``_``), input
+checks, the not-fitted error."""
 
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from sklearn.base import BaseEstimator
 
+from dermray.config import CLASSES
 from dermray.errors import DermrayError
 
-N_CLASSES = 7
+N_CLASSES = len(CLASSES)
 # called after each iteration of iterative heads with (iteration, val_proba); the search
 # stage reports to Ray Tune from here (and ASHA may stop the trial)
 ProgressFn = Callable[[int, np.ndarray], None]
@@ -25,13 +31,72 @@ class NotFittedError(HeadError):
     """A head used before ``fit``."""
 
 
-class Head:
-    """Base class. ``__init__`` only stores parameters; fitted attributes end in ``_``."""
+@dataclass(frozen=True)
+class Rule:
+    """What one parameter must be: a test and the words for it (scikit-learn's message form)."""
+
+    ok: Callable[[Any], bool]
+    must: str
+
+
+def integer(low: int | None = None, high: int | None = None) -> Rule:
+    """An int in [low, high] (either end may be open-ended: None)."""
+    words = f"an int in the range [{low if low is not None else '-inf'}, " \
+            f"{high if high is not None else 'inf'}]"
+    return Rule(lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                and (low is None or v >= low) and (high is None or v <= high), words)
+
+
+def real(low: float | None = None, high: float | None = None, low_open: bool = False,
+         high_open: bool = False) -> Rule:
+    """A float (or int) in the range, ends closed unless ``*_open``."""
+    words = (f"a float in the range {'(' if low_open or low is None else '['}"
+             f"{low if low is not None else '-inf'}, {high if high is not None else 'inf'}"
+             f"{')' if high_open or high is None else ']'}")
+
+    def ok(v: Any) -> bool:
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or np.isnan(v):
+            return False
+        above = low is None or (v > low if low_open else v >= low)
+        below = high is None or (v < high if high_open else v <= high)
+        return above and below
+
+    return Rule(ok, words)
+
+
+def one_of(*options: Any) -> Rule:
+    return Rule(lambda v: v in options, "one of " + ", ".join(repr(o) for o in options))
+
+
+BOOLEAN = Rule(lambda v: isinstance(v, (bool, np.bool_)), "an instance of 'bool'")
+CLASS_WEIGHT = one_of("none", "balanced")
+
+
+class Head(BaseEstimator):
+    """Base class. ``__init__`` only stores parameters; ``fit`` validates them against ``rules``
+    and sets ``classes_`` and ``n_features_in_``; fitted attributes end in ``_``."""
 
     family = "base"
+    # parameter name -> what it must be; checked at the start of fit
+    rules: ClassVar[dict[str, Rule]] = {}
 
-    def get_params(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
+    def _check_params(self) -> None:
+        for name, rule in self.rules.items():
+            value = getattr(self, name)
+            if not rule.ok(value):
+                raise HeadError(f"The '{name}' parameter of {type(self).__name__} must be "
+                                f"{rule.must}. Got {value!r} instead.")
+
+    def _set_fitted(self, X: np.ndarray) -> None:
+        """Fitted attributes every head has: the classes and the number of features seen."""
+        self.classes_ = np.arange(N_CLASSES)
+        self.n_features_in_ = int(np.prod(np.shape(X)[1:]))
+
+    def _check_n_features(self, X: np.ndarray) -> None:
+        n = int(np.prod(np.shape(X)[1:]))
+        if n != self.n_features_in_:
+            raise HeadError(f"X has {n} features, but {type(self).__name__} is expecting "
+                            f"{self.n_features_in_} features as input.")
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "classes_"):
@@ -57,7 +122,7 @@ class Head:
 
     def _write_params(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "params.json").write_text(json.dumps(self.get_params(), indent=2))
+        (directory / "params.json").write_text(json.dumps(self.get_params(deep=False), indent=2))
 
     @staticmethod
     def _read_params(directory: Path) -> dict[str, Any]:

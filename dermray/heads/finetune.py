@@ -4,13 +4,13 @@ runs on tiny inputs."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from dermray.backbones import CAFFE_MEAN_BGR, build_extractor, get_spec
 from dermray.config import check
-from dermray.heads.base import N_CLASSES, HeadError
+from dermray.heads.base import CLASS_WEIGHT, N_CLASSES, HeadError, Rule, integer, one_of, real
 from dermray.heads.keras_base import KerasHead
 from dermray.heads.registry import IMAGES, FamilySpec, register_family
 
@@ -24,6 +24,13 @@ TOP_BLOCKS = {"vgg19": ("block5", "block4", "block3"),
 
 class FinetuneHead(KerasHead):
     family = "finetune"
+    rules: ClassVar[dict[str, Rule]] = {"backbone": one_of(*TOP_BLOCKS),
+             "weights": Rule(lambda v: isinstance(v, str) and v != "",
+                             "'imagenet', 'none' or a weights file path"),
+             "image_size": integer(32), "unfreeze_blocks": integer(0, 3), "width": integer(1),
+             "dropout": real(0, 1, high_open=True), "learning_rate": real(0, None, low_open=True),
+             "class_weight": CLASS_WEIGHT, "epochs": integer(1), "patience": integer(0),
+             "batch_size": integer(1), "seed": integer(0)}
 
     def __init__(self, backbone: str = "resnet50", weights: str = "imagenet",
                  image_size: int = 224, unfreeze_blocks: int = 1, width: int = 256,
@@ -52,9 +59,6 @@ class FinetuneHead(KerasHead):
     def _build(self, input_shape):
         import keras
 
-        if self.backbone not in TOP_BLOCKS:
-            raise HeadError(f"finetune backbone must be one of {sorted(TOP_BLOCKS)}. Got "
-                            f"{self.backbone!r} instead.")
         get_spec(self.backbone)
         base = build_extractor(self.backbone, self.weights, self.image_size)
         base.trainable = True

@@ -23,6 +23,7 @@ class KerasHead(Head):
     def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None, progress=None) -> KerasHead:
         import keras
 
+        self._check_params()
         self._check_xy(X.reshape(len(X), -1) if X.ndim > 2 else X, y)
         keras.utils.set_random_seed(self.seed)
         model = self._build(X.shape[1:])
@@ -41,15 +42,16 @@ class KerasHead(Head):
                   validation_data=validation, callbacks=callbacks, verbose=0,
                   class_weight=class_weights(np.asarray(y), self.class_weight))
         self.model_ = model
-        self.classes_ = np.arange(N_CLASSES)
+        self._set_fitted(X)
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         self._check_fitted()
         if len(X) == 0:
             raise HeadError("The 'X' parameter of predict_proba must be non-empty.")
-        return np.asarray(self.model_.predict(self._inputs(X), batch_size=256, verbose=0),
-                          dtype=np.float64)
+        X = self._inputs(X)
+        self._check_n_features(X)
+        return np.asarray(self.model_.predict(X, batch_size=256, verbose=0), dtype=np.float64)
 
     def save(self, directory: Path) -> None:
         self._check_fitted()
@@ -65,4 +67,5 @@ class KerasHead(Head):
         # safe_mode (the default) refuses to deserialise arbitrary code (Lambda layers)
         head.model_ = keras.models.load_model(Path(directory) / cls.model_file, safe_mode=True)
         head.classes_ = np.arange(N_CLASSES)
+        head.n_features_in_ = int(np.prod(head.model_.input_shape[1:]))
         return head

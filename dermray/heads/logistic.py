@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from dermray.heads.base import Head, class_weights, softmax
+from dermray.heads.base import (
+    BOOLEAN,
+    CLASS_WEIGHT,
+    Head,
+    Rule,
+    class_weights,
+    integer,
+    real,
+    softmax,
+)
 from dermray.heads.registry import FamilySpec, register_family
 
 if TYPE_CHECKING:
@@ -16,6 +25,8 @@ if TYPE_CHECKING:
 
 class LogisticHead(Head):
     family = "logistic"
+    rules: ClassVar[dict[str, Rule]] = {"C": real(0, None, low_open=True), "class_weight": CLASS_WEIGHT,
+             "standardize": BOOLEAN, "max_iter": integer(1)}
 
     def __init__(self, C: float = 1.0, class_weight: str = "none", standardize: bool = True,
                  max_iter: int = 2000) -> None:
@@ -27,6 +38,7 @@ class LogisticHead(Head):
     def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None, progress=None) -> LogisticHead:
         from sklearn.linear_model import LogisticRegression
 
+        self._check_params()
         self._check_xy(X, y)
         X = np.asarray(X, dtype=np.float64)
         self.mean_ = X.mean(axis=0) if self.standardize else np.zeros(X.shape[1])
@@ -35,7 +47,8 @@ class LogisticHead(Head):
         model = LogisticRegression(C=self.C, max_iter=self.max_iter,
                                    class_weight=class_weights(y, self.class_weight))
         model.fit((X - self.mean_) / self.scale_, y)
-        self.coef_, self.intercept_, self.classes_ = model.coef_, model.intercept_, model.classes_
+        self._set_fitted(X)
+        self.coef_, self.intercept_ = model.coef_, model.intercept_
         if progress is not None and eval_set is not None:
             progress(1, self.predict_proba(eval_set[0]))
         return self
@@ -43,6 +56,7 @@ class LogisticHead(Head):
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         self._check_fitted()
         self._check_xy(np.asarray(X), where="predict_proba")
+        self._check_n_features(X)
         Z = ((np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_) @ self.coef_.T
         return softmax(Z + self.intercept_)
 
@@ -59,6 +73,7 @@ class LogisticHead(Head):
         with np.load(Path(directory) / "logistic.npz", allow_pickle=False) as arrays:
             head.coef_, head.intercept_ = arrays["coef"], arrays["intercept"]
             head.mean_, head.scale_, head.classes_ = arrays["mean"], arrays["scale"], arrays["classes"]
+        head.n_features_in_ = int(head.coef_.shape[1])
         return head
 
 

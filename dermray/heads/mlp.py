@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from dermray.config import check
-from dermray.heads.base import N_CLASSES
+from dermray.heads.base import CLASS_WEIGHT, N_CLASSES, Rule, integer, real
 from dermray.heads.keras_base import KerasHead
 from dermray.heads.registry import FamilySpec, register_family
 
@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 class MLPHead(KerasHead):
     family = "mlp"
+    rules: ClassVar[dict[str, Rule]] = {"layers": integer(0), "width": integer(1), "dropout": real(0, 1, high_open=True),
+             "learning_rate": real(0, None, low_open=True), "class_weight": CLASS_WEIGHT,
+             "epochs": integer(1), "patience": integer(0), "batch_size": integer(1),
+             "seed": integer(0)}
 
     def __init__(self, layers: int = 1, width: int = 256, dropout: float = 0.3,
                  learning_rate: float = 1e-3, class_weight: str = "none", epochs: int = 50,

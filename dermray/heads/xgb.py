@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from dermray.config import check
-from dermray.heads.base import N_CLASSES, Head, HeadError, class_weights
+from dermray.heads.base import (
+    CLASS_WEIGHT,
+    N_CLASSES,
+    Head,
+    HeadError,
+    Rule,
+    class_weights,
+    integer,
+    real,
+)
 from dermray.heads.registry import FamilySpec, register_family
 
 if TYPE_CHECKING:
@@ -17,6 +26,13 @@ if TYPE_CHECKING:
 
 class XGBoostHead(Head):
     family = "xgboost"
+    rules: ClassVar[dict[str, Rule]] = {"max_depth": integer(1), "learning_rate": real(0, None, low_open=True),
+             "n_estimators": integer(1), "subsample": real(0, 1, low_open=True),
+             "colsample_bytree": real(0, 1, low_open=True), "min_child_weight": real(0),
+             "reg_lambda": real(0), "early_stopping_rounds": integer(0),
+             "class_weight": CLASS_WEIGHT, "report_every": integer(1), "n_jobs": integer(0),
+             "device": Rule(lambda v: isinstance(v, str) and v.split(":")[0] in ("cpu", "cuda"),
+                            "'cpu', 'cuda' or 'cuda:<ordinal>'")}
 
     def __init__(self, max_depth: int = 6, learning_rate: float = 0.1, n_estimators: int = 300,
                  subsample: float = 1.0, colsample_bytree: float = 1.0,
@@ -50,6 +66,7 @@ class XGBoostHead(Head):
     def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None, progress=None) -> XGBoostHead:
         import xgboost as xgb
 
+        self._check_params()
         self._check_xy(X, y)
         if self.early_stopping_rounds and eval_set is None:
             raise HeadError("XGBoostHead with early_stopping_rounds needs eval_set=(X_val, y_val).")
@@ -73,13 +90,14 @@ class XGBoostHead(Head):
         model.fit(X, y, sample_weight=sample_weight,
                   eval_set=[tuple(eval_set)] if eval_set is not None else None, verbose=False)
         self.model_ = model
-        self.classes_ = np.arange(N_CLASSES)
+        self._set_fitted(X)
         self.best_iteration_ = int(getattr(model, "best_iteration", self.n_estimators - 1) or 0)
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         self._check_fitted()
         self._check_xy(np.asarray(X), where="predict_proba")
+        self._check_n_features(X)
         return self.model_.predict_proba(np.asarray(X, dtype=np.float32))
 
     def save(self, directory: Path) -> None:
@@ -95,6 +113,7 @@ class XGBoostHead(Head):
         model = head._model()
         model.load_model(Path(directory) / "xgboost.ubj")
         head.model_, head.classes_ = model, np.arange(N_CLASSES)
+        head.n_features_in_ = int(model.get_booster().num_features())
         return head
 
 

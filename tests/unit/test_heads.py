@@ -75,3 +75,41 @@ def test_finetune_runs_on_tiny_images(tmp_path):
                                atol=1e-5)
     with pytest.raises(HeadError, match=r"images of shape \(N, 32, 32, 3\)"):
         head.predict_proba(np.zeros((2, 16, 16, 3)))
+
+
+@pytest.mark.parametrize("family, params, message", [
+    ("logistic", {"C": -1.0}, "The 'C' parameter of LogisticHead must be a float in the range "
+                              "(0, inf). Got -1.0 instead."),
+    ("logistic", {"class_weight": "auto"}, "The 'class_weight' parameter of LogisticHead must be "
+                                           "one of 'none', 'balanced'. Got 'auto' instead."),
+    ("xgboost", {"subsample": 1.5}, "The 'subsample' parameter of XGBoostHead must be a float in "
+                                    "the range (0, 1]. Got 1.5 instead."),
+    ("xgboost", {"device": "tpu"}, "The 'device' parameter of XGBoostHead must be"),
+    ("mlp", {"layers": 1.5}, "The 'layers' parameter of MLPHead must be an int in the range "
+                             "[0, inf]. Got 1.5 instead."),
+    ("finetune", {"backbone": "alexnet"}, "The 'backbone' parameter of FinetuneHead must be one "
+                                          "of 'vgg19', 'resnet50'. Got 'alexnet' instead."),
+])
+def test_parameters_are_stored_by_init_and_validated_by_fit(family, params, message):
+    import re
+
+    head = make_head(family, params)  # __init__ only stores
+    assert head.get_params()[next(iter(params))] == next(iter(params.values()))
+    X, y = blobs(5)
+    with pytest.raises(HeadError, match=re.escape(message)):
+        head.fit(X, y, eval_set=(X, y))
+
+
+@pytest.mark.parametrize("family", ["logistic", "xgboost"])
+def test_feature_count_checked_and_params_settable(family):
+    from sklearn.base import clone
+
+    X, y = blobs(10)
+    head = make_head(family, PARAMS[family])
+    assert head.set_params(**PARAMS[family]) is head
+    assert clone(head).get_params() == head.get_params()
+    head.fit(X, y, eval_set=(X, y))
+    assert head.n_features_in_ == X.shape[1]
+    with pytest.raises(HeadError, match=f"X has 8 features, but {type(head).__name__} is "
+                                        "expecting 16 features as input"):
+        head.predict_proba(X[:, :8])
