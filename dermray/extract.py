@@ -163,9 +163,12 @@ def pending_views(plan: pd.DataFrame, out: str, backbones: list[str]) -> pd.Data
 def actor_layout(cfg: ExtractConfig) -> dict[str, Any]:
     """The embedding actor pool, with which resources, from the config and the cluster.
 
-    On GPUs the pool autoscales: it starts with the actors that fit on the GPUs present now (at
-    least one: its pending demand is what makes the cluster autoscaler add a GPU node) and grows
-    to ``max_actors`` as Ray Data queues work and the autoscaler brings GPUs.
+    On GPUs the pool autoscales between the actors that fit on the GPUs present now (at least
+    one) and ``max_actors``. It asks for all ``max_actors`` at once (``initial_size``): their
+    pending GPU demand is what makes the cluster autoscaler add GPU nodes in one round, and the
+    actors that get a GPU start working without waiting for the others. (Growing from one actor
+    instead, Ray Data asks for the next GPU only once it has throughput figures: measured on the
+    fake multi-node cluster, a run of a few hundred views ended before a second node came.)
     """
     import ray
 
@@ -174,20 +177,21 @@ def actor_layout(cfg: ExtractConfig) -> dict[str, Any]:
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
     num_gpus = cfg.num_gpus_per_actor or (1.0 if gpus else 0.0)
     if cfg.num_actors:
-        min_size = max_size = cfg.num_actors
+        min_size = max_size = initial = cfg.num_actors
     elif num_gpus:
         min_size = max(1, int(gpus / num_gpus))
-        max_size = max(min_size, cfg.max_actors)
+        max_size = initial = max(min_size, cfg.max_actors)
     else:
         # CPU only: one actor per node, leaving the rest of the CPUs to decode tasks
-        min_size = max(1, nodes)
+        min_size = initial = max(1, nodes)
         max_size = max(min_size, cfg.max_actors)
     threads = cfg.threads_per_actor or (0 if num_gpus else (os.cpu_count() or 1))
     if cfg.write_from != "auto":
         writer = cfg.write_from
     else:  # a local OUT on a multi-node cluster exists only on the head: the driver writes it
         writer = "driver" if nodes > 1 and not storage.is_remote(cfg.out) else "actors"
-    return {"min_size": min_size, "max_size": max_size, "num_gpus": num_gpus,
+    return {"min_size": min_size, "max_size": max_size, "initial_size": initial,
+            "num_gpus": num_gpus,
             "num_cpus": cfg.cpus_per_actor, "threads": threads, "writer": writer}
 
 
@@ -276,7 +280,8 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
             Embedder, batch_size=cfg.batch_size, num_cpus=layout["num_cpus"],
             num_gpus=layout["num_gpus"] or None,
             compute=ray.data.ActorPoolStrategy(min_size=layout["min_size"],
-                                               max_size=layout["max_size"]),
+                                               max_size=layout["max_size"],
+                                               initial_size=layout["initial_size"]),
             fn_constructor_kwargs={
                 "backbones": backbones, "weights": {b: cfg.weights_for(b) for b in backbones},
                 "image_size": cfg.image_size, "batch_size": cfg.batch_size,
