@@ -50,6 +50,10 @@ def ray_head(tmp_path_factory):
         head = subprocess.Popen(
             [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
              f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+             # ports that default to fixed numbers: another head on this machine (another
+             # e2e test) would hold them, and this head's job agent would never come up
+             f"--dashboard-agent-listen-port={free_port()}",
+             f"--ray-client-server-port={free_port()}",
              "--include-dashboard=true", "--disable-usage-stats"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
