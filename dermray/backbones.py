@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dermray.errors import DermrayError
+from dermray.errors import DermrayError, lookup
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +72,7 @@ register_backbone(BackboneSpec(
 
 
 def get_spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise BackboneError(f"Unknown backbone {name!r}. Known backbones: "
-                            f"{', '.join(sorted(BACKBONES))}.") from None
+    return lookup(BACKBONES, name, "backbone", "backbones", BackboneError, sorted(BACKBONES))
 
 
 def caffe_preprocess(images: np.ndarray) -> np.ndarray:

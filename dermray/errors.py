@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class DermrayError(Exception):
     """Base class: a problem with the user's input or environment, with what would fix it."""
@@ -23,3 +28,15 @@ class CatalogError(DermrayError):
 
 class FetchError(DermrayError):
     """The dataset download failed (offline, size or checksum mismatch)."""
+
+
+def lookup(registry: Mapping[str, T], name: str, kind: str, kinds: str,
+           error: type[Exception], known: Iterable[str] | None = None) -> T:
+    """``registry[name]``, or ``error`` saying what is known instead (timm-style: the message
+    lists the valid names). ``known``: the names in the order to list them (default: the
+    registry's order)."""
+    try:
+        return registry[name]
+    except KeyError:
+        names = ", ".join(registry if known is None else known)
+        raise error(f"Unknown {kind} {name!r}. Known {kinds}: {names}.") from None

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dermray.errors import lookup
 from dermray.heads.base import Head, HeadError
 
 if TYPE_CHECKING:
@@ -129,11 +130,7 @@ def families() -> tuple[str, ...]:
 
 
 def get_family(name: str) -> FamilySpec:
-    try:
-        return FAMILY_SPECS[name]
-    except KeyError:
-        raise HeadError(f"Unknown head family {name!r}. Known families: "
-                        f"{', '.join(FAMILY_SPECS)}.") from None
+    return lookup(FAMILY_SPECS, name, "head family", "families", HeadError)
 
 
 def param_prefixes() -> tuple[str, ...]:

@@ -56,3 +56,20 @@ def test_feature_sizes_and_frozen(name):
     out = np.asarray(model(np.zeros((2, 32, 32, 3), np.float32), training=False))
     assert out.shape == (2, get_spec(name).feature_dim)
     assert not model.trainable and model.trainable_weights == []
+
+
+def test_frozen_extractor_embeds_one_batch_without_ray():
+    from dermray.backbones import FrozenExtractor
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3)).astype(np.uint8)
+    none = {"resnet50": "none", "resnet50_ms": "none"}
+    extractor = FrozenExtractor(["resnet50", "resnet50_ms"], none, 32, batch_size=4,
+                                jit_compile=False)
+    assert list(extractor.forward) == ["resnet50_ms"]  # resnet50 is sliced off it
+    need = np.array([True, False, True, True, False])
+    out = extractor.embed_rows(images, {"resnet50": need, "resnet50_ms": np.zeros(5, bool)})
+    assert out["resnet50"].shape == (5, 2048) and out["resnet50_ms"].shape == (5, 3840)
+    assert not out["resnet50"][~need].any() and out["resnet50"][need].any()
+    np.testing.assert_array_equal(out["resnet50"][need], out["resnet50_ms"][need][:, 1792:])
+    np.testing.assert_allclose(extractor.embed("resnet50", images[need]), out["resnet50"][need],
+                               rtol=1e-5, atol=1e-5)
