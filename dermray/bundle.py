@@ -77,12 +77,27 @@ class Bundle:
         return (get_family(self.spec["family"]).input == EMBEDDINGS
                 and parse_features(self.spec["features"])[1])
 
-    def predict_files(self, paths: Iterable[Path],
-                      metadata: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[str]]:
+    def decide(self, proba: np.ndarray, policy: str = "accuracy") -> np.ndarray:
+        """Class indices under one of the bundle's operating points (argmax where the bundle
+        has none: bundles made before operating points existed)."""
+        from dermray.policies import decide
+
+        points = self.spec.get("operating_points")
+        if points is None:
+            if policy != "accuracy":
+                raise DermrayError(f"This bundle has no operating points, so no {policy!r} "
+                                   "policy; export it again with this version of dermray.")
+            return proba.argmax(axis=1)
+        return decide(proba, points, policy)
+
+    def predict_files(self, paths: Iterable[Path], metadata: pd.DataFrame | None = None,
+                      policy: str = "accuracy") -> tuple[pd.DataFrame, list[str]]:
         """Predictions for every readable image; the problems with the others, by file.
 
         ``metadata`` (HAM10000 columns, indexed by image_id) feeds models trained with patient
-        metadata; images it does not list get the 'unknown' encoding."""
+        metadata; images it does not list get the 'unknown' encoding. ``p_<class>`` are the
+        head's probabilities; ``dx`` is the decision of ``policy`` (accuracy: the argmax;
+        balanced; melanoma), taken on the temperature-scaled probabilities."""
         images, ids, problems = [], [], []
         for path in paths:
             try:
@@ -90,7 +105,7 @@ class Bundle:
                 ids.append(Path(path).stem)
             except (DecodeError, OSError) as exc:
                 problems.append(f"{path}: {exc}; skipped (pass JPEG or PNG images)")
-        columns = ["image_id", "dx", *[f"p_{c}" for c in self.labels]]
+        columns = ["image_id", "dx", "policy", *[f"p_{c}" for c in self.labels]]
         if not images:
             return pd.DataFrame(columns=columns), problems
         meta = None
@@ -100,8 +115,9 @@ class Bundle:
                                  "localization": [metadata["localization"].get(i, "unknown")
                                                   for i in ids]})
         proba = self.head.predict_proba(self.features(np.stack(images), meta))
-        frame = pd.DataFrame(proba, columns=columns[2:])
-        frame.insert(0, "dx", [self.labels[i] for i in proba.argmax(axis=1)])
+        frame = pd.DataFrame(proba, columns=columns[3:])
+        frame.insert(0, "dx", [self.labels[i] for i in self.decide(proba, policy)])
+        frame.insert(1, "policy", policy)
         frame.insert(0, "image_id", ids)
         return frame, problems
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dermray.errors import DermrayError
+from dermray.policies import POLICIES
 
 logger = logging.getLogger("dermray")
 
@@ -132,7 +133,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from dermray.catalog import read_metadata
 
         metadata = read_metadata(args.metadata).drop_duplicates("image_id").set_index("image_id")
-    frame, problems = bundle.predict_files(files, metadata)
+    frame, problems = bundle.predict_files(files, metadata, policy=args.policy)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     if args.out:
@@ -212,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify image files with an exported model bundle")
     p.add_argument("--model", required=True,
                    help="OUT/model of a `dermray run` (a folder or an s3:// URI)")
+    p.add_argument("--policy", default="accuracy", choices=POLICIES,
+                   help="the operating point chosen on validation: accuracy (argmax, default), "
+                   "balanced (prior-corrected for balanced accuracy), melanoma (p(mel) threshold "
+                   "for the target sensitivity, search.melanoma_target)")
     p.add_argument("--weights-dir", action="append", metavar="DIR",
                    help="a folder holding the backbone weights files (found by their sha256; "
                    "repeatable; also $DERMRAY_WEIGHTS_DIR and the Keras cache)")

@@ -157,6 +157,8 @@ class SearchConfig:
     finetune_image_size: int = 224
     finetune_epochs: int = 10
     finetune_max_train_images: int = 0  # 0: all (a cluster); small on a laptop
+    # the melanoma operating point: the validation sensitivity its threshold must reach
+    melanoma_target: float = 0.90
 
     def __post_init__(self) -> None:
         # local: both import this module
@@ -179,6 +181,8 @@ class SearchConfig:
             check(getattr(self, key) >= 1, "search", key, getattr(self, key), ">= 1")
         check(self.max_failures >= 0, "search", "max_failures", self.max_failures, ">= 0")
         check(self.cpus_per_trial > 0, "search", "cpus_per_trial", self.cpus_per_trial, "> 0")
+        check(0.0 < self.melanoma_target <= 1.0, "search", "melanoma_target",
+              self.melanoma_target, "a sensitivity in (0, 1]")
         for family in FAMILY_SPECS.values():  # every family's own keys, searched or not
             family.check_config(self)
 

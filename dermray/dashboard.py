@@ -101,6 +101,23 @@ def _table(frame: pd.DataFrame, table_id: str, highlight: str | None = None) -> 
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
+def policy_section(policies: dict[str, Any] | None) -> str:
+    """The winner's operating points on test (chosen on validation), with calibration."""
+    if not policies:
+        return ""
+    test = policies["test"]
+    frame = pd.DataFrame([{"policy": name, "accuracy": m["accuracy"],
+                           "balanced_accuracy": m["balanced_accuracy"],
+                           "melanoma_sensitivity": m["melanoma_sensitivity"],
+                           "melanoma_specificity": m["melanoma_specificity"],
+                           **{f"recall_{c}": r for c, r in m["recall"].items()}}
+                          for name, m in test["policies"].items()]).fillna(np.nan)
+    return (f"<h2>Operating points (chosen on validation; test)</h2>{_table(frame, 'policies')}"
+            f"<p>Expected calibration error on test: {test['ece_before']:.3f} before "
+            f"temperature scaling, {test['ece_after']:.3f} after. <code>dermray predict "
+            f"--policy NAME</code> applies one.</p>")
+
+
 def write_dashboard(out: str) -> str:
     """Write OUT/report.html (OUT: a folder or an s3:// URI); returns its path."""
     trials_uri, metrics_uri = storage.join(out, "trials.csv"), storage.join(out, "metrics.json")
@@ -142,6 +159,7 @@ Test (scored once, after selection): accuracy {test['accuracy']:.4f}, balanced a
 {_table(best, "best")}
 <h2>Winner: test metrics per class</h2>
 {_table(per_class, "per-class")}
+{policy_section(result.get("policies"))}
 <img alt="confusion matrix" src="{cm}">
 <h2>All trials (click a header to sort)</h2>
 {_table(shown, "trials", highlight=str(result['trial_id']))}

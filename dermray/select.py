@@ -83,11 +83,13 @@ def score(head, family: str, features: str, cfg: SearchConfig, manifest_path: st
 
 
 def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[str, Any],
-                  metrics: dict[str, Any], out: str) -> str:
+                  metrics: dict[str, Any], out: str,
+                  operating_points: dict[str, Any] | None = None) -> str:
     """OUT/model: bundle.json (backbones with their weights' identity, features, label map,
     metrics) and the head in a format that runs no code on load. Weights are named by content
     (sha256), never by a path of this machine, so the bundle predicts anywhere."""
     from dermray.config import CLASSES
+    from dermray.evaluate import model_card
     from dermray.features import parse_features
 
     ext = extract_record.get("config", {})
@@ -108,6 +110,7 @@ def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[
         "backbones": backbones, "image_size": image_size, "preprocessing": "caffe",
         "tta_views": ext.get("tta_views", 0), "seed": ext.get("seed", 0),
         "labels": list(CLASSES), "metrics": metrics,
+        "operating_points": operating_points,
     }
     target = storage.join(out, "model")
     # built beside its target (a local OUT: one rename puts it in place) or in a temp folder
@@ -117,10 +120,26 @@ def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=parent))
     try:
         head.save(tmp / "head")
+        (tmp / "model_card.md").write_text(model_card(bundle, extract_record))
         (tmp / "bundle.json").write_text(json.dumps(bundle, indent=2))
         return storage.replace_dir(tmp, target, marker="bundle.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def operating_points(scored: dict[str, tuple[np.ndarray, np.ndarray]], cfg: SearchConfig,
+                     manifest_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The winner's temperature and policies, fitted on validation only, and every policy's
+    metrics on val and test (the prior: the training split's class shares)."""
+    from dermray.catalog import read_manifest
+    from dermray.config import CLASSES
+    from dermray.policies import fit_operating_points, policy_report
+
+    train = read_manifest(manifest_path).query("split == 'train'")
+    prior = train["dx"].value_counts().reindex(list(CLASSES), fill_value=0).to_numpy(float)
+    val_proba, y_val = scored["val"]
+    points = fit_operating_points(val_proba, y_val, prior, cfg.melanoma_target)
+    return points, {split: policy_report(proba, y, points) for split, (proba, y) in scored.items()}
 
 
 def finish(results, cfg: SearchConfig, manifest_path: str, out: str) -> dict[str, Any]:
@@ -143,13 +162,18 @@ def finish(results, cfg: SearchConfig, manifest_path: str, out: str) -> dict[str
     for family in trials["family"].unique():
         row = pick(trials[trials["family"] == family])
         head = _fitted_head(row, results, cfg, data)
-        val, _, _ = score(head, family, row["features"], cfg, manifest_path, "val")
-        test, _, _ = score(head, family, row["features"], cfg, manifest_path, "test")
+        val, val_rows, val_proba = score(head, family, row["features"], cfg, manifest_path,
+                                         "val")
+        test, test_rows, test_proba = score(head, family, row["features"], cfg, manifest_path,
+                                            "test")
         entry = {"trial_id": row["trial_id"], "family": family, "features": row["features"],
                  "params": json.loads(row["params"]), "val": val, "test": test}
         best_per_family[family] = entry
         if row["trial_id"] == winner["trial_id"]:
             winner_entry, winner_head = entry, head
+            scored = {"val": (val_proba, val_rows["label"].to_numpy()),
+                      "test": (test_proba, test_rows["label"].to_numpy())}
+    points, policy_metrics = operating_points(scored, cfg, manifest_path)
     extract_path = storage.join(cfg.out, "extract_run.json")
     extract_record = json.loads(storage.read_text(extract_path)) if storage.is_file(
         extract_path) else {}
@@ -157,10 +181,13 @@ def finish(results, cfg: SearchConfig, manifest_path: str, out: str) -> dict[str
                "best_per_family": best_per_family}
     metrics_json = {k: winner_entry[k] for k in ("family", "features", "params", "val", "test",
                                                  "trial_id")}
-    storage.write_text(storage.join(out, "metrics.json"),
-                       json.dumps({**metrics_json, "best_per_family": best_per_family}, indent=2))
+    summary["policies"] = policy_metrics
+    storage.write_text(storage.join(out, "metrics.json"), json.dumps(
+        {**metrics_json, "operating_points": points, "policies": policy_metrics,
+         "best_per_family": best_per_family}, indent=2))
     export_bundle(winner_head, winner, cfg, extract_record,
-                  {"val": winner_entry["val"], "test": winner_entry["test"]}, out)
+                  {"val": winner_entry["val"], "test": winner_entry["test"],
+                   "policies": policy_metrics}, out, operating_points=points)
     storage.write_bytes(storage.join(out, "confusion_matrix.png"), plot_confusion(
         winner_entry["test"]["confusion_matrix"],
         f"{winner_entry['family']} on {winner_entry['features']} (test)"))
