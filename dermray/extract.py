@@ -34,7 +34,7 @@ from dermray.embeddings import (
     to_table,
 )
 from dermray.errors import DermrayError
-from dermray.raysession import ensure_ray
+from dermray.raysession import ensure_ray, joined_cluster
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +176,12 @@ def actor_layout(cfg: ExtractConfig) -> dict[str, Any]:
     gpus = int(resources.get("GPU", 0))
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
     num_gpus = cfg.num_gpus_per_actor or (1.0 if gpus else 0.0)
+    if num_gpus and not gpus and not joined_cluster():
+        # nothing would ever bring a GPU: the actors would wait forever
+        raise DermrayError(
+            f"extract.num_gpus_per_actor is {cfg.num_gpus_per_actor} but this local Ray has no "
+            "GPU and no autoscaler to add one. Set extract.num_gpus_per_actor: 0 to embed on "
+            "the CPU, or submit the job to a GPU cluster (`ray job submit`, RAY_ADDRESS).")
     if cfg.num_actors:
         min_size = max_size = initial = cfg.num_actors
     elif num_gpus:

@@ -22,3 +22,9 @@ def ensure_ray() -> None:
     address = os.environ.get("RAY_ADDRESS") or "local"
     logger.info("ray.init(address=%r)", address)
     ray.init(address=address, log_to_driver=False)
+
+
+def joined_cluster() -> bool:
+    """Whether this process runs against a cluster it joined (RAY_ADDRESS: a submitted job, or a
+    user's choice), where an autoscaler may add nodes; False for dermray's own local Ray."""
+    return bool(os.environ.get("RAY_ADDRESS"))
