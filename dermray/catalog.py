@@ -283,10 +283,13 @@ def build_manifest(catalog: Catalog, fracs: Sequence[float], seed: int) -> pd.Da
     return frame[list(MANIFEST_COLUMNS)]
 
 
-def write_manifest(frame: pd.DataFrame, out: str, config: dict[str, Any]) -> str:
-    """Write ``OUT/manifest.parquet`` atomically, the config in the file's metadata."""
+def write_manifest(frame: pd.DataFrame, out: str, config: dict[str, Any],
+                   fingerprint: dict[str, Any] | None = None) -> str:
+    """Write ``OUT/manifest.parquet`` atomically, the config (and the split's fingerprint) in
+    the file's metadata."""
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    table = table.replace_schema_metadata({b"dermray": json.dumps({"config": config}).encode()})
+    table = table.replace_schema_metadata({b"dermray": json.dumps(
+        {"config": config, "fingerprint": fingerprint}).encode()})
     target = join_uri(out, "manifest.parquet")
     write_parquet(table, target)
     return target if "://" in str(out) else open_fs(target)[1]
@@ -308,10 +311,23 @@ def read_manifest(uri: str) -> pd.DataFrame:
     return frame
 
 
-def manifest_config(uri: str) -> dict[str, Any]:
+def manifest_meta(uri: str) -> dict[str, Any]:
+    """What ``write_manifest`` stored beside the rows: ``config`` and ``fingerprint``."""
     fs, path = open_fs(uri)
     meta = pq.read_schema(path, filesystem=fs).metadata or {}
-    return json.loads(meta.get(b"dermray", b"{}")).get("config", {})
+    return json.loads(meta.get(b"dermray", b"{}"))
+
+
+def manifest_config(uri: str) -> dict[str, Any]:
+    return manifest_meta(uri).get("config", {})
+
+
+def frame_hash(frame: pd.DataFrame) -> str:
+    """A content hash of a table's rows (order and values), for fingerprints."""
+    digest = pd.util.hash_pandas_object(frame.astype(str), index=False).to_numpy().tobytes()
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(digest).hexdigest()
 
 
 def split_summary(frame: pd.DataFrame) -> pd.DataFrame:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dermray.errors import DermrayError
+from dermray.lock import hold
 from dermray.policies import POLICIES
 
 logger = logging.getLogger("dermray")
@@ -52,7 +53,8 @@ def cmd_split(args: argparse.Namespace) -> int:
     from dermray.pipeline import run_split
 
     cfg = _data_config(args)
-    path, manifest = run_split(cfg)
+    with hold(cfg.out, "dermray data split"):
+        path, manifest = run_split(cfg, fresh=args.fresh)
     from dermray.catalog import split_summary
 
     print(split_summary(manifest).to_string())
@@ -95,7 +97,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.no_augment:
         overrides["augment"] = False
     cfg = load_section("extract", args.config, overrides)
-    record = run_extract(cfg)
+    with hold(cfg.out, "dermray extract"):
+        record = run_extract(cfg, fresh=args.fresh)
     print(json.dumps({k: record[k] for k in ("rows", "quarantined", "wall_s", "images_per_s",
                                              "embeddings")}, indent=2))
     return 0
@@ -104,7 +107,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from dermray.pipeline import run_pipeline
 
-    result = run_pipeline(args.config, args.out)
+    with hold(args.out, "dermray run"):
+        result = run_pipeline(args.config, args.out, fresh=args.fresh)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -115,8 +119,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     overrides = {"num_samples": args.num_samples, "algorithm": args.algorithm}
     from dermray.storage import join
 
-    result = run_search_stage(args.config, args.out,
-                              args.manifest or join(args.out, "manifest.parquet"), overrides)
+    with hold(args.out, "dermray search"):
+        result = run_search_stage(args.config, args.out,
+                                  args.manifest or join(args.out, "manifest.parquet"), overrides,
+                                  fresh=args.fresh)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -153,6 +159,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def fresh_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--fresh", action="store_true",
+                   help=f"redo {what} in OUT when its old output was made with other settings or "
+                   "inputs (it is deleted); without it such a rerun is refused, never mixed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dermray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -175,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     catalog_flags(p)
     p.add_argument("--out", help="output folder")
     p.add_argument("--seed", type=int)
+    fresh_flag(p, "the split")
     p.set_defaults(func=cmd_split)
 
     p = data_sub.add_parser("fetch", help="download HAM10000 from Harvard Dataverse")
@@ -200,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--num-actors", dest="num_actors", type=int)
     p.add_argument("--no-augment", dest="no_augment", action="store_true")
+    fresh_flag(p, "the extraction")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("search", help="Ray Tune over the head families on OUT's embeddings")
@@ -208,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="default: OUT/manifest.parquet")
     p.add_argument("--num-samples", dest="num_samples", type=int)
     p.add_argument("--algorithm", choices=["tpe", "random"])
+    fresh_flag(p, "the search")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("predict", help="classify image files with an exported model bundle")
@@ -233,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole pipeline from a config file")
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True)
+    fresh_flag(p, "every stage")
     p.set_defaults(func=cmd_run)
     return parser
 

@@ -257,7 +257,32 @@ def reconcile(plan: pd.DataFrame, out: str, backbones: list[str],
     return counts
 
 
-def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
+# the settings that change which views are made and what their rows hold (not the Ray layout)
+OUTPUT_SETTINGS = ("image_size", "augment", "target_per_class", "max_views_per_image",
+                   "tta_views", "seed", "mixed_precision")
+# the libraries whose versions change the numbers (decoding, resizing, the networks)
+OUTPUT_PACKAGES = ("keras", "tensorflow", "tensorflow-cpu", "numpy", "pillow")
+
+
+def claim_outputs(cfg: ExtractConfig, manifest: pd.DataFrame, identities: dict[str, str],
+                  fresh: bool) -> None:
+    """Each backbone's folder (and the quarantine) is the output of exactly these settings, this
+    manifest and that backbone's weights: a rerun with anything else is refused, or with
+    ``fresh`` starts that folder over (see dermray.fingerprint)."""
+    from dermray.catalog import frame_hash
+    from dermray.fingerprint import claim, make
+
+    settings = {k: getattr(cfg, k) for k in OUTPUT_SETTINGS}
+    inputs = {"manifest": frame_hash(manifest)}
+    claim(quarantine_dir(cfg.out), "extract", make("extract", settings, inputs, OUTPUT_PACKAGES),
+          fresh)
+    for name in cfg.backbones:
+        claim(backbone_dir(cfg.out, name), "extract",
+              make("extract", {**settings, "backbone": name},
+                   {**inputs, "weights": identities[name]}, OUTPUT_PACKAGES), fresh)
+
+
+def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
     """Plan, run the Ray Data job over the pending views, reconcile, write the run record."""
     import ray
 
@@ -270,6 +295,7 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
                       seed=cfg.seed)[PLAN_COLUMNS]
     backbones = list(cfg.backbones)
     identities = {b: weights_identity(cfg.weights_for(b), b) for b in backbones}  # fails early
+    claim_outputs(cfg, manifest, identities, fresh)
     pending = pending_views(plan, cfg.out, backbones)
     logger.info("extract: %d views planned, %d pending", len(plan), len(pending))
     files_written = 0

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from dermray import storage
+from dermray import fingerprint, storage
 from dermray.config import DataConfig, config_to_dict, load_section, read_yaml
 
 logger = logging.getLogger(__name__)
@@ -37,24 +37,56 @@ def resolve_data(cfg: DataConfig) -> DataConfig:
     return dataclasses.replace(cfg, metadata=metadata, images=(dest,))
 
 
-def run_split(cfg: DataConfig) -> tuple[str, pd.DataFrame]:
-    """Validate the catalog and write the lesion-grouped split to OUT/manifest.parquet."""
-    from dermray.catalog import build_catalog, build_manifest, write_manifest
+def run_split(cfg: DataConfig, fresh: bool = False) -> tuple[str, pd.DataFrame]:
+    """Validate the catalog and write the lesion-grouped split to OUT/manifest.parquet.
+
+    A manifest already in OUT from another catalog or split settings is refused (``fresh``:
+    replaced), so that the stages after it never mix two splits."""
+    from dermray.catalog import build_catalog, build_manifest, frame_hash, write_manifest
 
     cfg = resolve_data(cfg)
     catalog = build_catalog(cfg.metadata, cfg.images)
+    current = fingerprint.make(
+        "split", {k: getattr(cfg, k) for k in ("seed", "train_frac", "val_frac", "test_frac")},
+        {"catalog": frame_hash(catalog.frame.sort_values("image_id"))}, ("pandas", "numpy"))
+    if check_manifest(cfg.out, current, fresh):  # the same split is there: keep it untouched
+        from dermray.catalog import read_manifest
+
+        path = storage.join(cfg.out, "manifest.parquet")
+        path = path if storage.is_remote(path) else storage.open_fs(path)[1]
+        return path, read_manifest(path)
     manifest = build_manifest(catalog, (cfg.train_frac, cfg.val_frac, cfg.test_frac), cfg.seed)
-    path = write_manifest(manifest, cfg.out, config_to_dict(cfg))
+    path = write_manifest(manifest, cfg.out, config_to_dict(cfg), current)
     logger.info("wrote %s (%d images)", path, len(manifest))
     return path, manifest
 
 
-def run_pipeline(config_path: str, out: str) -> dict[str, Any]:
-    """Run every stage the config has a section for, all writing under ``out``."""
+def check_manifest(out: str, current: dict[str, Any], fresh: bool) -> bool:
+    """Whether OUT already holds this very split; refuse to overwrite it with a split of other
+    settings or another catalog (unless ``fresh``)."""
+    from dermray.catalog import manifest_meta
+
+    path = storage.join(out, "manifest.parquet")
+    if not storage.is_file(path):
+        return False
+    old = manifest_meta(path).get("fingerprint") or {}
+    if old.get("key") == current["key"]:
+        return True
+    if not fresh:
+        changed = "; ".join(fingerprint.differences(old, current)) or "no fingerprint recorded"
+        raise fingerprint.StaleOutputError(
+            f"{storage.display(path)} holds another split ({changed}). Everything after it was "
+            "made from that split: write to a new --out, or pass --fresh to redo the stages.")
+    return False
+
+
+def run_pipeline(config_path: str, out: str, fresh: bool = False) -> dict[str, Any]:
+    """Run every stage the config has a section for, all writing under ``out`` (``fresh``:
+    redo every stage whose output was made with other settings)."""
     sections = read_yaml(config_path)
     result: dict[str, Any] = {"out": out}
     data_cfg = load_section("data", config_path, {"out": out})
-    manifest_path, manifest = run_split(data_cfg)
+    manifest_path, manifest = run_split(data_cfg, fresh=fresh)
     result["manifest"] = manifest_path
     result["split_sizes"] = manifest["split"].value_counts().to_dict()
     if "extract" in sections:
@@ -62,23 +94,24 @@ def run_pipeline(config_path: str, out: str) -> dict[str, Any]:
 
         extract_cfg = load_section("extract", config_path,
                                    {"manifest": manifest_path, "out": out})
-        record = run_extract(extract_cfg)
+        record = run_extract(extract_cfg, fresh=fresh)
         result["embeddings"] = record["embeddings"]
         result["extract_rows"] = {k: v["rows"] for k, v in record["rows"].items()}
     if "search" in sections:
-        summary = run_search_stage(config_path, out, manifest_path)
+        summary = run_search_stage(config_path, out, manifest_path, fresh=fresh)
         result.update(summary)
     return result
 
 
 def run_search_stage(config_path: str | None, out: str, manifest_path: str,
-                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                     overrides: dict[str, Any] | None = None,
+                     fresh: bool = False) -> dict[str, Any]:
     """Search the heads on OUT's embeddings, then select, score on test once, export."""
     from dermray.search import run_search, storage_path
     from dermray.select import finish
 
     cfg = load_section("search", config_path, {"out": out, **(overrides or {})})
-    results = run_search(cfg, manifest_path)
+    results = run_search(cfg, manifest_path, fresh=fresh)
     summary = finish(results, cfg, manifest_path, out)
     win = summary["winner"]
     return {

@@ -7,6 +7,7 @@ per family, metric ``val_accuracy`` (max). Selection, test scoring and export ar
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -185,11 +186,43 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
     )
 
 
-def run_search(cfg: SearchConfig, manifest_path: str, resume: bool = True):
-    """Run (or resume) the experiment; returns the ResultGrid."""
+# search settings that change neither the trials nor their numbers
+NEUTRAL_SETTINGS = ("out", "storage_path", "experiment", "cpus_per_trial", "max_failures")
+SEARCH_PACKAGES = ("scikit-learn", "xgboost", "keras", "tensorflow", "tensorflow-cpu", "optuna",
+                   "numpy", "ray")
+
+
+def search_fingerprint(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
+    """What a Tune experiment is made of: the search settings, the manifest's content and the
+    fingerprints of the embeddings it reads."""
+    from dermray.catalog import frame_hash, read_manifest
+    from dermray.config import config_to_dict
+    from dermray.embeddings import backbone_dir
+    from dermray.features import parse_features
+    from dermray.fingerprint import FILE, make
+
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in NEUTRAL_SETTINGS}
+    embeddings = {}
+    for name in sorted({b for spec in cfg.features for b in parse_features(spec)[0]}):
+        path = storage.join(backbone_dir(cfg.out, name), FILE)
+        embeddings[name] = (json.loads(storage.read_text(path)).get("key")
+                            if storage.is_file(path) else None)
+    inputs = {"manifest": frame_hash(read_manifest(manifest_path)), "embeddings": embeddings}
+    return make("search", settings, inputs, SEARCH_PACKAGES)
+
+
+def run_search(cfg: SearchConfig, manifest_path: str, resume: bool = True, fresh: bool = False):
+    """Run (or resume) the experiment; returns the ResultGrid.
+
+    The experiment folder is claimed by this search's fingerprint: a rerun with other settings
+    or inputs is refused (``fresh``: the old experiment is deleted and the search starts over),
+    never "resumed" into the old winner."""
+    from dermray.fingerprint import claim
 
     ensure_ray()
     data = load_search_data(cfg, manifest_path)
+    claim(storage.join(storage_path(cfg), cfg.experiment), "search",
+          search_fingerprint(cfg, manifest_path), fresh)
     tuner = build_tuner(cfg, data, resume=resume)
     return tuner.fit()
 
