@@ -140,15 +140,85 @@ def load_bundle(model: str | Path, weights_dirs: Sequence[str | Path] = ()) -> B
     if not spec_path.is_file():
         raise DermrayError(f"{storage.display(model)} is not a dermray model bundle (no "
                            "bundle.json); pass the OUT/model folder of a `dermray run`.")
-    spec = json.loads(spec_path.read_text())
+    try:
+        spec = json.loads(spec_path.read_text())
+    except ValueError as exc:
+        raise BundleError(f"{storage.display(model)}/bundle.json is not valid JSON: {exc}. "
+                          "Export the bundle again (dermray run / search).") from None
+    check_spec(spec, storage.display(model))
     weights = {}
     for b in spec["backbones"]:
         recorded = b.get("weights", "")  # format 1 recorded a path: its folder is one more place
         extra = [*weights_dirs, *([Path(recorded).parent] if recorded else [])]
         weights[b["name"]] = find_weights(b["name"], b.get("weights_identity", "unknown"),
                                           b.get("weights_name") or Path(recorded).name, extra)
-    return Bundle(spec=spec, head=load_head(spec["family"], directory / "head"),
-                  directory=directory, weights=weights)
+    head = load_head(spec["family"], directory / "head")
+    check_head(spec, head, storage.display(model))
+    return Bundle(spec=spec, head=head, directory=directory, weights=weights)
+
+
+class BundleError(DermrayError):
+    """A bundle whose bundle.json or head does not say what the model is."""
+
+
+REQUIRED = {"family": str, "features": str, "backbones": list, "image_size": int, "labels": list}
+
+
+def check_spec(spec: Any, where: str) -> None:
+    """bundle.json holds every key, the labels in dermray's order, known backbones, a sane size."""
+    from dermray.backbones import BACKBONES
+    from dermray.config import CLASSES
+    from dermray.heads import get_family
+
+    def bad(field: str, must: str, got: Any) -> BundleError:
+        return BundleError(f"{where}/bundle.json: '{field}' must be {must}. Got {got!r} instead. "
+                           "The bundle was edited or damaged: export it again.")
+
+    if not isinstance(spec, dict):
+        raise bad("(top level)", "a mapping", type(spec).__name__)
+    for key, kind in REQUIRED.items():
+        if not isinstance(spec.get(key), kind) or isinstance(spec.get(key), bool):
+            raise bad(key, f"present and a {kind.__name__}", spec.get(key, "(missing)"))
+    if spec["labels"] != list(CLASSES):
+        raise bad("labels", f"{list(CLASSES)} in this order (the head's outputs)", spec["labels"])
+    if not 32 <= spec["image_size"] <= 1024:
+        raise bad("image_size", "an integer in [32, 1024]", spec["image_size"])
+    get_family(spec["family"])  # an unknown family lists the known ones
+    for i, b in enumerate(spec["backbones"]):
+        if not isinstance(b, dict) or b.get("name") not in BACKBONES:
+            raise bad(f"backbones[{i}].name", f"one of {sorted(BACKBONES)}", b)
+        if not isinstance(b.get("weights_identity"), str):
+            raise bad(f"backbones[{i}].weights_identity", "'none' or 'sha256:<hex>'", b)
+
+
+def expected_inputs(spec: dict[str, Any]) -> int:
+    """How many inputs the head must take: the backbones' feature sizes (+ the metadata
+    encoding), or the pixels of an image family."""
+    from dermray.backbones import get_spec
+    from dermray.features import metadata_matrix, parse_features
+    from dermray.heads import IMAGES, get_family
+
+    if get_family(spec["family"]).input == IMAGES:
+        return spec["image_size"] * spec["image_size"] * 3
+    size = sum(get_spec(b["name"]).feature_dim for b in spec["backbones"])
+    if parse_features(spec["features"])[1]:
+        size += metadata_matrix(pd.DataFrame({"age": [np.nan], "sex": ["unknown"],
+                                              "localization": ["unknown"]})).shape[1]
+    return size
+
+
+def check_head(spec: dict[str, Any], head: Any, where: str) -> None:
+    """The head takes what the bundle's backbones give, and gives the 7 classes."""
+    want = expected_inputs(spec)
+    if getattr(head, "n_features_in_", want) != want:
+        raise BundleError(
+            f"{where}: the head takes {head.n_features_in_} inputs, but bundle.json's backbones "
+            f"and features ({spec['features']}) give {want}. The bundle was edited or damaged: "
+            "export it again.")
+    classes = getattr(head, "classes_", None)
+    if classes is not None and len(classes) != len(spec["labels"]):
+        raise BundleError(f"{where}: the head gives {len(classes)} classes, bundle.json's labels "
+                          f"name {len(spec['labels'])}. Export the bundle again.")
 
 
 def collect_images(inputs: Iterable[str]) -> list[Path]:

@@ -1,0 +1,88 @@
+"""A bundle is checked on load against what it claims: an edited or damaged bundle.json is a
+clear error naming the field (exit 2 from `dermray predict`), never a relabelled prediction or a
+traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from dermray.bundle import BundleError, load_bundle
+from dermray.cli import main
+from dermray.errors import DermrayError
+
+
+def damaged(model, tmp_path, edit):
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    spec = json.loads((copy / "bundle.json").read_text())
+    edit(spec)
+    (copy / "bundle.json").write_text(json.dumps(spec))
+    return copy
+
+
+def set_key(key, value):
+    return lambda spec: spec.__setitem__(key, value)
+
+
+def drop_key(key):
+    return lambda spec: spec.pop(key)
+
+
+def reorder_labels(spec):
+    spec["labels"] = spec["labels"][::-1]
+
+
+def unknown_backbone(spec):
+    if spec["backbones"]:
+        spec["backbones"][0]["name"] = "alexnet"
+    else:
+        spec["family"] = "svm"
+
+
+def wrong_features(spec):  # the head was fitted on resnet50(+vgg19): claim another feature size
+    spec["features"] = "vgg19" if "resnet50" in spec["features"] else "resnet50"
+    spec["backbones"] = [{"name": spec["features"], "weights_identity": "none"}]
+
+
+CASES = [
+    (reorder_labels, "'labels' must be"),
+    (set_key("image_size", 0), "'image_size' must be an integer in \\[32, 1024\\]"),
+    (set_key("image_size", "224"), "'image_size' must be present and a int"),
+    (drop_key("family"), "'family' must be present"),
+    (drop_key("backbones"), "'backbones' must be present"),
+    (unknown_backbone, "alexnet|svm"),
+]
+
+
+@pytest.mark.parametrize("edit, message", CASES)
+def test_damaged_bundle_is_a_clear_error(searched, tmp_path, capsys, edit, message):
+    out, _ = searched
+    model = damaged(out / "model", tmp_path, edit)
+    with pytest.raises(DermrayError, match=message) as info:
+        load_bundle(model)
+    assert "bundle.json" in str(info.value) or "Known" in str(info.value)
+    # the bundle is refused before any image is read
+    code = main(["predict", "--model", str(model), str(tmp_path / "any.jpg")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.startswith("error:")
+
+
+def test_a_feature_size_the_head_does_not_take_is_refused(searched, tmp_path):
+    out, _ = searched
+    spec = json.loads((out / "model" / "bundle.json").read_text())
+    if not spec["backbones"]:
+        pytest.skip("the winner takes images")
+    with pytest.raises(BundleError, match="the head takes .* inputs, but bundle.json"):
+        load_bundle(damaged(out / "model", tmp_path, wrong_features))
+
+
+def test_not_json_is_a_clear_error(searched, tmp_path):
+    out, _ = searched
+    copy = tmp_path / "model"
+    shutil.copytree(out / "model", copy)
+    (copy / "bundle.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(copy)
