@@ -43,6 +43,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from dermray.catalog import build_catalog
 
     cfg = _data_config(args)
+    if not cfg.metadata:  # a config that makes synthetic data (data.synth_n) has no catalog yet
+        raise DermrayError(f"data.metadata is not set (the config makes {cfg.synth_n} synthetic "
+                           "images when run); pass --metadata HAM10000_metadata.csv to validate "
+                           "a catalog, or `dermray data synth --dest DIR` to make one.")
     catalog = build_catalog(cfg.metadata, cfg.images)
     _print_catalog(catalog.summary())
     print("catalog is valid")
