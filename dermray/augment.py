@@ -43,18 +43,25 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, size: int, draft: bool = True) -> np.ndarray:
+def decode_image(data: bytes, size: int, draft: bool = True,
+                 max_pixels: int | None = None) -> np.ndarray:
     """Decode image bytes to a (size, size, 3) uint8 RGB array.
 
     ``draft`` lets the JPEG decoder downscale by 2/4/8 while decoding (much faster for 600x450 ->
-    224), never below ``size``. Raises DecodeError with the reason for a bad file.
+    224), never below ``size``. ``max_pixels`` refuses larger images from their header, before
+    decoding. Raises DecodeError with the reason for a bad file.
     """
     try:
         img = Image.open(io.BytesIO(data))
+        if max_pixels and img.size[0] * img.size[1] > max_pixels:
+            raise DecodeError(f"image of {img.size[0]}x{img.size[1]} pixels is over the limit of "
+                              f"{max_pixels} pixels")
         if draft and img.format == "JPEG":
             img.draft("RGB", (size, size))
         img.load()  # truncated files fail here, not later
         img = _to_rgb(ImageOps.exif_transpose(img) or img)
+    except DecodeError:
+        raise
     except Image.DecompressionBombError as exc:
         raise DecodeError(f"image too large: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:

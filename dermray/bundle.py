@@ -5,9 +5,11 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,24 +92,56 @@ class Bundle:
             return proba.argmax(axis=1)
         return decide(proba, points, policy)
 
-    def predict_files(self, paths: Iterable[Path], metadata: pd.DataFrame | None = None,
-                      policy: str = "accuracy") -> tuple[pd.DataFrame, list[str]]:
-        """Predictions for every readable image; the problems with the others, by file.
+    def iter_predictions(self, paths: Iterable[Path], metadata: pd.DataFrame | None = None,
+                         policy: str = "accuracy", limits: Limits | None = None
+                         ) -> Iterator[tuple[pd.DataFrame, list[str]]]:
+        """Predictions in batches of ``limits.batch_size`` files, so that memory does not grow
+        with the number of files: (rows, problems) per batch.
 
-        ``metadata`` (HAM10000 columns, indexed by image_id) feeds models trained with patient
-        metadata; images it does not list get the 'unknown' encoding. ``p_<class>`` are the
-        head's probabilities; ``dx`` is the decision of ``policy`` (accuracy: the argmax;
-        balanced; melanoma), taken on the temperature-scaled probabilities."""
-        images, ids, problems = [], [], []
+        A row per readable image (``path``, ``image_id``, ``dx``, ``policy``, ``p_<class>``); a
+        problem per skipped file, naming it and why (not a regular file, over a size limit,
+        not an image). ``metadata`` (HAM10000 columns, indexed by image_id) feeds models trained
+        with patient metadata; images it does not list get the 'unknown' encoding.
+        ``p_<class>`` are the head's probabilities; ``dx`` is the decision of ``policy``
+        (accuracy: the argmax; balanced; melanoma), taken on the temperature-scaled ones."""
+        limits = limits or Limits()
+        batch: list[Path] = []
+        for path in paths:
+            batch.append(Path(path))
+            if len(batch) == limits.batch_size:
+                yield self._predict_batch(batch, metadata, policy, limits)
+                batch = []
+        if batch:
+            yield self._predict_batch(batch, metadata, policy, limits)
+
+    def predict_files(self, paths: Iterable[Path], metadata: pd.DataFrame | None = None,
+                      policy: str = "accuracy", limits: Limits | None = None
+                      ) -> tuple[pd.DataFrame, list[str]]:
+        """All of ``iter_predictions`` at once (for a few files)."""
+        frames, problems = [], []
+        for frame, found in self.iter_predictions(paths, metadata, policy, limits):
+            frames += [frame] if len(frame) else []
+            problems += found
+        return (pd.concat(frames, ignore_index=True) if frames else self._empty()), problems
+
+    def _empty(self) -> pd.DataFrame:
+        return pd.DataFrame(columns=["path", "image_id", "dx", "policy",
+                                     *[f"p_{c}" for c in self.labels]])
+
+    def _predict_batch(self, paths: list[Path], metadata: pd.DataFrame | None, policy: str,
+                       limits: Limits) -> tuple[pd.DataFrame, list[str]]:
+        images, kept, problems = [], [], []
         for path in paths:
             try:
-                images.append(decode_image(Path(path).read_bytes(), self.spec["image_size"]))
-                ids.append(Path(path).stem)
+                data = read_image_file(path, limits.max_bytes)
+                images.append(decode_image(data, self.spec["image_size"],
+                                           max_pixels=limits.max_pixels))
+                kept.append(path)
             except (DecodeError, OSError) as exc:
-                problems.append(f"{path}: {exc}; skipped (pass JPEG or PNG images)")
-        columns = ["image_id", "dx", "policy", *[f"p_{c}" for c in self.labels]]
+                problems.append(f"{path}: {exc}; skipped")
         if not images:
-            return pd.DataFrame(columns=columns), problems
+            return self._empty(), problems
+        ids = [p.stem for p in kept]
         meta = None
         if metadata is not None and self.uses_metadata:
             meta = pd.DataFrame({"age": [metadata["age"].get(i, np.nan) for i in ids],
@@ -115,11 +149,42 @@ class Bundle:
                                  "localization": [metadata["localization"].get(i, "unknown")
                                                   for i in ids]})
         proba = self.head.predict_proba(self.features(np.stack(images), meta))
-        frame = pd.DataFrame(proba, columns=columns[3:])
+        frame = pd.DataFrame(proba, columns=[f"p_{c}" for c in self.labels])
+        frame.insert(0, "policy", policy)
         frame.insert(0, "dx", [self.labels[i] for i in self.decide(proba, policy)])
-        frame.insert(1, "policy", policy)
         frame.insert(0, "image_id", ids)
+        frame.insert(0, "path", [str(p) for p in kept])
         return frame, problems
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What `dermray predict` reads at most: bytes per file, pixels per image, files per batch."""
+
+    max_bytes: int = 50_000_000
+    max_pixels: int = 40_000_000
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        for key in ("max_bytes", "max_pixels", "batch_size"):
+            if getattr(self, key) < 1:
+                raise DermrayError(f"--{key.replace('_', '-')} must be >= 1. Got "
+                                   f"{getattr(self, key)} instead.")
+
+
+def read_image_file(path: Path, max_bytes: int) -> bytes:
+    """A regular file's bytes, at most ``max_bytes`` (a FIFO, device or socket is never read)."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise DecodeError("not a regular file (a folder, FIFO, device or socket)")
+    if info.st_size > max_bytes:
+        raise DecodeError(f"{info.st_size} bytes is over the limit of {max_bytes} bytes "
+                          "(--max-bytes)")
+    with open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise DecodeError(f"grew over the limit of {max_bytes} bytes while read (--max-bytes)")
+    return data
 
 
 def load_bundle(model: str | Path, weights_dirs: Sequence[str | Path] = ()) -> Bundle:

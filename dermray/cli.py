@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from dermray.errors import DermrayError
@@ -132,8 +134,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from dermray.bundle import collect_images, load_bundle
+    from dermray.bundle import Limits, collect_images, load_bundle
 
+    limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels,
+                    batch_size=args.batch_size)
     bundle = load_bundle(args.model, weights_dirs=args.weights_dir or ())
     files = collect_images(args.inputs)
     if not files:
@@ -143,17 +147,64 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from dermray.catalog import read_metadata
 
         metadata = read_metadata(args.metadata).drop_duplicates("image_id").set_index("image_id")
-    frame, problems = bundle.predict_files(files, metadata, policy=args.policy)
-    for problem in problems:
-        print(f"warning: {problem}", file=sys.stderr)
+    rows = skipped = 0
+    with prediction_sink(args.out) as write:
+        for frame, problems in bundle.iter_predictions(files, metadata, args.policy, limits):
+            write(frame.to_csv(index=False, header=not write.started, float_format="%.5f"))
+            rows, skipped = rows + len(frame), skipped + len(problems)
+            for problem in problems:
+                print(f"warning: {problem}", file=sys.stderr)
     if args.out:
-        from dermray import storage
+        print(f"wrote {rows} predictions to {args.out} ({skipped} file(s) skipped)")
+    return 0 if rows else 1
 
-        storage.write_text(args.out, frame.to_csv(index=False, float_format="%.5f"))
-        print(f"wrote {len(frame)} predictions to {args.out}")
-    else:
-        print(frame.to_csv(index=False, float_format="%.5f"), end="")
-    return 0 if len(frame) else 1
+
+class _Sink:
+    """Where prediction rows go, batch by batch: stdout, or a local file written under a
+    temporary name and renamed at the end (an s3:// --out is written once, at the end)."""
+
+    def __init__(self, out: str | None) -> None:
+        self.out, self.started, self.parts = out, False, []
+        self.tmp = None
+        if out and "://" not in out:
+            from pathlib import Path
+
+            target = Path(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            self.fh = open(self.tmp, "w")  # noqa: SIM115 - closed in finish()
+
+    def __call__(self, text: str) -> None:
+        self.started = True
+        if self.tmp is not None:
+            self.fh.write(text)
+        elif self.out:
+            self.parts.append(text)
+        else:
+            sys.stdout.write(text)
+
+    def finish(self, ok: bool) -> None:
+        if self.tmp is not None:
+            self.fh.close()
+            if ok:
+                os.replace(self.tmp, self.out)
+            else:
+                self.tmp.unlink(missing_ok=True)
+        elif self.out and ok:
+            from dermray import storage
+
+            storage.write_text(self.out, "".join(self.parts))
+
+
+@contextmanager
+def prediction_sink(out: str | None) -> Iterator[_Sink]:
+    sink = _Sink(out)
+    try:
+        yield sink
+    except BaseException:
+        sink.finish(ok=False)
+        raise
+    sink.finish(ok=True)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -239,9 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-dir", action="append", metavar="DIR",
                    help="a folder holding the backbone weights files (found by their sha256; "
                    "repeatable; also $DERMRAY_WEIGHTS_DIR and the Keras cache)")
-    p.add_argument("--out", help="write a CSV here instead of printing it")
+    p.add_argument("--out", help="write a CSV here instead of printing it (one row per image, "
+                   "with its path)")
     p.add_argument("--metadata", help="HAM10000-style CSV with age, sex, localization per "
                    "image_id, for models trained with patient metadata")
+    p.add_argument("--max-bytes", dest="max_bytes", type=int, default=50_000_000,
+                   help="skip (with a warning) files larger than this (default 50 MB)")
+    p.add_argument("--max-pixels", dest="max_pixels", type=int, default=40_000_000,
+                   help="skip images with more pixels than this, read from the header "
+                   "(default 40 million)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=64,
+                   help="images decoded and predicted at a time: memory stays bounded")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.set_defaults(func=cmd_predict)
 
