@@ -78,17 +78,20 @@ def test_finetune_runs_on_tiny_images(tmp_path):
 
 
 @pytest.mark.parametrize("family, params, message", [
-    ("logistic", {"C": -1.0}, "The 'C' parameter of LogisticHead must be a float in the range "
-                              "(0, inf). Got -1.0 instead."),
-    ("logistic", {"class_weight": "auto"}, "The 'class_weight' parameter of LogisticHead must be "
-                                           "one of 'none', 'balanced'. Got 'auto' instead."),
-    ("xgboost", {"subsample": 1.5}, "The 'subsample' parameter of XGBoostHead must be a float in "
-                                    "the range (0, 1]. Got 1.5 instead."),
+    ("logistic", {"C": -1.0},
+     "The 'C' parameter of LogisticHead must be a float in the range (0, inf). Got -1.0 instead."),
+    ("logistic", {"class_weight": "auto"},
+     "The 'class_weight' parameter of LogisticHead must be one of 'none', 'balanced'. Got "
+     + "'auto' instead."),
+    ("xgboost", {"subsample": 1.5},
+     "The 'subsample' parameter of XGBoostHead must be a float in the range (0, 1]. Got 1.5 "
+     + "instead."),
     ("xgboost", {"device": "tpu"}, "The 'device' parameter of XGBoostHead must be"),
-    ("mlp", {"layers": 1.5}, "The 'layers' parameter of MLPHead must be an int in the range "
-                             "[0, inf]. Got 1.5 instead."),
-    ("finetune", {"backbone": "alexnet"}, "The 'backbone' parameter of FinetuneHead must be one "
-                                          "of 'vgg19', 'resnet50'. Got 'alexnet' instead."),
+    ("mlp", {"layers": 1.5},
+     "The 'layers' parameter of MLPHead must be an int in the range [0, inf]. Got 1.5 instead."),
+    ("finetune", {"backbone": "alexnet"},
+     "The 'backbone' parameter of FinetuneHead must be one of 'vgg19', 'resnet50'. Got "
+     + "'alexnet' instead."),
 ])
 def test_parameters_are_stored_by_init_and_validated_by_fit(family, params, message):
     import re
