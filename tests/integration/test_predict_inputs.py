@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from dermray.bundle import Limits, collect_images, load_bundle
 from dermray.cli import main
 
 
@@ -52,12 +53,14 @@ def test_hostile_files_are_skipped_with_their_reason(folder, tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def test_the_batch_size_does_not_change_the_rows(folder, tmp_path):
+def test_the_batch_size_does_not_change_the_rows(folder):
     out, root, _ = folder
-    small, large = tmp_path / "small.csv", tmp_path / "large.csv"
-    assert run_predict(out, root, small, "--batch-size", "1") == 0
-    assert run_predict(out, root, large, "--batch-size", "64") == 0
-    pd.testing.assert_frame_equal(pd.read_csv(small), pd.read_csv(large))
+    bundle = load_bundle(out / "model")
+    files = collect_images([str(root)])
+    small, skipped = bundle.predict_files(files, limits=Limits(batch_size=1))
+    large, _ = bundle.predict_files(files, limits=Limits(batch_size=64))
+    pd.testing.assert_frame_equal(small, large)
+    assert len(small) + len(skipped) == len(files)  # every file is a row or a reason
 
 
 def test_bad_limits_are_a_message(folder, tmp_path, capsys):

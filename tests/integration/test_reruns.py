@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -73,9 +74,9 @@ def test_a_changed_setting_is_refused_and_nothing_is_mixed(first_run, synth_dir,
         p: t for p, t in before.items() if not p.name.startswith("quarantine")}
 
 
-def test_fresh_redoes_the_stage_with_the_new_settings(ray_local, synth_dir, tmp_path):
+def test_fresh_redoes_the_stage_with_the_new_settings(first_run, synth_dir, tmp_path):
     out = tmp_path / "out"
-    run_pipeline(config(tmp_path, synth_dir, "base"), str(out))
+    shutil.copytree(first_run[1], out)  # a finished run of the base settings
     result = run_pipeline(config(tmp_path, synth_dir, "seed1", data__seed=1,
                                  extract__image_size=48), str(out), fresh=True)
     manifest = pd.read_parquet(out / "manifest.parquet").set_index("image_id")

@@ -57,8 +57,7 @@ def s3_run(ray_local, moto_s3, synth_dir, weights_file, tmp_path_factory):
         "extract": {"backbones": ["resnet50"], "weights": {"resnet50": str(weights_file)},
                     "image_size": 32, "batch_size": 16, "augment": False, "tta_views": 1,
                     "jit_compile": False},
-        "search": {"families": ["logistic", "mlp"], "features": ["resnet50"], "num_samples": 2,
-                   "mlp_max_epochs": 3, "grace_period": 1},
+        "search": {"families": ["logistic"], "features": ["resnet50"], "num_samples": 2},
     }
     path = tmp_path_factory.mktemp("cfg") / "s3.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -87,7 +86,7 @@ def test_every_output_lands_on_s3(s3_run, moto_s3):
     assert sum(a["views"] for a in record["actors"]) == record["views_planned"]
     assert record["weights"]["resnet50"].startswith("sha256:")
     trials = read_csv(storage.join(out, "trials.csv"))
-    assert len(trials) == 2 and result["winner"]["family"] in {"logistic", "mlp"}
+    assert len(trials) == 2 and result["winner"]["family"] == "logistic"
 
 
 def test_rerun_resumes_on_s3(s3_run, moto_s3):
@@ -101,7 +100,7 @@ def test_rerun_resumes_on_s3(s3_run, moto_s3):
     # the finished Tune experiment is restored from S3, not run again: the same trials
     after = read_csv(storage.join(out, "trials.csv"))
     assert sorted(after["trial_id"]) == sorted(pd.read_csv(io.StringIO(trials_before))["trial_id"])
-    assert again["winner"]["family"] in {"logistic", "mlp"}
+    assert again["winner"]["family"] == "logistic"
 
 
 def test_pandas_and_duckdb_read_embeddings_from_s3(s3_run):
@@ -110,7 +109,8 @@ def test_pandas_and_duckdb_read_embeddings_from_s3(s3_run):
     fs, root = storage.open_fs(storage.join(out, "embeddings", "backbone=resnet50"))
     frame = pd.read_parquet(root, filesystem=fs)
     assert len(frame) and np.stack(frame["embedding"].to_numpy()).shape[1] == 2048
-    embeddings = pads.dataset(root, filesystem=fs, format="parquet")  # the files carry split
+    # DuckDB scans this Arrow dataset by its variable name (the files carry split themselves)
+    embeddings = pads.dataset(root, filesystem=fs, format="parquet")  # noqa: F841
     counts = duckdb.sql("SELECT split, count(*) AS n FROM embeddings GROUP BY split").df()
     assert counts["n"].sum() == len(frame)
     assert set(counts["split"]) == {"train", "val", "test"}

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 
 from dermray.errors import DermrayError
-from dermray.policies import (MEL, calibrate, decide, decision_metrics, fit_operating_points,
-                              fit_temperature, nll, policy_report)
+from dermray.policies import (
+    MEL,
+    calibrate,
+    decide,
+    decision_metrics,
+    fit_operating_points,
+    fit_temperature,
+    nll,
+    policy_report,
+)
 
 SHARES = np.array([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
 
