@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,9 +30,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from raytools import RAY, REPO, free_port, ray_cli
 
-REPO = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).with_name("ray"))
 CLUSTER_YAML = Path(__file__).with_name("fake_cluster") / "cluster.yaml"
 JOB_CONFIG = REPO / "ray_jobs" / "configs" / "fake_cluster.yaml"
 HEAD_NODE_ID = "f" * 51 + "00000"  # the id the fake provider gives the head (RAY_FAKE_CLUSTER=1)
@@ -43,17 +41,6 @@ pytestmark = pytest.mark.e2e
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ray_cli(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args], check=False, capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=REPO)
 
 
 def session_pids(sid: int) -> list[int]:

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -25,8 +24,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from raytools import REPO, free_port, ray_cli
 
-REPO = Path(__file__).resolve().parents[2]
 # p3.yaml only: tests/unit/test_cluster.py checks that g6.yaml differs from it only in the
 # images, the worker instance type and the driver line, so its start commands and file mounts
 # are these very ones (running them twice cost ~45 s of `make test`)
@@ -39,12 +38,6 @@ pytestmark = pytest.mark.e2e
 JOB = ("import ray, sys, time; ray.init(); t = time.time()\n"
        "while sum(n['Alive'] for n in ray.nodes()) < 2 and time.time() - t < 60: time.sleep(1)\n"
        "print('ALIVE', sum(n['Alive'] for n in ray.nodes()), 'PREFIX', sys.prefix)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def operator_lines(config_path: Path) -> list[str]:
@@ -121,15 +114,14 @@ def start_node(commands: list[str], home: Path, ports: dict[str, int], head: boo
     pytest.fail("no `ray start` among the node's start commands")
 
 
-def ray_cli(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV / "bin" / "ray"), *args], check=False, capture_output=True,
-                          text=True, env=env, timeout=timeout, cwd=env["HOME"])
+def ray_cli_home(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return ray_cli(*args, env=env, timeout=timeout, cwd=env["HOME"])
 
 
 def wait_for_job_api(address: str, env: dict, procs: list[subprocess.Popen], homes) -> None:
     deadline = time.time() + 120
     while time.time() < deadline:
-        if ray_cli("job", "list", "--address", address, env=env, timeout=60).returncode == 0:
+        if ray_cli_home("job", "list", "--address", address, env=env, timeout=60).returncode == 0:
             return
         for proc, home in zip(procs, homes):
             assert proc.poll() is None, (home / "ray-start.log").read_text()[-3000:]
@@ -174,7 +166,7 @@ def test_yaml_commands_start_a_cluster_that_takes_jobs_with_the_token(config_pat
             assert path.read_text() == token, f"the {node} has another token"
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, f"the {node}'s token is not 600"
 
-        job = ray_cli("job", "submit", "--address", address, "--", "python", "-c", JOB,
+        job = ray_cli_home("job", "submit", "--address", address, "--", "python", "-c", JOB,
                       env=submit_env, timeout=180)
         for proc, home in zip(procs, (homes["head"], homes["worker"])):
             assert proc.poll() is None, (home / "ray-start.log").read_text()[-3000:]
@@ -184,9 +176,9 @@ def test_yaml_commands_start_a_cluster_that_takes_jobs_with_the_token(config_pat
 
         # without the token (a HOME without the file, no RAY_AUTH_TOKEN*), the head refuses
         stranger = {**clean_env(homes["stranger"], with_venv=True), "RAY_AUTH_MODE": "token"}
-        refused = ray_cli("job", "submit", "--address", address, "--", "echo", "hi", env=stranger)
+        refused = ray_cli_home("job", "submit", "--address", address, "--", "echo", "hi", env=stranger)
         assert refused.returncode != 0
-        jobs = ray_cli("job", "list", "--address", address, env=submit_env)
+        jobs = ray_cli_home("job", "list", "--address", address, env=submit_env)
         assert jobs.returncode == 0 and jobs.stdout.count("submission_id=") == 1, jobs.stdout
     finally:
         for proc in reversed(procs):  # the groups this test started, never Ray's by name

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,21 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from raytools import RAY, REPO, free_port, ray_cli
 
-REPO = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).with_name("ray"))
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ray_cli(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args], capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=REPO)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,24 @@
+"""What the e2e tests share: the repository, this venv's `ray` command, free ports."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli(*args: str, env: dict, timeout: float = 120,
+            cwd: str | Path = REPO) -> subprocess.CompletedProcess:
+    """This venv's `ray` with its output captured (never raises on a non-zero exit)."""
+    return subprocess.run([RAY, *args], check=False, capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=cwd)
