@@ -211,15 +211,11 @@ def actor_summary(rows: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def _library_versions() -> dict[str, str]:
-    import importlib.metadata as md
+    from dermray.fingerprint import versions
 
-    versions = {"python": platform.python_version()}
-    for pkg in ("ray", "keras", "tensorflow", "tensorflow-cpu", "numpy", "pyarrow", "pillow"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return versions
+    return {"python": platform.python_version(),
+            **versions(("ray", "keras", "tensorflow", "tensorflow-cpu", "numpy", "pyarrow",
+                        "pillow"))}
 
 
 def consolidate_quarantine(out: str) -> pd.DataFrame:
