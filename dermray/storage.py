@@ -49,11 +49,6 @@ def display(uri: str | Path) -> str:
     return str(uri).partition("?")[0]
 
 
-def exists(uri: str | Path) -> bool:
-    fs, path = open_fs(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 def is_file(uri: str | Path) -> bool:
     fs, path = open_fs(uri)
     return fs.get_file_info(path).type == pafs.FileType.File

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,3 +23,16 @@ def ray_cli(*args: str, env: dict, timeout: float = 120,
     """This venv's `ray` with its output captured (never raises on a non-zero exit)."""
     return subprocess.run([RAY, *args], check=False, capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=cwd)
+
+
+def wait_for_job_api(address: str, env: dict, head: subprocess.Popen, log: Path) -> None:
+    """Wait (up to 120 s) until the head's job API answers; fail with its log if it dies."""
+    import pytest
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if ray_cli("job", "list", "--address", address, env=env, timeout=60).returncode == 0:
+            return
+        assert head.poll() is None, log.read_text()[-3000:]
+        time.sleep(2)
+    pytest.fail("the Ray head did not answer: " + log.read_text()[-3000:])

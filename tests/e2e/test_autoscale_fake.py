@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from raytools import RAY, REPO, free_port, ray_cli
+from raytools import RAY, REPO, free_port, ray_cli, wait_for_job_api
 
 CLUSTER_YAML = Path(__file__).with_name("fake_cluster") / "cluster.yaml"
 JOB_CONFIG = REPO / "ray_jobs" / "configs" / "fake_cluster.yaml"
@@ -161,14 +161,7 @@ def fake_cluster(tmp_path_factory):
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if ray_cli("job", "list", "--address", address, env=env, timeout=60).returncode == 0:
-                break
-            assert head.poll() is None, (tmp / "head.log").read_text()[-3000:]
-            time.sleep(2)
-        else:
-            pytest.fail("the Ray head did not answer: " + (tmp / "head.log").read_text()[-3000:])
+        wait_for_job_api(address, env, head, tmp / "head.log")
         yield address, gcs, env
     finally:
         stop_session(head.pid)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from raytools import RAY, REPO, free_port, ray_cli
+from raytools import RAY, REPO, free_port, ray_cli, wait_for_job_api
 
 pytestmark = pytest.mark.e2e
 
@@ -44,14 +44,7 @@ def ray_head(tmp_path_factory):
              "--include-dashboard=true", "--disable-usage-stats"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if ray_cli("job", "list", "--address", address, env=env, timeout=60).returncode == 0:
-            break
-        assert head.poll() is None, (logs / "head.log").read_text()[-3000:]
-        time.sleep(2)
-    else:
-        pytest.fail("the Ray head did not answer: " + (logs / "head.log").read_text()[-3000:])
+    wait_for_job_api(address, env, head, logs / "head.log")
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)  # the whole group the test started, never by name
     try:
