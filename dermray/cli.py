@@ -24,12 +24,48 @@ def _overrides(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
 
 
 def _data_config(args: argparse.Namespace):
-    from dermray.config import load_section
+    return preflight(args)["data"]
 
-    images = tuple(args.images) if getattr(args, "images", None) else None
-    overrides = _overrides(args, ["metadata", "out", "seed"])
-    overrides["images"] = images
-    return load_section("data", getattr(args, "config", None), overrides)
+
+def _extract_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = _overrides(args, ["manifest", "out", "image_size", "batch_size", "num_actors"])
+    if args.backbone:
+        overrides["backbones"] = tuple(args.backbone)
+    if args.weights:
+        weights = {}
+        for item in args.weights:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise DermrayError(f"--weights takes NAME=PATH|imagenet|none. Got {item!r}.")
+            weights[name] = value
+        overrides["weights"] = weights
+    if args.no_augment:
+        overrides["augment"] = False
+    return overrides
+
+
+def preflight(args: argparse.Namespace) -> dict[str, Any]:
+    """Every section of the command's config, with its flags on top, validated before any stage
+    runs (and before Ray starts); for the commands that build models, every weights file the
+    config names is checked too. Returns the sections by name."""
+    from dermray.config import check_weights_files, load_all, read_yaml
+
+    path = getattr(args, "config", None)
+    if args.command == "data":
+        data = _overrides(args, ["metadata", "out", "seed"])
+        data["images"] = tuple(args.images) if getattr(args, "images", None) else None
+        overrides: dict[str, dict[str, Any]] = {"data": data}
+    elif args.command == "extract":
+        overrides = {"extract": _extract_overrides(args)}
+    elif args.command == "search":
+        overrides = {"search": {"out": args.out, "num_samples": args.num_samples,
+                                "algorithm": args.algorithm}}
+    else:  # run: the data stage always runs; the others where the file has their section
+        overrides = {name: {"out": args.out} for name in ("data", *read_yaml(path))}
+    configs = load_all(path, overrides)
+    if args.command != "data":
+        check_weights_files(configs)
+    return configs
 
 
 def _print_catalog(summary: dict[str, Any]) -> None:
@@ -86,23 +122,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from dermray.config import load_section
     from dermray.extract import run_extract
 
-    overrides = _overrides(args, ["manifest", "out", "image_size", "batch_size", "num_actors"])
-    if args.backbone:
-        overrides["backbones"] = tuple(args.backbone)
-    if args.weights:
-        weights = {}
-        for item in args.weights:
-            name, sep, value = item.partition("=")
-            if not sep:
-                raise DermrayError(f"--weights takes NAME=PATH|imagenet|none. Got {item!r}.")
-            weights[name] = value
-        overrides["weights"] = weights
-    if args.no_augment:
-        overrides["augment"] = False
-    cfg = load_section("extract", args.config, overrides)
+    cfg = preflight(args)["extract"]
     with hold(cfg.out, "dermray extract"):
         record = run_extract(cfg, fresh=args.fresh)
     print(json.dumps({k: record[k] for k in ("rows", "quarantined", "wall_s", "images_per_s",
@@ -113,6 +135,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from dermray.pipeline import run_pipeline
 
+    preflight(args)
     with hold(args.out, "dermray run"):
         result = run_pipeline(args.config, args.out, fresh=args.fresh)
     print(json.dumps(result, indent=2, default=str))
@@ -125,6 +148,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     overrides = {"num_samples": args.num_samples, "algorithm": args.algorithm}
     from dermray.storage import join
 
+    preflight(args)
     with hold(args.out, "dermray search"):
         result = run_search_stage(args.config, args.out,
                                   args.manifest or join(args.out, "manifest.parquet"), overrides,

@@ -29,6 +29,13 @@ def check(ok: bool, section: str, key: str, value: Any, must: str) -> None:
         raise ConfigError(f"{section}.{key} must be {must}. Got {value!r} instead.")
 
 
+def check_unique(section: str, key: str, values: tuple[Any, ...]) -> None:
+    """Raise ConfigError naming the repeated items of a list key."""
+    repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+    check(not repeated, section, key, list(values),
+          f"a list without repeats ({', '.join(map(str, repeated))} given more than once)")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Catalog and split: where the metadata and images are, how to split them."""
@@ -94,6 +101,7 @@ class ExtractConfig:
         from dermray.backbones import BACKBONES  # local: backbones imports this module
 
         check(len(self.backbones) > 0, "extract", "backbones", self.backbones, "non-empty")
+        check_unique("extract", "backbones", self.backbones)
         for name in self.backbones:
             check(name in BACKBONES, "extract", "backbones", name,
                    f"one of {sorted(BACKBONES)}")
@@ -170,6 +178,13 @@ class SearchConfig:
               f"a non-empty list of {known}")
         for fam in self.families:
             check(fam in FAMILY_SPECS, "search", "families", fam, f"one of {known}")
+        check_unique("search", "families", self.families)
+        check_unique("search", "features", self.features)
+        check_unique("search", "finetune_backbones", self.finetune_backbones)
+        for spec in self.features:  # resnet50+resnet50 would fuse one embedding with itself
+            parts = spec.split("+")
+            check(len(set(parts)) == len(parts), "search", "features", spec,
+                  "'+'-joined names, each at most once")
         on_embeddings = [f for f in self.families if FAMILY_SPECS[f].input == EMBEDDINGS]
         check(not on_embeddings or len(self.features) > 0, "search", "features",
               self.features, "non-empty when an embedding family is searched")
@@ -293,3 +308,127 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-friendly dict of a config (tuples become lists)."""
     out = dataclasses.asdict(cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def load_all(path: str | Path | None,
+             overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Every section of a config file, each with its CLI overrides, built and validated at once.
+
+    Commands call this before any stage runs, so that a bad value in a later stage's section
+    (``search.num_samples: 0``) is refused before the first stage starts, not after it. Every
+    section's problem is reported in one message. A section only in ``overrides`` (the command's
+    own, with no file or no such section in it) is built too.
+    """
+    overrides = overrides or {}
+    raw = read_yaml(path) if path else {}
+    built: dict[str, Any] = {}
+    problems: list[str] = []
+    for name in SECTIONS:
+        if name not in raw and name not in overrides:
+            continue
+        values = dict(raw.get(name) or {})
+        values.update({k: v for k, v in (overrides.get(name) or {}).items() if v is not None})
+        try:
+            built[name] = build_section(name, values)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if len(problems) == 1:
+        raise ConfigError(f"{path}: {problems[0]}" if path else problems[0])
+    if problems:
+        raise ConfigError(f"{path or 'the command line'} has {len(problems)} problems:\n"
+                          + "\n".join(f"  - {p}" for p in problems))
+    return built
+
+
+# the first bytes of the two weights formats Keras loads: HDF5 (.h5, .weights.h5) and zip (.keras)
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+ZIP_MAGIC = b"PK\x03\x04"
+WEIGHTS_FIX = ("pass a Keras weights file of that backbone (the keras.applications 'notop' .h5, "
+               "or a .keras file), 'imagenet' (downloads on a machine with internet) or 'none' "
+               "(seeded random weights)")
+
+
+def check_weights_file(key: str, value: str) -> None:
+    """A weights value that names a file must name one Keras can load: HDF5, or a .keras zip.
+
+    Checked in the driver, before Ray or any actor starts: otherwise a text file named .h5 ends
+    in an actor's traceback after every retry. Whether the layers fit the architecture is found
+    only when the model is built (in the actor).
+    """
+    if value.lower() in ("imagenet", "none"):
+        return
+    path = Path(value).expanduser()
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"{key}: weights file {value} {what}; {WEIGHTS_FIX}.")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read weights file {value} ({exc.strerror}); "
+                          f"{WEIGHTS_FIX}.") from None
+    if path.suffix == ".keras" or head.startswith(ZIP_MAGIC):
+        _check_keras_zip(key, value, path)
+        return
+    if head != HDF5_MAGIC:
+        size = path.stat().st_size
+        found = "empty" if size == 0 else f"{size} bytes starting {head[:8]!r}"
+        raise ConfigError(f"{key}: weights file {value} is not an HDF5 file ({found}); "
+                          f"{WEIGHTS_FIX}.")
+    _check_hdf5(key, value, path)
+
+
+def _check_hdf5(key: str, value: str, path: Path) -> None:
+    """Open the file with h5py (a Keras dependency): a truncated or empty file is refused."""
+    try:
+        import h5py
+    except ImportError:  # no h5py: the magic bytes are all that can be checked here
+        return
+    try:
+        with h5py.File(path, "r") as f:
+            empty = len(f.keys()) == 0 and len(f.attrs.get("layer_names", ())) == 0
+    except OSError as exc:
+        raise ConfigError(f"{key}: weights file {value} is not a readable HDF5 file "
+                          f"(truncated or damaged: {str(exc)[:160]}); {WEIGHTS_FIX}.") from None
+    if empty:
+        raise ConfigError(f"{key}: weights file {value} is an HDF5 file that holds no layer "
+                          f"weights; {WEIGHTS_FIX}.")
+
+
+def _check_keras_zip(key: str, value: str, path: Path) -> None:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ConfigError(f"{key}: weights file {value} is not a valid .keras (zip) file "
+                          f"({exc}); {WEIGHTS_FIX}.") from None
+    if not any(n.endswith(".weights.h5") for n in names):
+        raise ConfigError(f"{key}: weights file {value} is a zip without a *.weights.h5 inside "
+                          f"(it holds {', '.join(names[:5]) or 'nothing'}); {WEIGHTS_FIX}.")
+
+
+def check_weights_files(configs: Mapping[str, Any]) -> None:
+    """Every weights file a set of configs names (fields whose name ends in ``weights``, a
+    name -> value mapping or one value), checked at once; one message lists every bad file."""
+    problems = []
+    for section, cfg in configs.items():
+        for f in dataclasses.fields(cfg):
+            if not f.name.endswith("weights"):
+                continue
+            value = getattr(cfg, f.name)
+            items = value.items() if isinstance(value, Mapping) else [("", value)]
+            for name, item in items:
+                if not isinstance(item, str) or not item:  # "" : the family's own default
+                    continue
+                key = f"{section}.{f.name}" + (f".{name}" if name else "")
+                try:
+                    check_weights_file(key, item)
+                except ConfigError as exc:
+                    problems.append(str(exc))
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} weights files cannot be used:\n"
+                          + "\n".join(f"  - {p}" for p in problems))

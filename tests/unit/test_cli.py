@@ -2,10 +2,12 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
+import pytest
 
-from dermray.cli import main
+from dermray.cli import build_parser, main, preflight
 
 
 def test_validate_and_split(synth_dir, tmp_path, capsys):
@@ -22,7 +24,8 @@ def test_invalid_catalog_exits_nonzero_without_traceback(tmp_path):
     bad = tmp_path / "m.csv"
     bad.write_text("lesion_id,image_id,dx,age,sex,localization\nHAM_1,ISIC_0000001,cancer,1,m,x\n")
     proc = subprocess.run([sys.executable, "-m", "dermray", "data", "validate", "--metadata",
-                           str(bad), "--images", str(tmp_path)], capture_output=True, text=True)
+                           str(bad), "--images", str(tmp_path)], capture_output=True, text=True,
+                          check=False)
     assert proc.returncode == 2
     assert "field 'dx' outside the 7 classes" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -33,3 +36,42 @@ def test_synth_command(tmp_path, capsys):
     frame = pd.read_csv(tmp_path / "HAM10000_metadata.csv")
     assert len(frame) == 35 and frame["dx"].nunique() == 7
     assert len(list(tmp_path.glob("HAM10000_images_part_*/*.jpg"))) == 35
+
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted(REPO.glob("ray_jobs/configs/*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_passes_every_commands_checks(config, monkeypatch, tmp_path):
+    """What `dermray <command> --config` and ray_jobs/*.py (the same parser) check before a stage
+    runs: every section, and the weights files of the commands that build models."""
+    monkeypatch.chdir(REPO)  # the configs' relative paths (../shared/weights) are from here
+    if "../shared/" in config.read_text() and not (REPO.parent / "shared").exists():
+        pytest.skip("this config names files in ../shared, not present here")
+    out, c = str(tmp_path / "out"), str(config)
+    for argv in (["data", "validate", "--config", c], ["data", "split", "--config", c, "--out", out],
+                 ["extract", "--config", c, "--manifest", "m.parquet", "--out", out],
+                 ["search", "--config", c, "--out", out], ["run", "--config", c, "--out", out]):
+        configs = preflight(build_parser().parse_args(argv))
+        assert "data" in configs or argv[0] != "run"
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (("num_samples: 8", "num_samples: 0"), "search.num_samples must be >= 1"),
+    (("families: [logistic, xgboost, mlp, finetune]", "families: []"), "search.families"),
+    (("backbones: [resnet50, vgg19]", "backbones: [resnet50, resnet50]"), "without repeats"),
+    (("{resnet50: none, vgg19: none}", "{resnet50: w.h5, vgg19: none}"), "not an HDF5 file"),
+])
+def test_a_bad_later_section_is_refused_before_any_stage(tmp_path, capsys, change, fragment):
+    (tmp_path / "w.h5").write_text("not weights")
+    text = (REPO / "ray_jobs/configs/demo.yaml").read_text()
+    assert change[0] in text
+    config = tmp_path / "c.yaml"
+    config.write_text(text.replace(change[0], change[1].replace("w.h5", str(tmp_path / "w.h5"))))
+    out = tmp_path / "out"
+    for argv in (["run", "--config", str(config), "--out", str(out)],
+                 ["extract", "--config", str(config), "--manifest", "m", "--out", str(out)]):
+        assert main(argv) == 2
+        assert fragment in capsys.readouterr().err
+    assert not out.exists()  # nothing ran: no lock, no synthetic data, no Ray

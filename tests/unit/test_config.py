@@ -1,6 +1,13 @@
 import pytest
 
-from dermray.config import DataConfig, ExtractConfig, build_section, load_section
+from dermray.config import (
+    DataConfig,
+    ExtractConfig,
+    build_section,
+    check_weights_files,
+    load_all,
+    load_section,
+)
 from dermray.errors import ConfigError
 
 
@@ -27,7 +34,7 @@ def test_bad_data_values_name_key_and_value(values, fragment):
 
 
 @pytest.mark.parametrize("values, fragment", [
-    ({"backbones": ["vgg16"]}, "extract.backbones must be one of ['resnet50', 'resnet50_ms', 'vgg19']"),
+    ({"backbones": ["vgg16"]}, "extract.backbones must be one of ['resnet50', "),
     ({"image_size": 8}, "extract.image_size must be an integer in [32, 1024]. Got 8"),
     ({"augment": "maybe"}, "extract.augment must be true or false. Got 'maybe'"),
     ({"weights": {"alexnet": "none"}}, "extract.weights must be keyed by one of"),
@@ -52,3 +59,70 @@ def test_extract_defaults_are_valid():
     cfg = ExtractConfig()
     assert cfg.backbones == ("resnet50", "vgg19")
     assert cfg.weights_for("vgg19") == "imagenet"
+
+
+@pytest.mark.parametrize("section, values, fragment", [
+    ("extract", {"backbones": ["resnet50", "resnet50"]},
+     "extract.backbones must be a list without repeats (resnet50 given more than once)"),
+    ("search", {"families": ["logistic", "logistic"]}, "search.families must be a list without"),
+    ("search", {"features": ["resnet50+resnet50"]}, "each at most once. Got 'resnet50+resnet50'"),
+    ("search", {"num_samples": 0}, "search.num_samples must be >= 1. Got 0"),
+    ("search", {"families": []}, "search.families must be a non-empty list"),
+])
+def test_repeats_and_empty_lists_are_refused(section, values, fragment):
+    with pytest.raises(ConfigError) as err:
+        build_section(section, values)
+    assert fragment in str(err.value)
+
+
+def test_load_all_validates_every_section_at_once(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  synth_n: 40\nextract:\n  backbones: [vgg19, vgg19]\n"
+                    "search:\n  num_samples: 0\n")
+    with pytest.raises(ConfigError) as err:
+        load_all(path, {"data": {"out": "o"}})
+    assert "2 problems" in str(err.value)
+    assert "extract.backbones" in str(err.value) and "search.num_samples" in str(err.value)
+    path.write_text("data:\n  synth_n: 40\n")
+    built = load_all(path, {"extract": {"image_size": 64}})
+    assert set(built) == {"data", "extract"} and built["extract"].image_size == 64
+
+
+def _weights_files(tmp_path):
+    import h5py
+
+    good = tmp_path / "good.h5"
+    with h5py.File(good, "w") as f:
+        f.attrs["layer_names"] = [b"conv1"]
+        f.create_group("conv1")
+    (tmp_path / "text.h5").write_text("these are not weights\n")
+    (tmp_path / "empty.h5").write_bytes(b"")
+    (tmp_path / "trunc.h5").write_bytes(good.read_bytes()[:600])
+    with h5py.File(tmp_path / "hollow.h5", "w"):
+        pass
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "m.keras", "w") as z:
+        z.writestr("config.json", "{}")
+    (tmp_path / "folder.h5").mkdir()
+    return good
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("text.h5", "is not an HDF5 file (22 bytes starting"),
+    ("empty.h5", "is not an HDF5 file (empty)"),
+    ("trunc.h5", "is not a readable HDF5 file (truncated or damaged"),
+    ("hollow.h5", "holds no layer weights"),
+    ("m.keras", "a zip without a *.weights.h5 inside"),
+    ("folder.h5", "is a folder, not a file"),
+    ("nope.h5", "does not exist"),
+])
+def test_weights_files_are_checked_before_any_actor(tmp_path, name, fragment):
+    good = _weights_files(tmp_path)
+    check_weights_files({"extract": build_section("extract", {"weights": {"resnet50": str(good)}})})
+    cfg = build_section("extract", {"weights": {"resnet50": str(tmp_path / name)}})
+    with pytest.raises(ConfigError) as err:
+        check_weights_files({"extract": cfg})
+    message = str(err.value)
+    assert fragment in message and "extract.weights.resnet50" in message and name in message
+    assert "'imagenet'" in message  # the fix
