@@ -113,10 +113,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from dermray.synth import write_synth_dataset
+    from dermray.synth import parse_size, write_synth_dataset
 
-    width, height = (int(v) for v in args.size.lower().split("x"))
-    path = write_synth_dataset(args.dest, n=args.n, seed=args.seed, size=(width, height))
+    size = parse_size(args.size)
+    path = write_synth_dataset(args.dest, n=args.n, seed=args.seed, size=size)
     print(f"wrote {args.n} synthetic images and {path}")
     return 0
 

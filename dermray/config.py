@@ -21,6 +21,7 @@ from dermray.errors import ConfigError
 
 CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+SYNTH_MIN_N = 4 * len(CLASSES)  # synthetic data: at least 4 lesions per class
 
 
 def check(ok: bool, section: str, key: str, value: Any, must: str) -> None:
@@ -58,7 +59,8 @@ class DataConfig:
         check(abs(total - 1.0) < 1e-6, "data", "train_frac+val_frac+test_frac", total,
                "1.0 (the three fractions must add up)")
         check(self.seed >= 0, "data", "seed", self.seed, "a non-negative integer")
-        check(self.synth_n >= 0, "data", "synth_n", self.synth_n, ">= 0")
+        check(self.synth_n == 0 or self.synth_n >= SYNTH_MIN_N, "data", "synth_n", self.synth_n,
+              f"0 (off) or at least {SYNTH_MIN_N} (4 lesions per class)")
         check(bool(self.metadata) or self.synth_n > 0, "data", "metadata", self.metadata,
                "a metadata CSV path (or set data.synth_n for synthetic data)")
 

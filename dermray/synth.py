@@ -8,6 +8,7 @@ images per lesion, each a jittered view of the lesion, so that lesion-grouped sp
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from dermray import storage
 from dermray.config import CLASSES
+from dermray.errors import DermrayError
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +36,39 @@ CLASS_WEIGHTS = np.array([0.09, 0.09, 0.11, 0.08, 0.11, 0.44, 0.08])
 LOCALIZATIONS = ("back", "lower extremity", "trunk", "upper extremity", "abdomen", "face")
 PART_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 METADATA_NAME = "HAM10000_metadata.csv"
+MIN_SIDE, MAX_SIDE = 8, 2048  # pixels; HAM10000's originals are 600x450
+MAX_N = 1_000_000  # image ids stay 7 digits (ISIC_0024306 onwards)
+SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+class SynthError(DermrayError, ValueError):
+    """A bad size, count or destination for the synthetic dataset."""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' (``200x150``) as integers in [MIN_SIDE, MAX_SIDE], or SynthError."""
+    match = SIZE.match(str(text))
+    must = f"WIDTHxHEIGHT with each side in [{MIN_SIDE}, {MAX_SIDE}] pixels, e.g. 200x150"
+    if not match:
+        raise SynthError(f"--size must be {must}. Got {text!r} instead.")
+    width, height = int(match[1]), int(match[2])
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        raise SynthError(f"--size must be {must}. Got {text!r} instead.")
+    return width, height
+
+
+def check_n(n: int, min_lesions_per_class: int = 4) -> None:
+    """Enough images for every class to have its lesions (a 3-way split needs 3 per class)."""
+    least = len(CLASSES) * min_lesions_per_class
+    if not least <= n <= MAX_N:
+        raise SynthError(f"The number of synthetic images (--n, data.synth_n) must be in "
+                         f"[{least}, {MAX_N}], so that each of the {len(CLASSES)} classes has "
+                         f"{min_lesions_per_class} lesions. Got {n} instead.")
 
 
 def synth_metadata(n: int, seed: int = 0, min_lesions_per_class: int = 4) -> pd.DataFrame:
     """Metadata rows for ``n`` images: lesions of 1-3 images, all 7 classes, nv the majority."""
-    if n < len(CLASSES) * min_lesions_per_class:
-        raise ValueError(f"n must be at least {len(CLASSES) * min_lesions_per_class} so that each "
-                         f"class has {min_lesions_per_class} lesions. Got {n} instead.")
+    check_n(n, min_lesions_per_class)
     rng = np.random.default_rng(seed)
     rows = []
     image_no = 24306
@@ -53,7 +81,9 @@ def synth_metadata(n: int, seed: int = 0, min_lesions_per_class: int = 4) -> pd.
         age = float(rng.integers(4, 18) * 5)
         sex = str(rng.choice(["male", "female"]))
         loc = str(rng.choice(LOCALIZATIONS))
-        for _ in range(min(int(rng.integers(1, 4)), n - len(rows))):
+        # the floor's lesions all fit in n: while some are still to come, keep room for them
+        room = n - len(rows) - len(floor)
+        for _ in range(max(1, min(int(rng.integers(1, 4)), room))):
             rows.append({
                 "lesion_id": f"HAM_{lesion_no:07d}", "image_id": f"ISIC_{image_no:07d}",
                 "dx": dx, "dx_type": "histo", "age": age, "sex": sex, "localization": loc,
@@ -91,6 +121,9 @@ def write_synth_dataset(dest: str | Path, n: int = 280, seed: int = 0,
                         size: tuple[int, int] = (200, 150)) -> Path:
     """Write ``DEST/HAM10000_metadata.csv`` and JPEGs in the Dataverse two-part layout."""
     dest = Path(dest)
+    check_n(n)
+    if dest.exists() and not dest.is_dir():
+        raise SynthError(f"--dest {dest} is a file; pass a folder (it is created if missing).")
     frame = synth_metadata(n, seed)
     for part in PART_DIRS:
         (dest / part).mkdir(parents=True, exist_ok=True)

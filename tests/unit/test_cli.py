@@ -75,3 +75,22 @@ def test_a_bad_later_section_is_refused_before_any_stage(tmp_path, capsys, chang
         assert main(argv) == 2
         assert fragment in capsys.readouterr().err
     assert not out.exists()  # nothing ran: no lock, no synthetic data, no Ray
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--size", "0x0"], "--size must be WIDTHxHEIGHT"),
+    (["--size", "abc"], "Got 'abc' instead"),
+    (["--size", "64x99999"], "each side in [8, 2048]"),
+    (["--n", "0"], "--n, data.synth_n) must be in [28, 1000000]"),
+    (["--n", "27"], "Got 27 instead"),
+])
+def test_synth_with_bad_sizes_is_a_message(tmp_path, capsys, flags, fragment):
+    assert main(["data", "synth", "--dest", str(tmp_path / "d"), *flags]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_synth_smallest_n_still_splits(tmp_path):
+    assert main(["data", "synth", "--dest", str(tmp_path), "--n", "28", "--size", "16x12"]) == 0
+    assert main(["data", "split", "--metadata", str(tmp_path / "HAM10000_metadata.csv"),
+                 "--out", str(tmp_path / "out")]) == 0

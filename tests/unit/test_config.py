@@ -126,3 +126,9 @@ def test_weights_files_are_checked_before_any_actor(tmp_path, name, fragment):
     message = str(err.value)
     assert fragment in message and "extract.weights.resnet50" in message and name in message
     assert "'imagenet'" in message  # the fix
+
+
+def test_synth_n_needs_four_lesions_per_class():
+    with pytest.raises(ConfigError, match="data.synth_n must be 0 .off. or at least 28"):
+        build_section("data", {"synth_n": 5})
+    assert build_section("data", {"synth_n": 28}).synth_n == 28
