@@ -12,6 +12,7 @@ fixed flips and 90-degree rotations of the dihedral group, in a fixed order.
 from __future__ import annotations
 
 import io
+import re
 import zlib
 
 import numpy as np
@@ -24,6 +25,9 @@ from dermray.config import CLASSES
 
 class DecodeError(ValueError):
     """An image that cannot be decoded; the message is the quarantine reason."""
+
+
+BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -66,7 +70,9 @@ def decode_image(data: bytes, size: int, draft: bool = True,
         raise DecodeError(f"image too large: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         kind = "truncated image" if "truncated" in str(exc) else "unreadable or not an image"
-        raise DecodeError(f"{kind}: {exc}") from None
+        # PIL names the buffer (<_io.BytesIO object at 0x...>); the caller names the file
+        detail = BUFFER_REPR.sub("", str(exc)).strip()
+        raise DecodeError(f"{kind}: {detail} ({len(data)} bytes)") from None
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
@@ -126,12 +132,13 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, seed: int,
     for i in range(n):
         path = str(batch["path"][i])
         if path not in cache:
+            # the reason names the file (credentials redacted), as the quarantine shows it
             try:
                 cache[path] = decode_image(storage.read_bytes(path), image_size, draft=draft)
             except DecodeError as exc:
-                cache[path] = str(exc)
+                cache[path] = f"{storage.display(path)}: {exc}"
             except (FileNotFoundError, OSError) as exc:
-                cache[path] = f"cannot read file: {exc}"
+                cache[path] = f"{storage.display(path)}: cannot read file: {storage.redact(exc)}"
         decoded = cache[path]
         if isinstance(decoded, str):
             errors[i] = decoded

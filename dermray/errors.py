@@ -21,9 +21,19 @@ class CatalogError(DermrayError):
 
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
         self.problems = list(problems or [])
+        # filled by catalog.build_catalog: problem kind -> rows (files, classes) it concerns,
+        # the metadata's rows, and how many of them a problem names
+        self.counts: dict[str, int] = {}
+        self.rows = 0
+        self.rows_reported = 0
         if self.problems:
             message = message + "\n" + "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(message)
+
+
+class StorageError(DermrayError, OSError):
+    """A remote store (S3) that cannot be reached or answers with an error; still an OSError,
+    so that code handling file errors handles it too."""
 
 
 class FetchError(DermrayError):

@@ -11,7 +11,9 @@ and renamed; an S3 object appears whole when its upload completes.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -23,17 +25,112 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dermray.errors import StorageError
+
+# s3://KEY:SECRET@bucket/...: the user-info part of a URI (a secret may hold '/', never '@')
+CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^@\s/?#]*(?::[^@\s]*)?@")
+# a silent S3 endpoint fails after about attempts x (connect or request timeout), not the 100 s
+# of pyarrow's from_uri defaults; each is settable in the environment
+S3_TIMEOUTS = {"DERMRAY_S3_CONNECT_TIMEOUT": 3.0, "DERMRAY_S3_REQUEST_TIMEOUT": 3.0}
+S3_ATTEMPTS = ("DERMRAY_S3_MAX_ATTEMPTS", 2)
+
 
 def is_remote(uri: str | Path) -> bool:
     return "://" in str(uri)
 
 
 def open_fs(uri: str | Path) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it, for a local path or a URI."""
+    """A pyarrow filesystem and the path inside it, for a local path or a URI.
+
+    An S3 filesystem gets short timeouts and few attempts (``s3_settings``), so that an endpoint
+    that does not answer is an error in seconds. A URI pyarrow cannot parse is a StorageError
+    (with any credentials in it redacted).
+    """
     uri = str(uri)
-    if is_remote(uri):
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, OSError) as exc:
+        hint = (" Credentials in a URI must be percent-encoded ('/' as %2F, '+' as %2B); "
+                "better, leave them out and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
+                if CREDENTIALS.search(uri) else "")
+        raise StorageError(f"Cannot open {display(uri)}: {redact(exc)}. Use s3://bucket/prefix, "
+                           "optionally with ?region=...&endpoint_override=host:port&scheme=http."
+                           + hint) from None
+    if isinstance(fs, pafs.S3FileSystem):
+        _, (options,) = fs.__reduce__()  # every option from_uri parsed (region, credentials...)
+        timeouts, attempts = s3_settings()
+        options.update(connect_timeout=timeouts["DERMRAY_S3_CONNECT_TIMEOUT"],
+                       request_timeout=timeouts["DERMRAY_S3_REQUEST_TIMEOUT"])
+        fs = pafs.S3FileSystem(**options,
+                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts))
+    return fs, path
+
+
+def s3_settings() -> tuple[dict[str, float], int]:
+    """The S3 timeouts (seconds) and attempts: the environment's, else the defaults."""
+    timeouts = {}
+    for name, default in S3_TIMEOUTS.items():
+        timeouts[name] = _env_number(name, default, float)
+    return timeouts, int(_env_number(S3_ATTEMPTS[0], S3_ATTEMPTS[1], int))
+
+
+def _env_number(name: str, default: float, kind: type) -> float:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise StorageError(f"${name} must be a positive number. Got {raw!r} instead.")
+    return value
+
+
+def redact(text: object) -> str:
+    """The text with the credentials of any URI in it replaced by ***."""
+    return CREDENTIALS.sub(r"\g<scheme>***@", str(text))
+
+
+@contextmanager
+def storage_errors(uri: str | Path) -> Iterator[None]:
+    """Turn a remote store's failure (timeout, refused connection, access denied) into a
+    StorageError naming the URI (credentials redacted) and what to check. A missing file stays
+    FileNotFoundError; local errors pass through."""
+    try:
+        yield
+    except (FileNotFoundError, StorageError):
+        raise
+    except OSError as exc:
+        if not is_remote(uri):
+            raise
+        raise StorageError(describe_failure(uri, exc)) from None
+
+
+def describe_failure(uri: str | Path, exc: BaseException) -> str:
+    text = redact(exc)
+    if any(s in text for s in ("curlCode: 28", "Timeout", "timed out", "NETWORK_CONNECTION",
+                               "curlCode: 7")):
+        timeouts, attempts = s3_settings()
+        return (f"The storage endpoint of {display(uri)} did not answer ({attempts} attempt(s), "
+                f"{timeouts['DERMRAY_S3_REQUEST_TIMEOUT']:g} s each): {text[:300]}. Check "
+                "endpoint_override in the URI (or the region), the network and the "
+                "credentials; on a slow link raise $DERMRAY_S3_REQUEST_TIMEOUT and "
+                "$DERMRAY_S3_MAX_ATTEMPTS.")
+    return f"Cannot access {display(uri)}: {text[:300]}. Check the URI and the credentials."
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that removes URI credentials from every record it passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
 
 
 def join(base: str | Path, *names: str) -> str:
@@ -45,8 +142,8 @@ def join(base: str | Path, *names: str) -> str:
 
 
 def display(uri: str | Path) -> str:
-    """A URI without its query (for messages and records)."""
-    return str(uri).partition("?")[0]
+    """A URI without its query and credentials (for messages and records)."""
+    return redact(str(uri).partition("?")[0])
 
 
 def is_file(uri: str | Path) -> bool:

@@ -181,3 +181,46 @@ def test_synthetic_classes_are_learnable(synth_dir):
     clf.fit(feats[train], frame["dx"][train])
     assert clf.score(feats[~train], frame["dx"][~train]) > 0.8
     assert frame.groupby("lesion_id").size().max() > 1
+
+
+def test_header_only_metadata_is_refused(tmp_path):
+    csv = tmp_path / "m.csv"
+    csv.write_text("lesion_id,image_id,dx,dx_type,age,sex,localization\n")
+    with pytest.raises(CatalogError, match="a header but no rows") as err:
+        build_catalog(str(csv), [str(tmp_path)])
+    assert err.value.counts == {"no rows": 0}
+
+
+def test_a_class_absent_or_too_small_is_refused_at_validate_time(tmp_path):
+    frame = _frame(60)
+    vasc = frame["lesion_id"][frame["dx"] == "vasc"].unique()
+    frame = frame[~frame["lesion_id"].isin(vasc[2:])]  # vasc keeps 2 lesions
+    frame = frame[frame["dx"] != "df"].reset_index(drop=True)  # df: none
+    csv, img_dir = _write(tmp_path, frame, frame["image_id"].tolist())
+    with pytest.raises(CatalogError) as err:
+        build_catalog(str(csv), [str(img_dir)])
+    text = "\n".join(err.value.problems)
+    assert "no row of class(es) df" in text and "fewer than 3 lesions: vasc (2)" in text
+    assert err.value.counts == {"class absent": 1, "class with too few lesions": 1}
+
+
+def test_implausible_age_sex_localization_are_warnings_with_lines(tmp_path):
+    frame = _frame()
+    frame["age"] = frame["age"].astype(object)
+    frame.loc[1, "age"], frame.loc[2, "age"], frame.loc[3, "age"] = -4, 130, "forty"
+    frame.loc[4, "sex"], frame.loc[5, "sex"] = "m", " Female "
+    frame.loc[6, "localization"] = "elbow"
+    csv, img_dir = _write(tmp_path, frame, frame["image_id"].tolist())
+    cat = build_catalog(str(csv), [str(img_dir)])
+    summary = cat.summary()
+    assert summary["problem_counts"] == {"implausible age": 3, "sex not in the HAM10000 list": 1,
+                                         "localization not in the HAM10000 list": 1}
+    assert summary["rows"] == len(frame) == summary["rows_clean"] + summary["rows_reported"]
+    assert summary["rows_reported"] == 5
+    lines = {p.kind: p.lines for p in cat.problems}  # CSV lines: the header is line 1
+    assert lines["implausible age"] == (3, 4, 5) and lines["sex not in the HAM10000 list"] == (6,)
+    kept = cat.frame.set_index("image_id")
+    ids = frame["image_id"]
+    assert kept.loc[ids[1:4], "age"].isna().all()
+    assert kept.loc[ids[4], "sex"] == "unknown" and kept.loc[ids[5], "sex"] == "female"
+    assert kept.loc[ids[6], "localization"] == "unknown"

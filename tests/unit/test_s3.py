@@ -12,3 +12,66 @@ def test_catalog_from_s3(moto_s3, synth_dir):
                         [moto_s3.uri(bucket, "data")])
     assert len(cat.frame) == 140
     assert all(p.startswith("s3://ham/data/HAM10000_images_part_") for p in cat.frame["path"])
+
+
+def test_credentials_in_a_uri_are_never_shown(capsys):
+    from dermray.cli import main
+    from dermray.storage import display, redact
+
+    uri = "s3://AKIAEXAMPLE:wJalr%2Fhush42@ham/data/m.csv?region=us-east-1"
+    assert display(uri) == "s3://***@ham/data/m.csv"
+    assert redact(f"cannot open {uri}: x") == "cannot open s3://***@ham/data/m.csv?region=us-east-1: x"
+    assert redact("s3://ham/img@2x.jpg") == "s3://ham/img@2x.jpg"  # an '@' in a key stays
+    # an unparsable URI (an unencoded '/' in the secret): exit 2, the hint, no secret anywhere
+    assert main(["data", "validate", "--metadata", "s3://AKIAEXAMPLE:wJalr/hush42@ham/m.csv"]) == 2
+    captured = capsys.readouterr()
+    assert "percent-encoded" in captured.err
+    assert "hush42" not in captured.err + captured.out and "AKIAEXAMPLE" not in captured.err
+
+
+def test_log_lines_are_redacted():
+    import logging
+
+    from dermray.storage import RedactingFilter
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "reading %s", ("s3://K:S@b/k",), None)
+    assert RedactingFilter().filter(record) and record.getMessage() == "reading s3://***@b/k"
+
+
+def test_a_silent_endpoint_fails_in_seconds(monkeypatch):
+    """A server that accepts connections and never answers: a clear error after
+    attempts x request timeout (1 x 1 s here; 2 x 3 s by default), not pyarrow's 100 s."""
+    import socket
+    import threading
+    import time
+
+    import pytest
+
+    from dermray.errors import CatalogError
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+    threading.Thread(target=lambda: held.append(server.accept()), daemon=True).start()
+    monkeypatch.setenv("DERMRAY_S3_REQUEST_TIMEOUT", "1")
+    monkeypatch.setenv("DERMRAY_S3_MAX_ATTEMPTS", "1")
+    port = server.getsockname()[1]
+    uri = (f"s3://KEY:hush42@ham/m.csv?endpoint_override=127.0.0.1:{port}&scheme=http"
+           "&region=us-east-1")
+    start = time.monotonic()
+    with pytest.raises(CatalogError) as err:
+        build_catalog(uri, ["s3://ham/?region=us-east-1"])
+    assert time.monotonic() - start < 10  # a bound, not a benchmark: the old default took 100 s
+    assert "did not answer (1 attempt(s), 1 s each)" in str(err.value)
+    assert "hush42" not in str(err.value) and "s3://***@ham/m.csv" in str(err.value)
+    server.close()
+
+
+def test_s3_filesystems_get_short_timeouts(monkeypatch):
+    from dermray.storage import open_fs
+
+    monkeypatch.delenv("DERMRAY_S3_CONNECT_TIMEOUT", raising=False)
+    fs, path = open_fs("s3://b/k?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1")
+    options = fs.__reduce__()[1][0]
+    assert (options["connect_timeout"], options["endpoint_override"], path) == (3.0, "127.0.0.1:9", "b/k")
