@@ -70,6 +70,11 @@ def preflight(args: argparse.Namespace) -> dict[str, Any]:
 
 def _print_catalog(summary: dict[str, Any]) -> None:
     print(f"rows: {summary['rows']}")
+    # rows in = rows clean + rows reported (a reported row is kept; extract quarantines a bad file)
+    print(f"rows clean: {summary['rows_clean']}, rows with a warning: {summary['rows_reported']}")
+    if summary["problem_counts"]:
+        print("warnings by kind: " + ", ".join(f"{k} {n}" for k, n in
+                                               summary["problem_counts"].items()))
     print(f"lesions: {summary['lesions']}")
     print("class counts: " + ", ".join(f"{c} {n}" for c, n in summary["class_counts"].items()))
     print("image folders: " + ", ".join(summary["image_dirs"]))

@@ -1,0 +1,168 @@
+"""The bad-input corpus: hostile and broken inputs, each ending in exit 2 with a message naming
+the file, row or field, or in a reported (and later quarantined) row. Counts per problem kind are
+exact, and they reconcile: rows in = rows clean + rows reported. No Ray."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dermray.augment import decode_batch
+from dermray.catalog import build_catalog
+from dermray.cli import main
+from dermray.errors import CatalogError
+from dermray.synth import write_synth_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    chunk = b"IHDR" + ihdr
+    return (b"\x89PNG\r\n\x1a\n" + len(ihdr).to_bytes(4, "big") + chunk
+            + zlib.crc32(chunk).to_bytes(4, "big") + b"\x00" * 64)
+
+
+# the damaged files, by the row (0-based, of the synthetic metadata) whose image they replace
+FILE_DAMAGE = {3: "zero-byte", 5: "text", 7: "truncated", 9: "huge png"}
+FILE_KINDS = {"zero-byte": "zero-byte image", "text": "not an image",
+              "truncated": "truncated image", "huge png": "image too large"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """35 synthetic rows plus: a duplicate image_id, an unknown dx, a bad age, a bad sex,
+    a zero-byte JPEG, a text file named .jpg, a truncated JPEG, a PNG header of 50000x50000
+    named .jpg, and an image on disk that the metadata does not list."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_synth_dataset(root, n=35, seed=2, size=(24, 18))
+    meta = pd.read_csv(root / "HAM10000_metadata.csv")
+    paths = {p.stem: p for p in root.glob("HAM10000_images_part_*/*.jpg")}
+    for row, kind in FILE_DAMAGE.items():
+        path = paths[meta.loc[row, "image_id"]]
+        data = path.read_bytes()
+        path.write_bytes({"zero-byte": b"", "text": b"lesion notes, not a picture\n",
+                          "truncated": data[: len(data) // 2],
+                          "huge png": _png_header(50_000, 50_000)}[kind])
+    meta["age"] = meta["age"].astype(object)
+    meta.loc[11, "age"] = 240
+    meta.loc[12, "sex"] = "X"
+    extra_dx = meta.iloc[[13]].assign(image_id="ISIC_0099999", dx="cancer", lesion_id="HAM_0099999")
+    shutil_copy(paths[meta.loc[13, "image_id"]], root / "HAM10000_images_part_1" / "ISIC_0099999.jpg")
+    duplicate = meta.iloc[[14]]
+    shutil_copy(paths[meta.loc[15, "image_id"]], root / "HAM10000_images_part_2" / "ISIC_0088888.jpg")
+    pd.concat([meta, extra_dx, duplicate], ignore_index=True).to_csv(root / "bad.csv", index=False)
+    meta.to_csv(root / "fixed.csv", index=False)  # the same without the two error rows
+    (root / "header_only.csv").write_text("lesion_id,image_id,dx,dx_type,age,sex,localization\n")
+    return root
+
+
+def shutil_copy(src: Path, dst: Path) -> None:
+    dst.write_bytes(src.read_bytes())
+
+
+def test_corpus_counts_per_kind_and_reconcile(corpus, tmp_path):
+    rows_in = len(pd.read_csv(corpus / "bad.csv"))
+    with pytest.raises(CatalogError) as err:
+        build_catalog(str(corpus / "bad.csv"), [str(corpus)])
+    expected = {"dx not a class": 1, "duplicate image_id": 1, "implausible age": 1,
+                "sex not in the HAM10000 list": 1, **{k: 1 for k in FILE_KINDS.values()}}
+    assert err.value.counts == expected
+    assert err.value.rows == rows_in == 37
+    assert err.value.rows_reported == 8  # each problem on its own row
+    text = str(err.value)
+    for row in FILE_DAMAGE:  # every damaged file is named
+        assert pd.read_csv(corpus / "bad.csv").loc[row, "image_id"] + ".jpg" in text
+
+    # the command: exit 2, the errors and the warnings, no traceback
+    proc = subprocess.run([sys.executable, "-m", "dermray", "data", "validate", "--metadata",
+                           str(corpus / "bad.csv"), "--images", str(corpus)],
+                          capture_output=True, text=True, check=False, cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "2 problem(s)" in proc.stderr and "6 warning(s)" in proc.stderr
+
+    # without the two error rows: valid, six rows reported and kept, counts reconcile
+    cat = build_catalog(str(corpus / "fixed.csv"), [str(corpus)])
+    summary = cat.summary()
+    assert summary["problem_counts"] == {k: v for k, v in expected.items()
+                                         if k not in ("dx not a class", "duplicate image_id")}
+    assert summary["rows"] == 35 == summary["rows_clean"] + summary["rows_reported"]
+    assert summary["rows_reported"] == 6
+    assert any("ISIC_0088888" in w for w in cat.warnings)  # on disk, not listed
+
+    assert main(["data", "split", "--metadata", str(corpus / "fixed.csv"), "--images",
+                 str(corpus), "--out", str(tmp_path / "out")]) == 0
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert len(manifest) == summary["rows"]  # nothing dropped silently
+
+    # what extract does with the damaged files: a quarantine reason naming each one
+    bad = manifest[manifest["image_id"].isin(pd.read_csv(corpus / "fixed.csv")
+                                             .loc[list(FILE_DAMAGE), "image_id"])]
+    batch = {"image_id": bad["image_id"].to_numpy(object), "path": bad["path"].to_numpy(object),
+             "split": np.full(len(bad), "val", object), "aug_index": np.zeros(len(bad), int)}
+    reasons = decode_batch(batch, 32, seed=0)["error"]
+    assert all(r.startswith(p + ": ") for r, p in zip(reasons, bad["path"]))
+    assert not any("BytesIO" in r for r in reasons)
+
+
+def test_header_only_metadata_exits_2(corpus, capsys):
+    assert main(["data", "validate", "--metadata", str(corpus / "header_only.csv"),
+                 "--images", str(corpus)]) == 2
+    assert "header_only.csv: a header but no rows" in capsys.readouterr().err
+
+
+def _bad_weights(tmp: Path) -> str:
+    (tmp / "w.h5").write_text("<html>404</html>")
+    return f"resnet50={tmp / 'w.h5'}"
+
+
+# argv (with {tmp} for a scratch folder) -> a fragment the message must hold
+BAD_COMMANDS = [
+    (["data", "validate", "--metadata", "{tmp}/none.csv"], "Cannot read the metadata file"),
+    (["data", "validate", "--metadata", "{tmp}/binary.csv"], "binary.csv"),
+    (["data", "validate", "--metadata", "{tmp}/empty.csv"], "is not a readable CSV"),
+    (["data", "validate", "--metadata", "{tmp}/cols.csv"], "missing column(s) lesion_id, dx"),
+    (["data", "validate", "--metadata", "{tmp}/cols.csv", "--images", "{tmp}/nope"],
+     "missing column(s) lesion_id, dx"),
+    (["data", "synth", "--dest", "{tmp}/s", "--size", "0x0"], "--size must be WIDTHxHEIGHT"),
+    (["data", "synth", "--dest", "{tmp}/s", "--size", "abc"], "Got 'abc'"),
+    (["data", "synth", "--dest", "{tmp}/s", "--n", "0"], "Got 0 instead"),
+    (["extract", "--manifest", "m", "--out", "{tmp}/o", "--backbone", "resnet50", "--backbone",
+      "resnet50"], "extract.backbones must be a list without repeats"),
+    (["extract", "--manifest", "m", "--out", "{tmp}/o", "--weights", "WEIGHTS"],
+     "not an HDF5 file"),
+    (["extract", "--manifest", "m", "--out", "{tmp}/o", "--weights", "resnet50"],
+     "--weights takes NAME=PATH"),
+    (["extract", "--manifest", "m", "--out", "{tmp}/o", "--image-size", "0"],
+     "extract.image_size must be an integer in [32, 1024]"),
+    (["search", "--out", "{tmp}/o", "--num-samples", "0"], "search.num_samples must be >= 1"),
+    (["run", "--config", "{tmp}/missing.yaml", "--out", "{tmp}/o"], "does not exist"),
+    (["data", "validate", "--metadata", "s3://AKIA1:hush42@b/m.csv?region=us-east-1&bogus=1"],
+     "s3://***@b/m.csv"),
+]
+
+
+def test_every_bad_command_is_a_message(tmp_path, capsys):
+    """Every case: exit 2, the message names the file, key or value; no secret echoed."""
+    (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "empty.csv").write_bytes(b"")
+    (tmp_path / "cols.csv").write_text("image_id,age\nISIC_0000001,40\n")
+    clear = 0
+    for argv, fragment in BAD_COMMANDS:
+        argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+        argv = [_bad_weights(tmp_path) if a == "WEIGHTS" else a for a in argv]
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, (argv, err)
+        assert fragment in err, (argv, err)
+        assert "hush42" not in err
+        clear += 1
+    assert clear == len(BAD_COMMANDS) == 15
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
