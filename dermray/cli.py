@@ -359,3 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DermrayError as exc:
         print(f"error: {redact(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # S3 unreachable or refusing, in any stage's driver: a message
+        from dermray.storage import describe_failure, is_store_failure
+
+        if not is_store_failure(exc):
+            raise
+        print(f"error: {describe_failure(None, exc)}", file=sys.stderr)
+        return 2

@@ -109,17 +109,24 @@ def storage_errors(uri: str | Path) -> Iterator[None]:
         raise StorageError(describe_failure(uri, exc)) from None
 
 
-def describe_failure(uri: str | Path, exc: BaseException) -> str:
+def is_store_failure(exc: BaseException) -> bool:
+    """Whether an error comes from the S3 client (pyarrow's messages carry 'AWS Error')."""
+    return isinstance(exc, OSError) and "AWS Error" in str(exc)
+
+
+def describe_failure(uri: str | Path | None, exc: BaseException) -> str:
+    """What failed, with what to check; ``uri`` None when only the error is known."""
     text = redact(exc)
+    where = display(uri) if uri else "S3"
     if any(s in text for s in ("curlCode: 28", "Timeout", "timed out", "NETWORK_CONNECTION",
                                "curlCode: 7")):
         timeouts, attempts = s3_settings()
-        return (f"The storage endpoint of {display(uri)} did not answer ({attempts} attempt(s), "
+        return (f"The storage endpoint of {where} did not answer ({attempts} attempt(s), "
                 f"{timeouts['DERMRAY_S3_REQUEST_TIMEOUT']:g} s each): {text[:300]}. Check "
                 "endpoint_override in the URI (or the region), the network and the "
                 "credentials; on a slow link raise $DERMRAY_S3_REQUEST_TIMEOUT and "
                 "$DERMRAY_S3_MAX_ATTEMPTS.")
-    return f"Cannot access {display(uri)}: {text[:300]}. Check the URI and the credentials."
+    return f"Cannot access {where}: {text[:300]}. Check the URI and the credentials."
 
 
 class RedactingFilter(logging.Filter):

@@ -75,3 +75,14 @@ def test_s3_filesystems_get_short_timeouts(monkeypatch):
     fs, path = open_fs("s3://b/k?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1")
     options = fs.__reduce__()[1][0]
     assert (options["connect_timeout"], options["endpoint_override"], path) == (3.0, "127.0.0.1:9", "b/k")
+
+
+def test_an_s3_failure_in_any_stage_is_a_message(moto_s3, synth_dir, capsys):
+    """An output bucket that does not exist: the split's write fails in pyarrow; exit 2."""
+    from dermray.cli import main
+
+    meta = str(synth_dir / "HAM10000_metadata.csv")
+    out = moto_s3.uri("no-such-bucket", "out").replace("s3://", "s3://K1:hush42@")
+    assert main(["data", "split", "--metadata", meta, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot access S3" in err and "hush42" not in err
