@@ -7,11 +7,12 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from dermray.errors import DermrayError
+from dermray.installed import check_run, check_stages, extract_needs, require_all
 from dermray.lock import hold
 from dermray.policies import POLICIES
 
@@ -126,10 +127,21 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _before_ray(args: argparse.Namespace, check_packages: Callable[[], None]) -> None:
+    """Before a stage starts Ray: the progress mode from --quiet / --verbose, and the packages
+    it needs (a missing one is a message with the install command, not a traceback from an
+    actor minutes later)."""
+    from dermray.progress import mode_from_flags, set_mode
+
+    set_mode(mode_from_flags(args.quiet, args.progress_verbose or args.verbose))
+    check_packages()
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from dermray.extract import run_extract
 
     cfg = preflight(args)["extract"]
+    _before_ray(args, lambda: require_all(extract_needs()))
     with hold(cfg.out, "dermray extract"):
         record = run_extract(cfg, fresh=args.fresh)
     print(json.dumps({k: record[k] for k in ("rows", "quarantined", "wall_s", "images_per_s",
@@ -141,6 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dermray.pipeline import run_pipeline
 
     preflight(args)
+    _before_ray(args, lambda: check_run(args.config, args.out))
     with hold(args.out, "dermray run"):
         result = run_pipeline(args.config, args.out, fresh=args.fresh)
     print(json.dumps(result, indent=2, default=str))
@@ -154,6 +167,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from dermray.storage import join
 
     preflight(args)
+    _before_ray(args, lambda: check_stages(args.config, ["search"], args.out, overrides))
     with hold(args.out, "dermray search"):
         result = run_search_stage(args.config, args.out,
                                   args.manifest or join(args.out, "manifest.parquet"), overrides,
@@ -243,6 +257,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def progress_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress lines (errors and the final summary only)")
+    group.add_argument("--verbose", dest="progress_verbose", action="store_true",
+                       help="every progress line (each trial started and finished), also when "
+                       "stdout is not a terminal; without it a log gets a summary every 30 s")
+
+
 def fresh_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--fresh", action="store_true",
                    help=f"redo {what} in OUT when its old output was made with other settings or "
@@ -298,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-actors", dest="num_actors", type=int)
     p.add_argument("--no-augment", dest="no_augment", action="store_true")
     fresh_flag(p, "the extraction")
+    progress_flags(p)
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("search", help="Ray Tune over the head families on OUT's embeddings")
@@ -307,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", dest="num_samples", type=int)
     p.add_argument("--algorithm", choices=["tpe", "random"])
     fresh_flag(p, "the search")
+    progress_flags(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("predict", help="classify image files with an exported model bundle")
@@ -341,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True)
     fresh_flag(p, "every stage")
+    progress_flags(p)
     p.set_defaults(func=cmd_run)
     return parser
 

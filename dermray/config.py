@@ -169,6 +169,9 @@ class SearchConfig:
     finetune_max_train_images: int = 0  # 0: all (a cluster); small on a laptop
     # the melanoma operating point: the validation sensitivity its threshold must reach
     melanoma_target: float = 0.90
+    # optional MLflow tracking through Tune's MLflowLoggerCallback: a server (http(s)://...) or a
+    # local file store (file:///abs/path); "" is off (see dermray/tracking.py)
+    mlflow_tracking_uri: str = ""
 
     def __post_init__(self) -> None:
         # local: both import this module
@@ -200,6 +203,9 @@ class SearchConfig:
         check(self.cpus_per_trial > 0, "search", "cpus_per_trial", self.cpus_per_trial, "> 0")
         check(0.0 < self.melanoma_target <= 1.0, "search", "melanoma_target",
               self.melanoma_target, "a sensitivity in (0, 1]")
+        check(not self.mlflow_tracking_uri or "://" in self.mlflow_tracking_uri, "search",
+              "mlflow_tracking_uri", self.mlflow_tracking_uri,
+              "'' (off) or a URI: http(s)://server or file:///absolute/path")
         for family in FAMILY_SPECS.values():  # every family's own keys, searched or not
             family.check_config(self)
 

@@ -152,6 +152,8 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from dermray.progress import tune_callbacks
+
     has_gpus = bool(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else False
     specs = {fam: get_family(fam) for fam in cfg.families}
 
@@ -182,7 +184,8 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
         run_config=tune.RunConfig(name=cfg.experiment, storage_path=root,
                                   storage_filesystem=filesystem,
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                  verbose=0),
+                                  # our progress lines (and MLflow) replace Tune's own output
+                                  callbacks=tune_callbacks(cfg), verbose=0),
     )
 
 

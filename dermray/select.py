@@ -149,6 +149,7 @@ def finish(results, cfg: SearchConfig, manifest_path: str, out: str) -> dict[str
     from dermray.dashboard import write_dashboard
     from dermray.evaluate import plot_confusion, write_report
     from dermray.search import load_search_data
+    from dermray.tracking import log_winner_bundle
 
     trials = trials_frame(results, cfg)
     storage.write_text(storage.join(out, "trials.csv"),
@@ -188,6 +189,7 @@ def finish(results, cfg: SearchConfig, manifest_path: str, out: str) -> dict[str
     export_bundle(winner_head, winner, cfg, extract_record,
                   {"val": winner_entry["val"], "test": winner_entry["test"],
                    "policies": policy_metrics}, out, operating_points=points)
+    log_winner_bundle(cfg, winner["trial_id"], storage.join(out, "model"))  # MLflow, if set
     storage.write_bytes(storage.join(out, "confusion_matrix.png"), plot_confusion(
         winner_entry["test"]["confusion_matrix"],
         f"{winner_entry['family']} on {winner_entry['features']} (test)"))
