@@ -7,11 +7,16 @@ split's images when there are any, so that the map's axes are the model's view, 
 is projected on them; UMAP is fitted on all rows.
 
 ``embedding_map`` returns the coordinates (``image_id``, ``dx``, ``split``, ``x``, ``y``) and
-``write_embedding_map`` draws them to PNG and SVG (the report links ``embedding_map.png``).
+``write_embedding_map`` draws them to PNG and SVG (with the coordinates as CSV). The reports take
+``html_section`` / ``markdown_section``: the map of the winner's features, redrawn only when the
+embedding files change, or nothing (never an error) where OUT has no embeddings.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -150,3 +155,82 @@ def write_embedding_map(out: str | Path, backbone: str | Sequence[str] = "resnet
     files.append(storage.write_text(storage.join(out, f"{name}.csv"),
                                     coords.to_csv(index=False, float_format="%.5f")))
     return {**info, "files": files}
+
+
+# ---- the report's section ---------------------------------------------------------------------
+
+def report_backbones(out: str | Path, features: str | None) -> list[str]:
+    """The backbones of the winner's feature set that have pooled embeddings in OUT (a fused set
+    is mapped fused, as the head sees it); else the first backbone found; [] if none."""
+    from dermray.backbones import BACKBONES
+    from dermray.embeddings import backbone_dir
+
+    def present(name: str) -> bool:
+        spec = BACKBONES.get(name)
+        return (spec is not None and not getattr(spec, "is_map", False)
+                and bool(storage.list_files(backbone_dir(out, name), ".parquet")))
+
+    wanted = [t for t in (features or "").split("+") if t in BACKBONES]
+    if wanted and all(present(n) for n in wanted):
+        return wanted
+    return [n for n in BACKBONES if present(n)][:1]
+
+
+def _source_key(out: str | Path, names: list[str], method: str) -> str:
+    """Changes when the embedding part files change (their names are their views' hash)."""
+    from dermray.embeddings import backbone_dir
+
+    files = [f for n in names for f in storage.list_files(backbone_dir(out, n), ".parquet")]
+    return hashlib.sha1("\n".join([method, *names, *files]).encode()).hexdigest()
+
+
+def report_map(out: str | Path, features: str | None = None, method: str = "pca"
+               ) -> dict[str, Any] | None:
+    """OUT/embedding_map.{png,svg,csv,json} for the report, redrawn when the embeddings changed;
+    None (with a log line) where there is nothing to map or the map fails."""
+    try:
+        names = report_backbones(out, features)
+        if not names:
+            return None
+        key = _source_key(out, names, method)
+        record_uri = storage.join(out, "embedding_map.json")
+        if storage.is_file(record_uri):
+            record = json.loads(storage.read_text(record_uri))
+            if record.get("key") == key and storage.is_file(storage.join(out,
+                                                                         "embedding_map.png")):
+                return record
+        record = {**write_embedding_map(out, names, method=method), "key": key}
+        storage.write_text(record_uri, json.dumps(record, indent=2))
+        return record
+    except Exception:  # a plot must never cost the report
+        logger.warning("no embedding map for %s", storage.display(out), exc_info=True)
+        return None
+
+
+def _caption(record: dict[str, Any]) -> str:
+    how = record["method"].upper()
+    if record["method"] == "pca":
+        var = record.get("explained_variance", [0, 0])
+        how += f", fitted on train: PC1 {var[0]:.0%}, PC2 {var[1]:.0%} of the variance"
+    return (f"{record['points']} images' {record['backbone']} embeddings (views averaged) in two "
+            f"dimensions ({how}); colour: diagnosis, marker: split.")
+
+
+def markdown_section(out: str | Path, features: str | None = None) -> list[str]:
+    """Report.md lines: a heading, the map (a link to embedding_map.png) and its caption."""
+    record = report_map(out, features)
+    if record is None:
+        return []
+    return ["## Embedding map", "", "![embedding map](embedding_map.png)", "", _caption(record),
+            ""]
+
+
+def html_section(out: str | Path, features: str | None = None) -> str:
+    """Report.html: the map inlined (the page stays one self-contained file) with its caption."""
+    record = report_map(out, features)
+    if record is None:
+        return ""
+    png = storage.read_bytes(storage.join(out, "embedding_map.png"))
+    uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    return (f'<h2>Embedding map</h2>\n<img alt="embedding map" src="{uri}">\n'
+            f"<p>{_caption(record)}</p>\n")

@@ -329,7 +329,8 @@ def render(explanation: Explanation, original: Image.Image | None, path: str | P
     axes[0].imshow(shown)
     axes[0].set_title(title or "image", fontsize=9)
     axes[1].imshow(shown)
-    axes[1].imshow(heat, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+    # opacity follows the evidence: where there is none, the image shows through untinted
+    axes[1].imshow(heat, cmap="jet", alpha=0.7 * np.clip(heat, 0.0, 1.0), vmin=0.0, vmax=1.0)
     axes[1].set_title(f"{explanation.label}  p={explanation.proba:.2f}  ({explanation.method})",
                       fontsize=9)
     for ax in axes:
@@ -346,14 +347,16 @@ def render(explanation: Explanation, original: Image.Image | None, path: str | P
 
 def explain_files(bundle: Bundle, paths: list[Path], out: str | Path, method: str = "auto",
                   policy: str = "accuracy", max_bytes: int = 50_000_000,
-                  max_pixels: int = 40_000_000) -> tuple[list[dict[str, Any]], list[str]]:
+                  max_pixels: int = 40_000_000, explainer: Explainer | None = None
+                  ) -> tuple[list[dict[str, Any]], list[str]]:
     """A PNG per image in ``out`` (``<image name>.png``) and ``explanations.json``; returns the
-    records and a problem per file that could not be read."""
+    records and a problem per file that could not be read. ``explainer``: one already built for
+    ``bundle`` (its method and policy are used)."""
     import io
 
     from dermray.augment import DecodeError
 
-    explainer = Explainer(bundle, method, policy)
+    explainer = explainer or Explainer(bundle, method, policy)
     out = Path(out)
     records, problems = [], []
     for path in paths:

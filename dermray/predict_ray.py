@@ -349,8 +349,10 @@ def run_predict_ray(model: str, inputs: Sequence[str], out: str | None = None,
                                "policy": policy, "metadata": metadata,
                                "threads": layout["threads"]})
     skipped = 0
+    first: tuple[float, int] | None = None  # (seconds to the first batch, its rows)
     with writer:
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            first = first or (time.perf_counter() - start, len(batch))
             rows, problems = split_rows(batch)
             writer.write(rows)
             skipped += len(problems)
@@ -362,4 +364,6 @@ def run_predict_ray(model: str, inputs: Sequence[str], out: str | None = None,
     wall = time.perf_counter() - start
     return {"files": len(paths), "rows": writer.rows, "skipped": skipped,
             "wall_s": round(wall, 2), "images_per_s": round(len(paths) / wall, 2),
+            "first_batch_s": round(first[0], 2) if first else None,
+            "first_batch_rows": first[1] if first else 0,
             "actor_layout": layout, "out": out}

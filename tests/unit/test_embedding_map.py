@@ -68,3 +68,14 @@ def test_bad_method_and_missing_umap_are_messages():
     except ImportError:
         with pytest.raises(DermrayError, match="pip install umap-learn"):
             project(np.zeros((5, 3)), "umap")
+
+
+def test_the_report_section_is_drawn_once_and_empty_without_embeddings(out, tmp_path_factory):
+    from dermray.embedding_map import html_section, markdown_section
+
+    lines = markdown_section(out, "resnet50+meta")
+    assert "![embedding map](embedding_map.png)" in lines
+    drawn = (out / "embedding_map.png").stat().st_mtime_ns
+    assert html_section(out, "resnet50").startswith("<h2>Embedding map</h2>")
+    assert (out / "embedding_map.png").stat().st_mtime_ns == drawn  # unchanged inputs: kept
+    assert markdown_section(tmp_path_factory.mktemp("empty")) == []

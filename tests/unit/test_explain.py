@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from dermray.backbones import FrozenExtractor
 from dermray.bundle import load_bundle
 from dermray.cli import main
 from dermray.config import CLASSES
 from dermray.synth import render_lesion
 
-SIZE = 64
+SIZE = 32
 
 
 def lesion(dx: str, seed: int) -> np.ndarray:
@@ -28,7 +29,7 @@ def skin_with_spot(covered: bool = False) -> np.ndarray:
     image = np.clip(np.array([225, 180, 150]) + rng.normal(0, 4, (SIZE, SIZE, 3)), 0, 255)
     img = Image.fromarray(image.astype(np.uint8))
     if not covered:
-        ImageDraw.Draw(img).ellipse([6, 6, 30, 28], fill=(45, 30, 40))
+        ImageDraw.Draw(img).ellipse([3, 3, 15, 14], fill=(45, 30, 40))
     return np.asarray(img)
 
 
@@ -44,7 +45,11 @@ def bundles(tmp_path_factory):
     spec = {"format": 2, "features": "vgg19", "image_size": SIZE, "tta_views": 0, "seed": 0,
             "labels": list(CLASSES), "preprocessing": "caffe",
             "backbones": [{"name": "vgg19", "weights_identity": "none", "weights_name": ""}]}
-    embedding = Bundle(spec={**spec, "family": "logistic"}, head=None, directory=root, weights={"vgg19": "none"})
+    embedding = Bundle(spec={**spec, "family": "logistic"}, head=None, directory=root,
+                       weights={"vgg19": "none"})
+    # the bundle's own embedder without XLA (its compile would cost more than the test)
+    embedding._embedder = FrozenExtractor(["vgg19"], {"vgg19": "none"}, SIZE, batch_size=16,
+                                          jit_compile=False, seed=0)
     X = embedding.features(images)
     out = {}
     for family, params in (("logistic", {"C": 1.0}),
@@ -58,18 +63,22 @@ def bundles(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def gradcam(bundles):
+    from dermray.explain import Explainer
+
+    return Explainer(bundles["logistic"])
+
+
 def _moves(explainer) -> tuple[np.ndarray, np.ndarray]:
     seen = explainer.explain(skin_with_spot()).heat
     covered = explainer.explain(skin_with_spot(covered=True)).heat
     return seen, covered
 
 
-def test_gradcam_heat_map_has_the_image_shape_and_follows_the_lesion(bundles):
-    from dermray.explain import Explainer
-
-    explainer = Explainer(bundles["logistic"])
-    assert explainer.method == "gradcam"
-    seen, covered = _moves(explainer)
+def test_gradcam_heat_map_has_the_image_shape_and_follows_the_lesion(gradcam):
+    assert gradcam.method == "gradcam"
+    seen, covered = _moves(gradcam)
     assert seen.shape == covered.shape == (SIZE, SIZE)
     assert np.isfinite(seen).all() and seen.min() >= 0 and seen.max() == pytest.approx(1.0)
     assert np.abs(seen - covered).mean() > 0.05
@@ -86,17 +95,17 @@ def test_occlusion_explains_xgboost(bundles):
     # the map is the drop of the class probability where the patch covers what it looks at:
     # here a predictor that looks only at the lesion's top-left corner
     def predict(batch):
-        dark = 1 - batch[:, 6:16, 6:16].mean(axis=(1, 2, 3)) / 255
+        dark = 1 - batch[:, 4:8, 4:8].mean(axis=(1, 2, 3)) / 255
         return np.stack([dark, 1 - dark], axis=1)
 
     drop = occlusion_map(predict, skin_with_spot(), target=0)
     assert drop.shape == (SIZE, SIZE)
-    assert drop[6:16, 6:16].min() > 0 and np.allclose(drop[40:, 40:], 0)
+    assert drop[4:8, 4:8].min() > 0 and np.allclose(drop[20:, 20:], 0)
     assert np.allclose(occlusion_map(predict, skin_with_spot(covered=True), target=0), 0,
                        atol=0.02)
 
 
-def test_explain_writes_a_png_per_image(bundles, tmp_path, capsys, monkeypatch):
+def test_explain_writes_a_png_per_image(bundles, gradcam, tmp_path, capsys, monkeypatch):
     from dermray.explain import explain_files
 
     paths = []
@@ -105,17 +114,17 @@ def test_explain_writes_a_png_per_image(bundles, tmp_path, capsys, monkeypatch):
         paths.append(tmp_path / f"{name}.jpg")
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     records, problems = explain_files(bundles["logistic"], [*paths, tmp_path / "bad.jpg"],
-                                      tmp_path / "out")
+                                      tmp_path / "out", explainer=gradcam)
     assert [r["dx"] in CLASSES for r in records] == [True, True]
     assert len(problems) == 1 and "bad.jpg" in problems[0]
     for name in ("spot", "mel"):
         with Image.open(tmp_path / "out" / f"{name}.png") as png:
             assert png.format == "PNG" and png.size[0] >= 300
     assert len(json.loads((tmp_path / "out" / "explanations.json").read_text())) == 2
-    # the command (with the module's loaded bundle: no second backbone build)
-    monkeypatch.setattr("dermray.bundle.load_bundle", lambda *a, **k: bundles["logistic"])
+    # the command (with the module's loaded XGBoost bundle: no second backbone build)
+    monkeypatch.setattr("dermray.bundle.load_bundle", lambda *a, **k: bundles["xgboost"])
     assert main(["explain", "--model", "M", "--out", str(tmp_path / "cli"), str(paths[0]),
                  str(tmp_path / "bad.jpg")]) == 0
     assert (tmp_path / "cli" / "spot.png").is_file()
     captured = capsys.readouterr()
-    assert "gradcam" in captured.out and "bad.jpg" in captured.err
+    assert "occlusion" in captured.out and "bad.jpg" in captured.err
