@@ -22,6 +22,7 @@ the callback keeps no stream, so Tune can pickle it with the experiment and rest
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -131,31 +132,33 @@ class ExtractProgress:
         self.total, self.done_before = int(total), int(done_before)
         self.done = self.quarantined = 0
         self.start = time.monotonic()
-        self.first_at: float | None = None  # the first batch: actors have loaded their models
+        # the first batch back: the actors have loaded their models; the rate counts from there
+        self.first_at: float | None = None
+        self.first_views = 0
         self.printer = Printer(summary_every_s)
 
     def rate(self) -> float:
-        """Views per second since the first batch came back (model loading left out)."""
+        """Views per second after the first batch (model loading left out); 0 until known."""
         if self.first_at is None:
             return 0.0
         elapsed = time.monotonic() - self.first_at
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return (self.done - self.first_views) / elapsed if elapsed > 0 else 0.0
 
     def text(self) -> str:
         rate = self.rate()
         left = self.total - self.done
         eta = duration(left / rate) if rate > 0 and left > 0 else ("0s" if left <= 0 else "?")
+        speed = f"{rate:.1f} img/s" if rate > 0 else "? img/s"
         pct = 100.0 * self.done / self.total if self.total else 100.0
         resumed = f" (+{self.done_before} from an earlier run)" if self.done_before else ""
-        return (f"extract {self.done}/{self.total} views{resumed} {pct:5.1f}%  {rate:.1f} img/s  "
+        return (f"extract {self.done}/{self.total} views{resumed} {pct:5.1f}%  {speed}  "
                 f"ETA {eta}  quarantined {self.quarantined}  "
                 f"elapsed {duration(time.monotonic() - self.start)}")
 
     def update(self, views: int, quarantined: int = 0) -> None:
         """``views`` more views done (embedded or quarantined), ``quarantined`` of them bad."""
         if self.first_at is None:
-            # the first batch: the rate counts from here, with this batch's views in it
-            self.first_at = time.monotonic() - 1e-3
+            self.first_at, self.first_views = time.monotonic(), int(views)
         self.done += int(views)
         self.quarantined += int(quarantined)
         self.printer.status(self.text())
@@ -318,6 +321,10 @@ class SearchProgress(_tune_callback_base()):
 def tune_callbacks(cfg: Any) -> list[Any]:
     """The callbacks of a search's RunConfig: the live progress, and MLflow tracking when
     ``search.mlflow_tracking_uri`` is set."""
+    # Tune's newer console output prints an experiment header even at verbose=0 (with a
+    # TensorBoard hint pointing into Ray's session folder, not OUT/tune); its classic output is
+    # silent at verbose=0. A user's own setting wins.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     callbacks: list[Any] = [SearchProgress(cfg.num_samples)]
     uri = getattr(cfg, "mlflow_tracking_uri", "")
     if uri:

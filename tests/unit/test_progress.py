@@ -49,10 +49,23 @@ def test_extract_progress_counts_views_rate_eta_and_quarantine(out):
     bar.update(16)
     text = bar.text()
     assert re.search(r"\b32/100 views\b", text) and "quarantined 2" in text
-    assert re.search(r"[\d.]+ img/s", text) and "ETA" in text
+    assert re.search(r"([\d.]+|\?) img/s", text) and "ETA" in text
     bar.close()
     last = screen(out)[-1]
     assert last.startswith("extract done") and "32/100" in last
+
+
+def test_extract_rate_and_eta_leave_model_loading_out(out, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    bar = ExtractProgress(total=100)  # t=0; the actors load their models until t=10
+    now[0] = 10.0
+    bar.update(16)  # the first batch; no rate yet
+    assert "? img/s" in bar.text()
+    now[0] = 12.0
+    bar.update(16)  # 16 more views in 2 s
+    assert bar.rate() == pytest.approx(8.0)
+    assert "8.0 img/s" in bar.text() and "ETA 8s" in bar.text()  # 68 views left at 8/s
 
 
 def test_extract_progress_off_a_terminal_prints_summaries_only(monkeypatch):
