@@ -181,15 +181,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels,
                     batch_size=args.batch_size)
-    bundle = load_bundle(args.model, weights_dirs=args.weights_dir or ())
-    files = collect_images(args.inputs)
-    if not files:
-        raise DermrayError(f"No images found in {', '.join(args.inputs)}.")
     metadata = None
     if args.metadata:
         from dermray.catalog import read_metadata
 
         metadata = read_metadata(args.metadata).drop_duplicates("image_id").set_index("image_id")
+    if _predict_on_ray(args):
+        return _predict_ray(args, limits, metadata)
+    bundle = load_bundle(args.model, weights_dirs=args.weights_dir or ())
+    files = collect_images(args.inputs)
+    if not files:
+        raise DermrayError(f"No images found in {', '.join(args.inputs)}.")
     rows = skipped = 0
     with prediction_sink(args.out) as write:
         for frame, problems in bundle.iter_predictions(files, metadata, args.policy, limits):
@@ -200,6 +202,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.out:
         print(f"wrote {rows} predictions to {args.out} ({skipped} file(s) skipped)")
     return 0 if rows else 1
+
+
+def _predict_on_ray(args: argparse.Namespace) -> bool:
+    """--ray / --no-ray as asked; by default Ray Data on a joined cluster (RAY_ADDRESS), or when
+    an input is an s3:// prefix or a list file (the local path reads local files only)."""
+    if args.ray is not None:
+        return args.ray
+    from dermray.predict_ray import LIST_SUFFIXES
+    from dermray.raysession import joined_cluster
+
+    return joined_cluster() or any("://" in i or i.lower().endswith(LIST_SUFFIXES)
+                                   for i in args.inputs)
+
+
+def _predict_ray(args: argparse.Namespace, limits: Any, metadata: Any) -> int:
+    from dermray.predict_ray import run_predict_ray
+
+    # the actors embed with TensorFlow: a missing one is a message here, not an actor's traceback
+    require_all([("tensorflow", "`dermray predict --ray` embeds images with Keras on TensorFlow")])
+    result = run_predict_ray(args.model, args.inputs, args.out, args.policy, metadata, limits,
+                             weights_dirs=args.weights_dir or (), fmt=args.format,
+                             num_actors=args.num_actors or 0,
+                             on_problem=lambda m: print(f"warning: {m}", file=sys.stderr))
+    if args.out:
+        print(f"wrote {result['rows']} predictions to {args.out} ({result['skipped']} file(s) "
+              f"skipped; Ray Data, {result['images_per_s']} images/s)")
+    return 0 if result["rows"] else 1
 
 
 class _Sink:
@@ -248,6 +277,23 @@ def prediction_sink(out: str | None) -> Iterator[_Sink]:
         sink.finish(ok=False)
         raise
     sink.finish(ok=True)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from dermray.bundle import collect_images, load_bundle
+    from dermray.explain import explain_files
+
+    bundle = load_bundle(args.model, weights_dirs=args.weights_dir or ())
+    files = collect_images(args.images)
+    if not files:
+        raise DermrayError(f"No images found in {', '.join(args.images)}.")
+    records, problems = explain_files(bundle, files, args.out, method=args.method,
+                                      policy=args.policy)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    for r in records:
+        print(f"{r['png']}: {r['dx']} p={r['probability']:.3f} ({r['method']})")
+    return 0 if records else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -355,8 +401,32 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 40 million)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64,
                    help="images decoded and predicted at a time: memory stays bounded")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--ray", action=argparse.BooleanOptionalAction, default=None,
+                   help="run as a Ray Data job: decode tasks and predictor actors (a GPU each "
+                   "where the cluster has GPUs), rows streamed to --out; default: on a joined "
+                   "cluster (RAY_ADDRESS) or for s3:// and list-file inputs")
+    p.add_argument("--format", choices=["csv", "parquet"],
+                   help="output format with --ray (default: from the --out suffix, else csv)")
+    p.add_argument("--num-actors", dest="num_actors", type=int,
+                   help="predictor actors with --ray (default: one per GPU, else one per node)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_DIR_LIST_OR_S3",
+                   help="image files, folders, list files (.txt: one path or URI a line) or "
+                   "s3:// prefixes")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="a PNG per image: the decision and a heat map of where "
+                       "the evidence is (Grad-CAM, or occlusion for trees)")
+    p.add_argument("--model", required=True, help="OUT/model of a `dermray run`")
+    p.add_argument("--out", required=True, help="folder for <image>.png and explanations.json")
+    p.add_argument("--method", default="auto", choices=["auto", "gradcam", "occlusion"],
+                   help="auto: Grad-CAM for differentiable heads (logistic, MLP, fine-tuned), "
+                   "occlusion sensitivity for the others (XGBoost)")
+    p.add_argument("--policy", default="accuracy", choices=POLICIES,
+                   help="the operating point whose decision is explained (as in predict)")
+    p.add_argument("--weights-dir", action="append", metavar="DIR",
+                   help="a folder holding the backbone weights files (as in predict)")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("report", help="OUT/report.html: the Tune results dashboard (offline)")
     p.add_argument("out", metavar="OUT")
