@@ -245,7 +245,21 @@ class SearchProgress(_tune_callback_base()):
         ended = self.done | self.stopped | self.failed
         return sum(1 for t in trials if t.status == "RUNNING" and t.trial_id not in ended)
 
+    def _absorb(self, trials: list[Any]) -> None:
+        """Count trials that ended before this callback saw them (a resumed experiment's)."""
+        known = self.done | self.stopped | self.failed
+        for t in trials:
+            if t.trial_id in known or t.status not in ("TERMINATED", "ERROR"):
+                continue
+            self._number(t)
+            self._note(t, t.last_result)
+            if t.status == "ERROR":
+                self.failed.add(t.trial_id)
+            else:
+                (self.done if (t.last_result or {}).get("final") else self.stopped).add(t.trial_id)
+
     def status_text(self, trials: list[Any]) -> str:
+        self._absorb(trials)
         finished = len(self.done) + len(self.stopped) + len(self.failed)
         pending = max(0, self.num_samples - finished - self.running(trials))
         best = (f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best
@@ -315,7 +329,8 @@ class SearchProgress(_tune_callback_base()):
             f"trial {n}/{self.num_samples} {_family(trial)}: {self.metric} "
             f"{_fmt(result.get(self.metric))} (balanced "
             f"{_fmt(result.get('val_balanced_accuracy'))}){took}, {how}  [{trial.trial_id}]")
-        self.printer.status(self.status_text(trials), force=True)
+        # on a terminal the status line comes back under it; elsewhere only the periodic summary
+        self.printer.status(self.status_text(trials), force=self.printer.tty())
 
 
 def tune_callbacks(cfg: Any) -> list[Any]:

@@ -127,6 +127,41 @@ def test_search_progress_done_stopped_failed_and_best(out):
     assert shown[-1].startswith("search finished: 3/5")
 
 
+def test_search_off_a_terminal_writes_summaries_not_trial_lines(monkeypatch):
+    stream = io.StringIO()
+    monkeypatch.setattr(progress, "sys", SimpleNamespace(stdout=stream))
+    progress.set_mode("auto")
+    cb = SearchProgress(num_samples=2, summary_every_s=3600)
+    cb.setup()
+    a, b = trial("a", "logistic"), trial("b", "logistic")
+    for t in (a, b):
+        cb.on_trial_start(0, [a, b], t)
+        t.last_result = {"val_accuracy": 0.5, "final": True}
+        cb.on_trial_complete(0, [a, b], t)
+    cb.on_experiment_end([a, b])
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[-1].startswith("search finished: 2/2 trials: 2 done")
+    progress.set_mode("verbose")  # --verbose: every line, also in a log
+    cb.setup()
+    before = len(lines)
+    cb.on_trial_complete(0, [a], a)
+    new = stream.getvalue().splitlines()[before:]
+    assert any(ln.startswith("trial 1/2 logistic") for ln in new)
+    progress.set_mode("auto")
+
+
+def test_a_resumed_search_counts_the_trials_that_ended_before(out):
+    cb = SearchProgress(num_samples=3)
+    cb.setup()
+    old = [trial("a", "logistic", "TERMINATED", val_accuracy=0.6, final=True),
+           trial("b", "xgboost", "TERMINATED", val_accuracy=0.9),
+           trial("c", "mlp", "ERROR")]
+    text = cb.status_text(old)
+    assert re.search(r"3/3 trials: 1 done, 0 running, 1 stopped early, 1 failed, 0 pending", text)
+    assert "0.9000 (xgboost on resnet50)" in text
+    assert not [ln for ln in screen(out) if ln.startswith("trial ")]  # no lines for old trials
+
+
 def test_search_progress_pickles_without_its_run_state():
     cb = SearchProgress(num_samples=3)
     cb.done.add("x")
