@@ -7,6 +7,10 @@ decision policy -> prediction rows, streamed back to the driver batch by batch a
 one CSV or Parquet file. Only paths and prediction rows (a path, 7 probabilities) pass through the
 driver; images stay in the tasks and actors, so memory is bounded whatever the input size.
 
+With GPU actors the decode step runs as separate CPU tasks, in parallel with the GPUs; on a
+CPU-only cluster the two steps ask for the same resources and Ray Data fuses them into the actor
+(as in the extraction job), which saves moving decoded images through the object store.
+
 The numbers are the local path's: the same decoding (``augment.decode_image``), the same
 ``Bundle.features`` (frozen backbones in fixed-size chunks, test-time views averaged) and the same
 head, so the probabilities match ``Bundle.iter_predictions`` on the same images (to 1e-5; the
