@@ -200,7 +200,8 @@ class GradCam:
         """The fine-tuned CNN: its outer layers around the nested backbone model."""
         import keras
 
-        self.outer = [layer for layer in model.layers[1:-1]]
+        self.outer = [layer for layer in model.layers[:-1]
+                      if not isinstance(layer, keras.layers.InputLayer)]
         self.last = model.layers[-1]
         inner = [layer for layer in self.outer if isinstance(layer, keras.Model)]
         if len(inner) != 1 or not isinstance(self.last, keras.layers.Dense):
