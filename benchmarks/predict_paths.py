@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--weights", default="none", help="a ResNet50 notop .h5, or none")
     parser.add_argument("--images", help="a folder of JPEGs (default: synthetic ones)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--ray-first", action="store_true",
+                        help="time the Ray path first (default: the local path first)")
     parser.add_argument("--json", default=str(REPO / "out" / "bench_predict_paths.json"))
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -94,25 +96,35 @@ def main() -> None:
     limits = Limits(batch_size=args.batch_size)
     weights_dirs = [str(Path(args.weights).parent)] if args.weights != "none" else []
 
-    start = time.perf_counter()
-    bundle = load_bundle(model, weights_dirs=weights_dirs)
-    frames, problems, first = [], [], None
-    for frame, found in bundle.iter_predictions(files, limits=limits):
-        first = first or (time.perf_counter() - start, len(frame))
-        frames.append(frame)
-        problems += found
-    local = pd.concat(frames, ignore_index=True)
-    local_s = time.perf_counter() - start
+    def run_local() -> tuple[pd.DataFrame, list[str], float, tuple[float, int]]:
+        start = time.perf_counter()
+        bundle = load_bundle(model, weights_dirs=weights_dirs)
+        frames, problems, first = [], [], None
+        for frame, found in bundle.iter_predictions(files, limits=limits):
+            first = first or (time.perf_counter() - start, len(frame))
+            frames.append(frame)
+            problems += found
+        return pd.concat(frames, ignore_index=True), problems, time.perf_counter() - start, first
 
-    start = time.perf_counter()
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    init_s = time.perf_counter() - start
+    def run_ray() -> tuple[dict, float, float]:
+        start = time.perf_counter()
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        init_s = time.perf_counter() - start
+        start = time.perf_counter()
+        result = run_predict_ray(str(model), [str(f) for f in files], str(out), limits=limits,
+                                 weights_dirs=weights_dirs)
+        ray_s = time.perf_counter() - start
+        ray.shutdown()
+        return result, init_s, ray_s
+
     out = work / "preds.parquet"
-    start = time.perf_counter()
-    result = run_predict_ray(str(model), [str(f) for f in files], str(out), limits=limits,
-                             weights_dirs=weights_dirs)
-    ray_s = time.perf_counter() - start
-    ray.shutdown()
+    # the order is a flag: on a shared machine, run both orders to see what the load did
+    if args.ray_first:
+        result, init_s, ray_s = run_ray()
+        local, problems, local_s, first = run_local()
+    else:
+        local, problems, local_s, first = run_local()
+        result, init_s, ray_s = run_ray()
 
     cols = [c for c in local if c.startswith("p_")]
     theirs = pd.read_parquet(out).set_index("path").loc[local["path"]]
@@ -121,6 +133,8 @@ def main() -> None:
         "images": len(files), "image_size": args.image_size,
         "weights": "none" if args.weights == "none" else Path(args.weights).name,
         "batch_size": args.batch_size, "cpus": os.cpu_count(),
+        "order": "ray, local" if args.ray_first else "local, ray",
+        "load_average_1m": round(os.getloadavg()[0], 1),
         "local_s": round(local_s, 2), "local_img_s": round(len(files) / local_s, 2),
         "ray_init_s": round(init_s, 2), "ray_s": round(ray_s, 2),
         "ray_img_s": round(len(files) / ray_s, 2),
