@@ -45,6 +45,28 @@ class BackboneSpec:
     # Keras' ImageNet "notop" weights file (its name is the URL's last segment) and Keras' md5
     imagenet_url: str = ""
     imagenet_md5: str = ""
+    # an activation map instead of a pooled vector: the unpooled output of this layer (the
+    # input of the layers a cached fine-tune trains), stored flattened as float16 under
+    # OUT/activations; its size depends on the input size (``dim``)
+    layer: str = ""
+    channels: int = 0
+    stride: int = 32  # the layer's total stride: the map is ceil(size / stride) square
+
+    @property
+    def is_map(self) -> bool:
+        return bool(self.layer)
+
+    def map_shape(self, image_size: int) -> tuple[int, int, int]:
+        """(height, width, channels) of an activation map at ``image_size`` (each stride-2 step of
+        ResNet rounds up)."""
+        side = image_size
+        for _ in range(self.stride.bit_length() - 1):
+            side = -(-side // 2)
+        return side, side, self.channels
+
+    def dim(self, image_size: int = 224) -> int:
+        """Values per view: the feature size, or the flattened map's size at ``image_size``."""
+        return int(np.prod(self.map_shape(image_size))) if self.is_map else self.feature_dim
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -68,6 +90,11 @@ register_backbone(BackboneSpec("resnet50", "ResNet50", 2048, gflops_224=8.2,
 register_backbone(BackboneSpec(
     "resnet50_ms", "ResNet50", 3840, gflops_224=8.2,
     stages=("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
+    **RESNET50_IMAGENET))
+# ResNet50's activations at the input of its last residual block (7x7x2048 at 224): what the
+# cached fine-tune family trains conv5_block3 and a classifier on (see dermray/heads/cached.py)
+register_backbone(BackboneSpec(
+    "resnet50_c5b2", "ResNet50", 0, gflops_224=8.2, layer="conv5_block2_out", channels=2048,
     **RESNET50_IMAGENET))
 
 
@@ -228,27 +255,43 @@ def configure_devices(mixed_precision: bool = False) -> list[str]:
 
 
 def build_extractor(name: str, weights: str | None = "imagenet", image_size: int = 224):
-    """A frozen Keras model: preprocessed (N, S, S, 3) float32 -> (N, feature_dim) features."""
+    """A frozen Keras model: preprocessed (N, S, S, 3) float32 -> (N, dim) features."""
+    return build_network([name], weights, image_size)
+
+
+def build_network(names: Sequence[str], weights: str | None = "imagenet", image_size: int = 224):
+    """One frozen Keras model for backbones of one application with the same weights: one input,
+    one output per name (pooled features or a flattened activation map), so that one forward
+    pass gives them all."""
     import keras
 
-    spec = get_spec(name)
+    specs = [get_spec(n) for n in names]
+    application = specs[0].application
+    if any(s.application != application for s in specs):
+        raise BackboneError(f"Backbones {list(names)} are not one network: build them apart.")
     resolved = resolve_weights(weights)
-    constructor = getattr(keras.applications, spec.application)
+    constructor = getattr(keras.applications, application)
     try:
         base = constructor(include_top=False, weights=resolved,
-                           input_shape=(image_size, image_size, 3),
-                           pooling=None if spec.stages else "avg")
+                           input_shape=(image_size, image_size, 3), pooling=None)
     except (ValueError, OSError, KeyError) as exc:
-        raise BackboneError(f"Weights {weights} do not fit {spec.application} (include_top=False): "
-                            f"{str(exc)[:300]}. Pass the {spec.application} 'notop' weights file, "
+        raise BackboneError(f"Weights {weights} do not fit {application} (include_top=False): "
+                            f"{str(exc)[:300]}. Pass the {application} 'notop' weights file, "
                             "'imagenet' or 'none'.") from None
-    if spec.stages:
-        pooled = [keras.layers.GlobalAveragePooling2D(name=f"pool_{layer}")(
-            base.get_layer(layer).output) for layer in spec.stages]
-        model = keras.Model(base.input, keras.layers.Concatenate(name="stages")(pooled),
-                            name=f"{name}_extractor")
-    else:
-        model = base
+    outputs = []
+    for spec in specs:
+        if spec.stages:
+            pooled = [keras.layers.GlobalAveragePooling2D(name=f"pool_{layer}")(
+                base.get_layer(layer).output) for layer in spec.stages]
+            outputs.append(keras.layers.Concatenate(name=f"{spec.name}_stages")(pooled))
+        elif spec.is_map:
+            outputs.append(keras.layers.Flatten(name=f"{spec.name}_map")(
+                base.get_layer(spec.layer).output))
+        else:  # what pooling="avg" does
+            outputs.append(keras.layers.GlobalAveragePooling2D(name=f"{spec.name}_avg")(
+                base.output))
+    model = keras.Model(base.input, outputs[0] if len(outputs) == 1 else outputs,
+                        name="_".join(names) + "_extractor")
     model.trainable = False
     return model
 
@@ -266,8 +309,17 @@ def compile_forward(model, jit_compile: bool = True) -> Callable[[np.ndarray], n
 
         fn = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile,
                          reduce_retracing=True)
-        return lambda x: np.asarray(fn(tf.convert_to_tensor(x, tf.float32)), dtype=np.float32)
-    return lambda x: np.asarray(model.predict_on_batch(x), dtype=np.float32)
+        call = lambda x: fn(tf.convert_to_tensor(x, tf.float32))
+    else:
+        call = model.predict_on_batch
+
+    def forward(x: np.ndarray):
+        out = call(x)
+        if isinstance(out, (list, tuple)):  # a multi-output network: one array per output
+            return [np.asarray(o, dtype=np.float32) for o in out]
+        return np.asarray(out, dtype=np.float32)
+
+    return forward
 
 
 def limit_threads(threads: int) -> None:
@@ -284,8 +336,9 @@ def limit_threads(threads: int) -> None:
 class FrozenExtractor:
     """Frozen backbones, built once: one batch of uint8 RGB images in, embeddings out. No Ray.
 
-    A backbone that is a column slice of another one held here (``resnet50`` of ``resnet50_ms``,
-    with the same weights) is not built a second time: its features are sliced off the other's.
+    Backbones of one network with the same weights (``resnet50``, ``resnet50_ms`` and the
+    ``resnet50_c5b2`` activation map) share one forward pass: ``resnet50`` is a column slice of
+    ``resnet50_ms``, and the others are outputs of one multi-output model.
     """
 
     def __init__(self, backbones: Sequence[str], weights: dict[str, str], image_size: int,
@@ -296,55 +349,66 @@ class FrozenExtractor:
         self.gpus = configure_devices(mixed_precision)
         self.backbones = list(backbones)
         self.batch_size = batch_size
+        self.image_size = image_size
         self.sliced: dict[str, tuple[str, int, int]] = {}
         for name in self.backbones:
             spec = get_spec(name)
             if (spec.slice_of and spec.slice_of[0] in self.backbones
                     and weights.get(name, "imagenet") == weights.get(spec.slice_of[0], "imagenet")):
                 self.sliced[name] = spec.slice_of
-        self.forward: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+        # networks: (application, weights) -> the backbones it computes, in order
+        groups: dict[tuple[str, str], list[str]] = {}
         for name in self.backbones:
-            if name in self.sliced:
-                continue
+            if name not in self.sliced:
+                key = (get_spec(name).application, str(weights.get(name, "imagenet")))
+                groups.setdefault(key, []).append(name)
+        self.networks: list[tuple[list[str], Callable[[np.ndarray], np.ndarray]]] = []
+        for (_, weight), names in groups.items():
             # weights=None draws random weights: seed them, or every process (and every rerun)
             # would embed with a different network
             keras.utils.set_random_seed(seed)
-            model = build_extractor(name, weights.get(name, "imagenet"), image_size)
-            self.forward[name] = compile_forward(model, jit_compile=jit_compile)
+            model = build_network(names, weight, image_size)
+            self.networks.append((names, compile_forward(model, jit_compile=jit_compile)))
+
+    def dim(self, name: str) -> int:
+        return get_spec(name).dim(self.image_size)
 
     def embed(self, name: str, images: np.ndarray) -> np.ndarray:
-        """Embed uint8 images (N, S, S, 3) -> (N, feature_dim) float32."""
-        if name in self.sliced:
-            source, lo, hi = self.sliced[name]
-            return np.ascontiguousarray(self._run(source, images)[:, lo:hi])
-        return self._run(name, images)
+        """Embed uint8 images (N, S, S, 3) -> (N, dim) float32 (an activation map flattened)."""
+        source = self.sliced.get(name, (name,))[0]
+        return self.embed_rows(images, {source: np.ones(len(images), bool)})[name]
 
-    def _run(self, name: str, images: np.ndarray) -> np.ndarray:
+    def _run(self, names: list[str], forward: Callable, images: np.ndarray) -> list[np.ndarray]:
         """One network in fixed-size chunks (the last one padded), so XLA compiles once."""
-        dim = get_spec(name).feature_dim
-        out = np.zeros((len(images), dim), dtype=np.float32)
+        outs = [np.zeros((len(images), self.dim(n)), dtype=np.float32) for n in names]
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             n = len(chunk)
             if n < self.batch_size:
                 pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), dtype=chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
-            out[start:start + n] = self.forward[name](preprocess(name, chunk))[:n]
-        return out
+            result = forward(preprocess(names[0], chunk))
+            for out, part in zip(outs, result if isinstance(result, list) else [result]):
+                out[start:start + n] = part[:n]
+        return outs
 
     def embed_rows(self, images: np.ndarray, needed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every backbone's embeddings of the rows it needs (``needed[name]``, a boolean mask;
-        zeros elsewhere). Each network runs once, on the rows that it or a slice of it needs."""
+        zeros elsewhere). Each network runs once, on the rows that any of its outputs (or a
+        slice of them) needs."""
         out: dict[str, np.ndarray] = {}
-        for name in self.forward:
-            need = np.asarray(needed[name], dtype=bool)
-            for derived, (source, _, _) in self.sliced.items():
-                if source == name:
-                    need = need | np.asarray(needed[derived], dtype=bool)
-            emb = np.zeros((len(images), get_spec(name).feature_dim), dtype=np.float32)
+        for names, forward in self.networks:
+            need = np.zeros(len(images), bool)
+            for name in names:
+                need |= np.asarray(needed.get(name, False), dtype=bool)
+                for derived, (source, _, _) in self.sliced.items():
+                    if source == name:
+                        need |= np.asarray(needed.get(derived, False), dtype=bool)
+            for name in names:
+                out[name] = np.zeros((len(images), self.dim(name)), dtype=np.float32)
             if need.any():
-                emb[need] = self._run(name, images[need])
-            out[name] = emb
+                for name, emb in zip(names, self._run(names, forward, images[need])):
+                    out[name][need] = emb
         for name, (source, lo, hi) in self.sliced.items():
             out[name] = np.ascontiguousarray(out[source][:, lo:hi])
-        return out
+        return {n: out[n] for n in self.backbones}

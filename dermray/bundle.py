@@ -57,9 +57,13 @@ class Bundle:
         if get_family(self.spec["family"]).input == IMAGES:
             return images
         embedder = self.embedder()
-        views = range(self.spec.get("tta_views", 0) + 1)
+        from dermray.backbones import get_spec
+
         parts = []
         for name in [b["name"] for b in self.spec["backbones"]]:
+            # an activation map is scored on the original view, as in training (the head
+            # averages its own flips); embeddings average the extraction's TTA views
+            views = range(1 if get_spec(name).is_map else self.spec.get("tta_views", 0) + 1)
             stacked = np.mean([embedder.embed(name, np.stack([dihedral(im, k) for im in images]))
                                for k in views], axis=0)
             parts.append(stacked)
@@ -77,7 +81,7 @@ class Bundle:
         from dermray.heads import EMBEDDINGS, get_family
 
         return (get_family(self.spec["family"]).input == EMBEDDINGS
-                and parse_features(self.spec["features"])[1])
+                and parse_features(self.spec["features"], maps=True)[1])
 
     def decide(self, proba: np.ndarray, policy: str = "accuracy") -> np.ndarray:
         """Class indices under one of the bundle's operating points (argmax where the bundle
@@ -265,8 +269,8 @@ def expected_inputs(spec: dict[str, Any]) -> int:
 
     if get_family(spec["family"]).input == IMAGES:
         return spec["image_size"] * spec["image_size"] * 3
-    size = sum(get_spec(b["name"]).feature_dim for b in spec["backbones"])
-    if parse_features(spec["features"])[1]:
+    size = sum(get_spec(b["name"]).dim(spec["image_size"]) for b in spec["backbones"])
+    if parse_features(spec["features"], maps=True)[1]:
         size += metadata_matrix(pd.DataFrame({"age": [np.nan], "sex": ["unknown"],
                                               "localization": ["unknown"]})).shape[1]
     return size

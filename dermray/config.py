@@ -160,6 +160,10 @@ class SearchConfig:
     experiment: str = "heads"
     # first trials to run, one per family, so that every family is tried even on small budgets
     seed_each_family: bool = True
+    # a trial sequence that does not depend on timing: the searcher suggests max_concurrent
+    # trials at a time and waits for the whole batch before the next, and no trial is stopped
+    # early (ASHA's cuts depend on which trial reports first); same seed, same trials
+    deterministic: bool = False
     mlp_max_epochs: int = 60
     xgb_max_estimators: int = 400
     finetune_backbones: tuple[str, ...] = ("resnet50",)
@@ -167,6 +171,15 @@ class SearchConfig:
     finetune_image_size: int = 224
     finetune_epochs: int = 10
     finetune_max_train_images: int = 0  # 0: all (a cluster); small on a laptop
+    # the cached-activation fine-tune (dermray/heads/cached.py): which activation map it trains
+    # on, the weights its top block starts from ("": the extraction's), epochs, flip TTA
+    cached_cnn_features: str = "resnet50_c5b2"
+    cached_cnn_weights: str = ""
+    cached_cnn_epochs: int = 8
+    cached_cnn_tta: bool = True
+    # GPUs per cached_cnn trial where the cluster has GPUs (-1: a quarter, so that 4 trials
+    # share one; the maps are small), 0 on a CPU-only Ray
+    cached_cnn_gpus: float = -1.0
     # the melanoma operating point: the validation sensitivity its threshold must reach
     melanoma_target: float = 0.90
     # optional MLflow tracking through Tune's MLflowLoggerCallback: a server (http(s)://...) or a

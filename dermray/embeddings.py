@@ -32,19 +32,28 @@ QUARANTINE_DIR = "_quarantine"
 PARTITION_TYPE = pa.dictionary(pa.int32(), pa.string())
 
 
-def embedding_schema(dim: int) -> pa.Schema:
-    """The one schema of every embeddings file (``dim`` is the backbone's feature size)."""
+def embedding_schema(dim: int, value_type: pa.DataType | None = None) -> pa.Schema:
+    """The one schema of every embeddings file (``dim`` is the backbone's feature size); an
+    activation map's files hold the flattened map as float16 (``value_type``)."""
+    value_type = value_type or pa.float32()
     return pa.schema([
         ("image_id", pa.string()), ("lesion_id", pa.string()), ("dx", pa.string()),
         ("label", pa.int64()), ("split", PARTITION_TYPE), ("aug_index", pa.int32()),
-        ("backbone", PARTITION_TYPE), ("embedding", pa.list_(pa.float32(), dim)),
+        ("backbone", PARTITION_TYPE), ("embedding", pa.list_(value_type, dim)),
         ("age", pa.float64()), ("sex", pa.string()), ("localization", pa.string()),
     ])
 
 
+ACTIVATIONS_DIR = "activations"
+
+
 def backbone_dir(out: str | Path, backbone: str) -> str:
-    """The folder (path or URI) of one backbone's part files."""
-    return storage.join(out, "embeddings", f"backbone={backbone}")
+    """The folder (path or URI) of one backbone's part files: OUT/embeddings/backbone=<name>, or
+    OUT/activations/backbone=<name> for an activation map."""
+    from dermray.backbones import get_spec
+
+    kind = ACTIVATIONS_DIR if get_spec(backbone).is_map else "embeddings"
+    return storage.join(out, kind, f"backbone={backbone}")
 
 
 def quarantine_dir(out: str | Path) -> str:
@@ -54,9 +63,13 @@ def quarantine_dir(out: str | Path) -> str:
 
 def to_table(rows: pd.DataFrame, embeddings: np.ndarray, backbone: str) -> pa.Table:
     """Rows (manifest columns plus aug_index) and their embeddings as a table of the schema."""
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    from dermray.backbones import get_spec
+
+    half = get_spec(backbone).is_map  # activation maps: float16 halves the storage
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float16 if half else np.float32)
     n, dim = embeddings.shape
-    flat = pa.array(embeddings.reshape(-1), type=pa.float32())
+    value_type = pa.float16() if half else pa.float32()
+    flat = pa.array(embeddings.reshape(-1), type=value_type)
     columns = {
         "image_id": rows["image_id"].astype(str).to_numpy(),
         "lesion_id": rows["lesion_id"].astype(str).to_numpy(),
@@ -70,7 +83,7 @@ def to_table(rows: pd.DataFrame, embeddings: np.ndarray, backbone: str) -> pa.Ta
         "sex": rows["sex"].astype(str).to_numpy(),
         "localization": rows["localization"].astype(str).to_numpy(),
     }
-    return pa.table(columns, schema=embedding_schema(dim))
+    return pa.table(columns, schema=embedding_schema(dim, value_type))
 
 
 def content_name(keys: pd.DataFrame) -> str:
@@ -145,4 +158,42 @@ def load_embeddings(out: str | Path, backbone: str | Sequence[str] = "resnet50",
         frame = (frame.sort_values("aug_index").drop_duplicates("image_id")
                  .set_index("image_id").loc[uniques].reset_index())
         frame["aug_index"] = 0
+    return X, frame["label"].to_numpy(), frame
+
+
+def load_activations(out: str | Path, backbone: str, split: str,
+                     views: str = "all") -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """An activation map backbone's rows of one split, kept float16: X (N, H, W, C), y, frame.
+
+    ``views``: "all" (every augmented view its own row, for training) or "original" (aug_index
+    0 only: what val and test are scored on). Rows are sorted by (image_id, aug_index)."""
+    from dermray.backbones import get_spec
+
+    spec = get_spec(backbone)
+    ds = dataset(backbone_dir(out, backbone))
+    if ds is None:
+        raise DermrayError(f"No activations for '{backbone}' under {out}/{ACTIVATIONS_DIR}; add "
+                           f"{backbone} to extract.backbones and run `dermray extract`.")
+    filt = pads.field("split") == split
+    if views == "original":
+        filt = filt & (pads.field("aug_index") == 0)
+    table = ds.to_table(columns=list(META_COLUMNS) + ["embedding"] + list(EXTRA_COLUMNS),
+                        filter=filt)
+    frame = table.drop(["embedding"]).to_pandas()
+    for col in ("split", "backbone"):
+        frame[col] = frame[col].astype(str)
+    if frame.duplicated(KEY).any():
+        raise DermrayError(f"{int(frame.duplicated(KEY).sum())} duplicate view(s) in "
+                           f"{backbone_dir(out, backbone)}; rerun `dermray extract` to reconcile.")
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float16, copy=False)
+    channels = spec.channels
+    side = round((dim / channels) ** 0.5)
+    if side * side * channels != dim:
+        raise DermrayError(f"Activations of {backbone} hold {dim} values per view, not a square "
+                           f"map of {channels} channels: the folder is damaged; extract again.")
+    order = np.lexsort((frame["aug_index"].to_numpy(), frame["image_id"].to_numpy()))
+    X = values.reshape(len(frame), side, side, channels)[order]
+    frame = frame.iloc[order].reset_index(drop=True)
     return X, frame["label"].to_numpy(), frame

@@ -19,7 +19,7 @@ import pandas as pd
 from dermray import storage
 from dermray.config import CLASSES, SearchConfig
 from dermray.errors import DermrayError
-from dermray.heads import EMBEDDINGS, IMAGES, FamilySpec, get_family
+from dermray.heads import ACTIVATIONS, EMBEDDINGS, IMAGES, FamilySpec, get_family
 from dermray.raysession import ensure_ray
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ def define_space(trial, cfg: SearchConfig) -> dict[str, Any] | None:
     if spec.input == EMBEDDINGS:
         trial.suggest_categorical("features", list(cfg.features))
     spec.space(trial, cfg)
+    if spec.input == ACTIVATIONS:  # a constant, not a searched parameter
+        return {"features": spec.input_key(cfg)[0]}
     return None
 
 
@@ -51,6 +53,8 @@ def first_points(cfg: SearchConfig) -> list[dict[str, Any]]:
         point = {"family": fam, **spec.first_point(cfg)}
         if spec.input == EMBEDDINGS:
             point["features"] = feats
+        elif spec.input == ACTIVATIONS:
+            point["features"] = spec.input_key(cfg)[0]
         points.append(point)
     return points
 
@@ -92,10 +96,15 @@ def train_head(config: dict[str, Any], data: dict[str, Any], cfg: SearchConfig,
 def head_inputs(spec: FamilySpec, cfg: SearchConfig, features: str, split: str,
                 manifest_path: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """X, y and the rows of one split, in the input kind the family takes: embeddings of a
-    feature spec, or the decoded images of the manifest (unreadable ones left out)."""
+    feature spec, the decoded images of the manifest (unreadable ones left out), or an
+    activation-map backbone's cached maps (every view to train on, the original ones to score)."""
     from dermray.catalog import read_manifest
+    from dermray.embeddings import load_activations
     from dermray.features import embedding_features, image_arrays
 
+    if spec.input == ACTIVATIONS:
+        return load_activations(cfg.out, features, split,
+                                views="all" if split == "train" else "original")
     if spec.input == IMAGES:
         X, y, frame = image_arrays(read_manifest(manifest_path), split, spec.image_size(cfg),
                                    limit, cfg.seed)
@@ -108,8 +117,7 @@ def load_search_data(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
     data: dict[str, Any] = {}
     for fam in cfg.families:
         spec = get_family(fam)
-        keys = list(cfg.features) if spec.input == EMBEDDINGS else [IMAGES]
-        for key in keys:
+        for key in spec.input_key(cfg):
             if key not in data:
                 X_tr, y_tr, _ = head_inputs(spec, cfg, key, "train", manifest_path,
                                             spec.max_train_images(cfg))
@@ -148,7 +156,7 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
     import optuna
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -174,12 +182,14 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
     search = OptunaSearch(space=functools.partial(define_space, cfg=cfg), metric=METRIC, mode="max",
                           sampler=sampler,
                           points_to_evaluate=first_points(cfg) if cfg.seed_each_family else None)
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.max_t,
-                              grace_period=cfg.grace_period, reduction_factor=3)
+    scheduler = (FIFOScheduler() if cfg.deterministic else
+                 ASHAScheduler(time_attr="training_iteration", max_t=cfg.max_t,
+                               grace_period=cfg.grace_period, reduction_factor=3))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=cfg.num_samples,
-                                    search_alg=ConcurrencyLimiter(search, cfg.max_concurrent),
+                                    search_alg=ConcurrencyLimiter(search, cfg.max_concurrent,
+                                                                 batch=cfg.deterministic),
                                     scheduler=scheduler),
         run_config=tune.RunConfig(name=cfg.experiment, storage_path=root,
                                   storage_filesystem=filesystem,
@@ -206,7 +216,11 @@ def search_fingerprint(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
 
     settings = {k: v for k, v in config_to_dict(cfg).items() if k not in NEUTRAL_SETTINGS}
     embeddings = {}
-    for name in sorted({b for spec in cfg.features for b in parse_features(spec)[0]}):
+    read = {b for spec in cfg.features for b in parse_features(spec)[0]}
+    for fam in cfg.families:  # and the activation maps an activations family trains on
+        if get_family(fam).input == ACTIVATIONS:
+            read.update(get_family(fam).input_key(cfg))
+    for name in sorted(read):
         path = storage.join(backbone_dir(cfg.out, name), FILE)
         embeddings[name] = (json.loads(storage.read_text(path)).get("key")
                             if storage.is_file(path) else None)

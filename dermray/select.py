@@ -98,7 +98,7 @@ def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[
         backbones = []
         image_size = spec.image_size(cfg)
     else:
-        names, _ = parse_features(row["features"])
+        names, _ = parse_features(row["features"], maps=True)
         backbones = [{"name": n,
                       "weights_identity": extract_record.get("weights", {}).get(n, "unknown"),
                       "weights_name": extract_record.get("weights_names", {}).get(n, "")}

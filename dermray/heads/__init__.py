@@ -17,9 +17,11 @@ from dermray.heads import logistic  # noqa: F401
 from dermray.heads import xgb  # noqa: F401
 from dermray.heads import mlp  # noqa: F401
 from dermray.heads import finetune  # noqa: F401
+from dermray.heads import cached  # noqa: F401
 # isort: on
 from dermray.heads.base import Head, HeadError, NotFittedError
 from dermray.heads.registry import (
+    ACTIVATIONS,
     EMBEDDINGS,
     FAMILY_SPECS,
     IMAGES,
@@ -47,6 +49,6 @@ def load_head(family: str, directory: str | Path) -> Head:
     return head_class(family).load(Path(directory))
 
 
-__all__ = ["EMBEDDINGS", "FAMILIES", "FAMILY_SPECS", "IMAGES", "FamilySpec", "Head", "HeadError",
+__all__ = ["ACTIVATIONS", "EMBEDDINGS", "FAMILIES", "FAMILY_SPECS", "IMAGES", "FamilySpec", "Head", "HeadError",
            "NotFittedError", "families", "get_family", "head_class", "load_head", "make_head",
            "param_prefixes", "register_family", "unregister_family"]

@@ -26,7 +26,7 @@ class KerasHead(Head):
         self._check_params()
         self._check_xy(X.reshape(len(X), -1) if X.ndim > 2 else X, y)
         keras.utils.set_random_seed(self.seed)
-        model = self._build(X.shape[1:])
+        model = self._build(self._inputs(X[:1]).shape[1:])
         model.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         callbacks = []
@@ -37,7 +37,7 @@ class KerasHead(Head):
                 monitor="val_loss", patience=self.patience, restore_best_weights=True))
         if progress is not None and eval_set is not None:
             callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: progress(
-                epoch + 1, model.predict(validation[0], batch_size=256, verbose=0))))
+                epoch + 1, self._proba(model, validation[0]))))
         model.fit(self._inputs(X), np.asarray(y), epochs=self.epochs, batch_size=self.batch_size,
                   validation_data=validation, callbacks=callbacks, verbose=0,
                   class_weight=class_weights(np.asarray(y), self.class_weight))
@@ -51,7 +51,11 @@ class KerasHead(Head):
             raise HeadError("The 'X' parameter of predict_proba must be non-empty.")
         X = self._inputs(X)
         self._check_n_features(X)
-        return np.asarray(self.model_.predict(X, batch_size=256, verbose=0), dtype=np.float64)
+        return self._proba(self.model_, X)
+
+    def _proba(self, model, X: np.ndarray) -> np.ndarray:
+        """The model's probabilities of prepared inputs (a subclass may average views)."""
+        return np.asarray(model.predict(X, batch_size=256, verbose=0), dtype=np.float64)
 
     def save(self, directory: Path) -> None:
         self._check_fitted()

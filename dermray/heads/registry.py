@@ -18,11 +18,13 @@ from dermray.heads.base import Head, HeadError
 if TYPE_CHECKING:
     from dermray.config import SearchConfig
 
-# what a head is fitted on: rows of backbone embeddings (a trial also picks a feature spec), or
-# decoded images (uint8, N x S x S x 3) read from the manifest
+# what a head is fitted on: rows of backbone embeddings (a trial also picks a feature spec),
+# decoded images (uint8, N x S x S x 3) read from the manifest, or a frozen network's cached
+# activation maps (float16, N x H x W x C; OUT/activations, see dermray.embeddings)
 EMBEDDINGS = "embeddings"
 IMAGES = "images"
-INPUT_KINDS = (EMBEDDINGS, IMAGES)
+ACTIVATIONS = "activations"
+INPUT_KINDS = (EMBEDDINGS, IMAGES, ACTIVATIONS)
 
 
 def no_fixed_params(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
@@ -67,6 +69,8 @@ class FamilySpec:
         check_config: validates those keys when the search config is loaded.
         image_size: for ``images`` families, the input size from the config.
         max_train_images: for ``images`` families, how many train images to use (0: all).
+        activations: for ``activations`` families, ``activations(cfg)``: the activation-map
+            backbone (``resnet50_c5b2``) whose cached maps the family trains on.
     """
 
     name: str
@@ -82,6 +86,7 @@ class FamilySpec:
     check_config: Callable[[SearchConfig], None] = no_config_check
     image_size: Callable[[SearchConfig], int] | None = None
     max_train_images: Callable[[SearchConfig], int] = all_train_images
+    activations: Callable[[SearchConfig], str] | None = None
 
     def __post_init__(self) -> None:
         if self.input not in INPUT_KINDS:
@@ -89,6 +94,9 @@ class FamilySpec:
                             f"{', '.join(INPUT_KINDS)}. Got {self.input!r} instead.")
         if self.input == IMAGES and self.image_size is None:
             raise HeadError(f"Family {self.name!r} takes images: give its spec an image_size.")
+        if self.input == ACTIVATIONS and self.activations is None:
+            raise HeadError(f"Family {self.name!r} takes activations: give its spec an "
+                            "activations function (which backbone's maps).")
 
     @property
     def prefix(self) -> str:
@@ -107,8 +115,19 @@ class FamilySpec:
         return params
 
     def features_of(self, config: dict[str, Any]) -> str:
-        """What a trial fitted on: its feature spec, or ``images``."""
+        """What a trial fitted on: its feature spec (an activation-map backbone for an
+        ``activations`` family), or ``images``."""
         return IMAGES if self.input == IMAGES else str(config.get("features", ""))
+
+    def input_key(self, cfg: SearchConfig) -> list[str]:
+        """The inputs this family's trials may fit on: the feature specs, ``images``, or its
+        activation-map backbone."""
+        if self.input == IMAGES:
+            return [IMAGES]
+        if self.input == ACTIVATIONS:
+            assert self.activations is not None
+            return [self.activations(cfg)]
+        return list(cfg.features)
 
 
 FAMILY_SPECS: dict[str, FamilySpec] = {}

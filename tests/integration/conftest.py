@@ -15,7 +15,8 @@ from dermray.config import DataConfig, ExtractConfig
 from dermray.extract import run_extract
 from dermray.pipeline import run_split
 
-BACKBONES = ("resnet50", "vgg19")
+# resnet50_c5b2: the activation map the cached fine-tune trains on (an output of resnet50's pass)
+BACKBONES = ("resnet50", "vgg19", "resnet50_c5b2")
 
 
 @pytest.fixture(scope="session")
@@ -75,11 +76,11 @@ def extracted(ray_local, synth_dir, tmp_path_factory):
 
 
 
-SEARCH = {"families": ["logistic", "xgboost", "mlp", "finetune"],
-          "features": ["resnet50", "vgg19+meta"], "num_samples": 5, "max_concurrent": 2,
+SEARCH = {"families": ["logistic", "xgboost", "mlp", "finetune", "cached_cnn"],
+          "features": ["resnet50", "vgg19+meta"], "num_samples": 6, "max_concurrent": 2,
           "grace_period": 2, "mlp_max_epochs": 8, "xgb_max_estimators": 30,
           "finetune_weights": {"resnet50": "none"}, "finetune_image_size": 32,
-          "finetune_epochs": 1, "finetune_max_train_images": 48}
+          "finetune_epochs": 1, "finetune_max_train_images": 48, "cached_cnn_epochs": 2}
 
 
 @pytest.fixture(scope="session")

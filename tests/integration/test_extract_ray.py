@@ -8,28 +8,37 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
 
-from dermray.embeddings import backbone_dir, embedding_schema, load_embeddings, read_frame
+from dermray.embeddings import (
+    backbone_dir,
+    embedding_schema,
+    load_activations,
+    load_embeddings,
+    read_frame,
+)
 from dermray.extract import run_extract
 
 BACKBONES = ("resnet50", "vgg19")
 
 
 def test_schema_counts_and_run_record(extracted):
-    out, cfg, record, _, _ = extracted
-    for name, dim in (("resnet50", 2048), ("vgg19", 512)):
+    out, _, record, _, _ = extracted
+    for name, dim, kind in (("resnet50", 2048, pa.float32()), ("vgg19", 512, pa.float32()),
+                            ("resnet50_c5b2", 2048, pa.float16())):  # the map: 1x1x2048 at 32
         folder = Path(backbone_dir(out, name))
+        assert folder.parent.name == ("activations" if name == "resnet50_c5b2" else "embeddings")
         files = list(folder.rglob("*.parquet"))
         assert files and {f.parent.name for f in files} == {"split=train", "split=val", "split=test"}
         schema = pads.dataset(str(files[0])).schema
-        assert schema.remove_metadata().equals(embedding_schema(dim))
+        assert schema.remove_metadata().equals(embedding_schema(dim, kind))
         frame = read_frame(out, name)
         assert len(frame) == record["rows"][name]["rows"]
         assert (frame["backbone"] == name).all()
     on_disk = json.loads((out / "extract_run.json").read_text())
     assert on_disk["views_planned"] == record["views_planned"] > 140
-    assert on_disk["weights"] == {"resnet50": "none", "vgg19": "none"}
+    assert on_disk["weights"] == {"resnet50": "none", "vgg19": "none", "resnet50_c5b2": "none"}
     assert on_disk["versions"]["ray"].startswith("2.")
     assert on_disk["images_per_s"] > 0
 
@@ -67,19 +76,51 @@ def test_fusion_and_tta_average(extracted):
 
 
 def test_resume_after_interruption(extracted):
+    """Half the part files of an embedding and of the activation map lost: the rerun makes
+    exactly those views again, with the same values; a third run has nothing to do."""
     out, cfg, record, _, _ = extracted
     before = read_frame(out, "resnet50").set_index(["image_id", "aug_index"])
-    parts = sorted((Path(backbone_dir(out, "resnet50")) / "split=train").glob("*.parquet"))
-    for part in parts[: len(parts) // 2]:  # as if the job had died half way
-        part.unlink()
+    maps, _, map_rows = load_activations(out, "resnet50_c5b2", "train")
+    for name in ("resnet50", "resnet50_c5b2"):
+        parts = sorted((Path(backbone_dir(out, name)) / "split=train").glob("*.parquet"))
+        for part in parts[: len(parts) // 2]:  # as if the job had died half way
+            part.unlink()
     again = run_extract(cfg)
     assert 0 < again["views_pending_at_start"] < record["views_planned"]
     after = read_frame(out, "resnet50").set_index(["image_id", "aug_index"])
     assert sorted(after.index) == sorted(before.index)
     np.testing.assert_allclose(np.stack(after.loc[before.index, "embedding"]),
                                np.stack(before["embedding"]), atol=1e-4)
+    maps_again, _, rows_again = load_activations(out, "resnet50_c5b2", "train")
+    pd.testing.assert_frame_equal(rows_again, map_rows)
+    assert maps_again.dtype == np.float16 and maps_again.shape == maps.shape
+    np.testing.assert_allclose(maps_again.astype(np.float32), maps.astype(np.float32),
+                               rtol=2e-3, atol=2e-3)  # float16: 3 significant digits
     noop = run_extract(cfg)
     assert noop["views_pending_at_start"] == 0 and noop["wall_s"] < 30
+
+
+def test_activation_maps_are_the_extractors_output(extracted):
+    """OUT/activations holds, per original val view, the conv5_block2_out map the frozen
+    network computes for that decoded image (float16), in the order of its frame."""
+    from dermray.augment import decode_batch
+    from dermray.backbones import FrozenExtractor
+
+    out, cfg, _, _, _ = extracted
+    maps, y, frame = load_activations(out, "resnet50_c5b2", "val", views="original")
+    assert (frame["aug_index"] == 0).all() and len(y) == len(frame) == len(maps)
+    assert maps.shape[1:] == (1, 1, 2048) and maps.dtype == np.float16
+    manifest = pd.read_parquet(out / "manifest.parquet").set_index("image_id")
+    rows = frame.head(4)
+    batch = {"image_id": rows["image_id"].to_numpy(object),
+             "path": manifest.loc[rows["image_id"], "path"].to_numpy(object),
+             "split": rows["split"].to_numpy(object), "aug_index": np.zeros(4, int)}
+    images = decode_batch(batch, cfg.image_size, cfg.seed)["image"]
+    ref = FrozenExtractor(["resnet50_c5b2"], {"resnet50_c5b2": "none"}, cfg.image_size,
+                          batch_size=4, jit_compile=False, seed=cfg.seed).embed(
+                              "resnet50_c5b2", images)
+    np.testing.assert_allclose(maps[:4].reshape(4, -1).astype(np.float32), ref, rtol=2e-3,
+                               atol=2e-3)
 
 
 def test_driver_writes_when_asked(extracted, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 
 from dermray.bundle import load_bundle
 from dermray.config import build_section
+from dermray.embeddings import load_activations
 from dermray.errors import ConfigError, DermrayError
 from dermray.evaluate import metrics
 from dermray.features import embedding_features
@@ -20,8 +21,8 @@ from dermray.features import embedding_features
 def test_every_family_tried_and_best_val_accuracy_wins(searched):
     out, summary = searched
     trials = pd.read_csv(out / "trials.csv")
-    assert len(trials) == 5
-    assert set(trials["family"]) == {"logistic", "xgboost", "mlp", "finetune"}
+    assert len(trials) == 6
+    assert set(trials["family"]) == {"logistic", "xgboost", "mlp", "finetune", "cached_cnn"}
     done = trials[trials["status"] == "TERMINATED"]
     best = done.sort_values(["val_accuracy", "val_balanced_accuracy"], ascending=False).iloc[0]
     result = json.loads((out / "metrics.json").read_text())
@@ -32,7 +33,8 @@ def test_every_family_tried_and_best_val_accuracy_wins(searched):
         assert {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix"} <= set(m)
         assert set(m["per_class"]) == {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
         assert sum(map(sum, m["confusion_matrix"])) == m["n"]
-    assert set(result["best_per_family"]) == {"logistic", "xgboost", "mlp", "finetune"}
+    assert set(result["best_per_family"]) == {"logistic", "xgboost", "mlp", "finetune",
+                                              "cached_cnn"}
     assert (out / "report.md").read_text().count("|") > 20
     assert (out / "confusion_matrix.png").stat().st_size > 1000
     assert list((out / "tune" / "heads").rglob("events.out.tfevents*")), "no TensorBoard logs"
@@ -44,7 +46,7 @@ def test_bundle_round_trip_reproduces_reported_metrics(searched):
     reported = json.loads((out / "metrics.json").read_text())
     if bundle.spec["family"] == "finetune":
         pytest.skip("the winner is the fine-tuned CNN (random on this data); covered by heads tests")
-    X, y, frame = embedding_features(out, bundle.spec["features"], "test")
+    X, y, frame = _inputs(out, bundle.spec["family"], bundle.spec["features"])
     recomputed = metrics(y, bundle.head.predict_proba(X))
     assert recomputed["accuracy"] == pytest.approx(reported["test"]["accuracy"], abs=1e-12)
     assert recomputed["confusion_matrix"] == reported["test"]["confusion_matrix"]
@@ -56,6 +58,42 @@ def test_bundle_round_trip_reproduces_reported_metrics(searched):
     direct = bundle.head.predict_proba(X[:12])
     got = preds[[f"p_{c}" for c in bundle.labels]].to_numpy()
     np.testing.assert_allclose(got, direct, atol=2e-3)
+
+
+def _inputs(out: Path, family: str, features: str):
+    """A family's test inputs as the search scored them."""
+    if family == "cached_cnn":
+        return load_activations(out, features, "test", views="original")
+    return embedding_features(out, features, "test")
+
+
+def test_cached_cnn_bundle_predicts_from_image_files(searched, tmp_path):
+    """The cached fine-tune's best trial, exported: from the image files (decode, the frozen
+    trunk up to the cut, the trained block) it gives the probabilities it was scored with."""
+    from dermray.heads.cached import CachedFinetuneHead
+    from dermray.select import export_bundle
+
+    out, summary = searched
+    best = summary["best_per_family"]["cached_cnn"]
+    (ckpt,) = [p for p in (out / "tune" / "heads").glob(f"*{best['trial_id']}*/checkpoint_*")]
+    head = CachedFinetuneHead.load(ckpt)
+    trials = pd.read_csv(out / "trials.csv").set_index("trial_id")
+    row = trials.loc[best["trial_id"]].copy()
+    row["trial_id"] = best["trial_id"]
+    cfg = build_section("search", {"families": ["cached_cnn"], "out": str(out)})
+    record = json.loads((out / "extract_run.json").read_text())
+    export_bundle(head, row, cfg, record, {"test": best["test"]}, str(tmp_path))
+    bundle = load_bundle(tmp_path / "model")
+    assert [b["name"] for b in bundle.spec["backbones"]] == ["resnet50_c5b2"]
+    X, y, frame = load_activations(out, "resnet50_c5b2", "test", views="original")
+    assert metrics(y, head.predict_proba(X))["accuracy"] == pytest.approx(
+        best["test"]["accuracy"], abs=1e-12)
+    manifest = pd.read_parquet(out / "manifest.parquet").set_index("image_id")
+    paths = [Path(manifest.loc[i, "path"]) for i in frame["image_id"][:8]]
+    preds, problems = bundle.predict_files(paths)
+    assert problems == [] and len(preds) == 8
+    got = preds[[f"p_{c}" for c in bundle.labels]].to_numpy()
+    np.testing.assert_allclose(got, head.predict_proba(X[:8]), atol=2e-3)
 
 
 def test_bad_search_configs():

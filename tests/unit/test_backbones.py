@@ -24,7 +24,7 @@ def test_caffe_preprocessing_equals_keras():
 
 
 def test_unknown_backbone_lists_known_names():
-    with pytest.raises(BackboneError, match="Known backbones: resnet50, resnet50_ms, vgg19"):
+    with pytest.raises(BackboneError, match="Known backbones: resnet50, resnet50_c5b2, resnet50_ms, vgg19"):
         get_spec("vgg16")
 
 
@@ -54,7 +54,7 @@ def test_wrong_architecture_weights_name_the_file(resnet50_weights):
 def test_feature_sizes_and_frozen(name):
     model = build_extractor(name, None, 32)
     out = np.asarray(model(np.zeros((2, 32, 32, 3), np.float32), training=False))
-    assert out.shape == (2, get_spec(name).feature_dim)
+    assert out.shape == (2, get_spec(name).dim(32))
     assert not model.trainable and model.trainable_weights == []
 
 
@@ -65,7 +65,7 @@ def test_frozen_extractor_embeds_one_batch_without_ray():
     none = {"resnet50": "none", "resnet50_ms": "none"}
     extractor = FrozenExtractor(["resnet50", "resnet50_ms"], none, 32, batch_size=4,
                                 jit_compile=False)
-    assert list(extractor.forward) == ["resnet50_ms"]  # resnet50 is sliced off it
+    assert [names for names, _ in extractor.networks] == [["resnet50_ms"]]  # resnet50: a slice
     need = np.array([True, False, True, True, False])
     out = extractor.embed_rows(images, {"resnet50": need, "resnet50_ms": np.zeros(5, bool)})
     assert out["resnet50"].shape == (5, 2048) and out["resnet50_ms"].shape == (5, 3840)
@@ -73,3 +73,27 @@ def test_frozen_extractor_embeds_one_batch_without_ray():
     np.testing.assert_array_equal(out["resnet50"][need], out["resnet50_ms"][need][:, 1792:])
     np.testing.assert_allclose(extractor.embed("resnet50", images[need]), out["resnet50"][need],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_activation_map_comes_from_the_same_forward_pass():
+    """resnet50_c5b2 (the conv5_block2_out map, flattened) is an output of the one ResNet50 that
+    also gives resnet50_ms: one network, and the same values as a model of that layer alone."""
+    import keras
+
+    from dermray.backbones import FrozenExtractor, preprocess
+
+    images = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3)).astype(np.uint8)
+    names = ["resnet50_ms", "resnet50_c5b2"]
+    extractor = FrozenExtractor(names, dict.fromkeys(names, "none"), 64, batch_size=2,
+                                jit_compile=False)
+    assert [n for n, _ in extractor.networks] == [names]
+    assert get_spec("resnet50_c5b2").map_shape(224) == (7, 7, 2048)
+    assert get_spec("resnet50_c5b2").map_shape(64) == (2, 2, 2048)
+    every = np.ones(3, bool)
+    out = extractor.embed_rows(images, {"resnet50_ms": every, "resnet50_c5b2": every})
+    assert out["resnet50_c5b2"].shape == (3, 2 * 2 * 2048)
+    keras.utils.set_random_seed(0)  # the extractor's seed: the same random weights
+    base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(64, 64, 3))
+    alone = keras.Model(base.input, base.get_layer("conv5_block2_out").output)
+    ref = np.asarray(alone(preprocess("resnet50", images), training=False)).reshape(3, -1)
+    np.testing.assert_allclose(out["resnet50_c5b2"], ref, rtol=1e-4, atol=1e-4)

@@ -54,7 +54,7 @@ def test_unfitted_and_bad_input_errors(family):
 def test_unknown_family():
     with pytest.raises(HeadError, match="Known families: logistic, xgboost, mlp, finetune"):
         make_head("svm", {})
-    assert FAMILIES == ("logistic", "xgboost", "mlp", "finetune")
+    assert FAMILIES == ("logistic", "xgboost", "mlp", "finetune", "cached_cnn")
 
 
 def test_finetune_runs_on_tiny_images(tmp_path):

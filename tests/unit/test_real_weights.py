@@ -57,7 +57,7 @@ def test_embeddings_equal_keras_and_beat_random(originals, resnet50_weights):
     weights = {"resnet50": str(resnet50_weights), "resnet50_ms": str(resnet50_weights)}
     real = FrozenExtractor(["resnet50", "resnet50_ms"], weights, SIZE, batch_size=24,
                            jit_compile=False)
-    assert list(real.forward) == ["resnet50_ms"]  # one network for both backbones
+    assert [names for names, _ in real.networks] == [["resnet50_ms"]]  # one network for both
     every = np.ones(len(images), bool)
     emb = real.embed_rows(images, {"resnet50": every, "resnet50_ms": every})
     assert emb["resnet50"].shape == (71, 2048)
@@ -70,7 +70,7 @@ def test_embeddings_equal_keras_and_beat_random(originals, resnet50_weights):
                                atol=2e-3)
 
     # the same images with the channels left in RGB order: far outside the tolerance above
-    wrong = real.forward["resnet50_ms"](images[:N_EXACT].astype(np.float32) - CAFFE_MEAN_BGR)
+    wrong = real.networks[0][1](images[:N_EXACT].astype(np.float32) - CAFFE_MEAN_BGR)
     assert np.abs(wrong[:, 1792:] - ref).max() > 20 * 2e-3
 
     # leave-one-out on the 71 lesions (10 per class): ImageNet features beat random ones. On so

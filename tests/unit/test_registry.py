@@ -11,9 +11,9 @@ from dermray.heads.registry import IMAGES, INPUT_KINDS, FamilySpec
 
 def test_unknown_family_lists_the_known_ones():
     with pytest.raises(HeadError, match="Unknown head family 'svm'. Known families: logistic, "
-                                        "xgboost, mlp, finetune."):
+                                        "xgboost, mlp, finetune, cached_cnn."):
         get_family("svm")
-    assert families()[:4] == FAMILIES
+    assert families()[:5] == FAMILIES
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -24,9 +24,10 @@ def test_space_first_point_and_head_params_agree(family):
     assert spec.input in INPUT_KINDS and spec.head_class.family == family
     cfg = build_section("search", {"families": [family], "finetune_weights": {"resnet50": "none"}})
     trial = optuna.create_study().ask()
-    define_space(trial, cfg)
+    constants = define_space(trial, cfg) or {}  # an activations family's map is a constant
     (point,) = first_points(cfg)
-    assert set(trial.params) == set(point), "the first point sets exactly the searched keys"
+    assert set(trial.params) | set(constants) == set(point), \
+        "the first point sets exactly the searched keys"
     assert ("features" in point) == (spec.input != IMAGES)
     params = spec.head_params(point, cfg)
     head = spec.head_class(**params)  # every key is a constructor argument
@@ -51,6 +52,9 @@ def test_bad_family_keys_are_checked_by_their_spec():
     with pytest.raises(ConfigError, match="search.mlp_max_epochs must be >= 1. Got 0 instead."):
         build_section("search", {"mlp_max_epochs": 0})
     with pytest.raises(HeadError, match="input"):
+        FamilySpec("bad", object, space=lambda t, c: None, first_point=lambda c: {},
+                   input="pixels")
+    with pytest.raises(HeadError, match="takes activations: give its spec an activations"):
         FamilySpec("bad", object, space=lambda t, c: None, first_point=lambda c: {},
                    input="activations")
 

@@ -1,0 +1,158 @@
+"""Fine-tuning ResNet50's last residual block: from cached activations against end to end, in one
+run, on the same real images, with the same trainable layers (conv5_block3 and a softmax).
+
+(a) cached: the frozen trunk's conv5_block2_out maps are computed once (timed apart, like the
+    extraction stage) and an epoch trains ``CachedFinetuneHead`` on them (flips of the maps);
+(b) end to end: ResNet50 from the images with only conv5_block3 (batch norms frozen) and the
+    same classifier trainable; every epoch runs the whole frozen trunk forward again.
+
+Each is timed over its second epoch (the first one builds and compiles). Also reported: the
+storage per view of the cached map (float16 in memory; the Parquet files of a real run when
+``--activations`` names its folder).
+
+    python benchmarks/cached_finetune.py --images 128 --json out/bench_cached.json \
+        [--activations out/ham10000/activations/backbone=resnet50_c5b2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DERMRAY_SHARED", REPO.parent / "shared"))
+HAM = SHARED / "data" / "ham10000"
+WEIGHTS = SHARED / "weights" / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+SIZE = 224
+
+
+def real_images(n: int) -> tuple[np.ndarray, np.ndarray]:
+    import pandas as pd
+
+    from dermray.augment import decode_batch
+    from dermray.config import CLASSES
+
+    meta = pd.read_csv(HAM / "metadata_images_200x150.csv")
+    # every class represented: up to n/7 images per class, then filled with the rest
+    rows = meta.groupby("dx", group_keys=False).apply(
+        lambda g: g.sample(min(len(g), n // 7 + 1), random_state=0)).head(n)
+    paths = [str(HAM / "images_200x150" / f"{i}.jpg") for i in rows["image_id"]]
+    batch = {"image_id": rows["image_id"].to_numpy(object), "path": np.array(paths, object),
+             "split": np.full(len(rows), "train", object), "aug_index": np.zeros(len(rows), int)}
+    images = decode_batch(batch, SIZE, 0)["image"]
+    return images, rows["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+
+
+class EpochTimer:
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def callback(self):
+        import keras
+
+        timer = self
+
+        class Cb(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                timer.start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                timer.times.append(time.perf_counter() - timer.start)
+
+        return Cb()
+
+
+def end_to_end_model(weights: str):
+    """ResNet50 on images, only conv5_block3 (not its batch norms) and the softmax trainable."""
+    import keras
+
+    from dermray.heads.finetune import _caffe_layer
+
+    base = keras.applications.ResNet50(include_top=False, weights=weights,
+                                       input_shape=(SIZE, SIZE, 3))
+    for layer in base.layers:
+        layer.trainable = (layer.name.startswith("conv5_block3")
+                           and not isinstance(layer, keras.layers.BatchNormalization))
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.RandomFlip("horizontal_and_vertical")(inputs)
+    x = base(_caffe_layer()(x), training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.3)(x)
+    outputs = keras.layers.Dense(7, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--activations", help="a real run's activation folder (storage/view)")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    import keras
+
+    from dermray.backbones import FrozenExtractor
+    from dermray.heads.cached import CachedFinetuneHead
+
+    images, y = real_images(args.images)
+    n = len(images)
+    result: dict[str, object] = {"images": n, "image_size": SIZE, "batch_size": args.batch_size,
+                                 "cpus": os.cpu_count()}
+
+    start = time.perf_counter()
+    extractor = FrozenExtractor(["resnet50_c5b2"], {"resnet50_c5b2": str(WEIGHTS)}, SIZE,
+                                batch_size=args.batch_size)
+    maps = extractor.embed("resnet50_c5b2", images).reshape(n, 7, 7, 2048).astype(np.float16)
+    result["cache_once_s"] = round(time.perf_counter() - start, 2)
+
+    timer = EpochTimer()
+    head = CachedFinetuneHead(weights=str(WEIGHTS), epochs=2, batch_size=args.batch_size,
+                              tta=False)
+    # KerasHead.fit takes no callbacks: time the same compiled model's epochs directly
+    model = head._build(maps.shape[1:])
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy")
+    model.fit(maps, y, epochs=2, batch_size=args.batch_size, verbose=0,
+              callbacks=[timer.callback()])
+    cached_epoch = timer.times[-1]
+
+    timer = EpochTimer()
+    e2e = end_to_end_model(str(WEIGHTS))
+    e2e.compile(optimizer=keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy")
+    e2e.fit(images.astype(np.float32), y, epochs=2, batch_size=args.batch_size, verbose=0,
+            callbacks=[timer.callback()])
+    e2e_epoch = timer.times[-1]
+
+    result.update({
+        "trainable_params_cached": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+        "trainable_params_end_to_end": int(sum(np.prod(w.shape) for w in e2e.trainable_weights)),
+        "cached_epoch_s": round(cached_epoch, 2),
+        "end_to_end_epoch_s": round(e2e_epoch, 2),
+        "cached_img_s": round(n / cached_epoch, 1),
+        "end_to_end_img_s": round(n / e2e_epoch, 1),
+        "speedup_end_to_end_over_cached": round(e2e_epoch / cached_epoch, 2),
+        "map_bytes_per_view_float16": int(maps[0].nbytes),
+    })
+    if args.activations:
+        files = list(Path(args.activations).rglob("*.parquet"))
+        import pyarrow.parquet as pq
+
+        views = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        size = sum(f.stat().st_size for f in files)
+        result.update({"parquet_views": views, "parquet_bytes_per_view": int(size / views),
+                       "parquet_total_gib": round(size / 2**30, 2)})
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
