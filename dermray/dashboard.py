@@ -147,7 +147,7 @@ def live_trials(out: str) -> pd.DataFrame:
     trial folders as they are: params.json (the config) and result.json (one line per result;
     the last complete line counts). ``status``: done (its final result is in), stopped early,
     running, error, or pending."""
-    from dermray.heads import param_prefixes
+    from dermray.heads import FAMILY_SPECS, param_prefixes
 
     prefixes = param_prefixes()
     rows = []
@@ -179,9 +179,11 @@ def live_trials(out: str) -> pd.DataFrame:
             status = "stopped early"
         else:
             status = "running" if state in ("RUNNING", "") else state.lower()
+        family = config.get("family", "")
+        spec = FAMILY_SPECS.get(family)  # what it fitted on: a feature spec, or images
         rows.append({
-            "trial_id": trial_id, "family": config.get("family", ""),
-            "features": config.get("features", ""),
+            "trial_id": trial_id, "family": family,
+            "features": spec.features_of(config) if spec else config.get("features", ""),
             **{k: last.get(k, np.nan) for k in TRIAL_COLUMNS[3:7]},
             "iterations": last.get("training_iteration", 0),
             "time_total_s": last.get("time_total_s", np.nan),
