@@ -65,11 +65,20 @@ def winner_run(client: Any, cfg: Any, trial_id: str) -> str:
 def log_winner_bundle(cfg: Any, trial_id: str, bundle: str) -> str | None:
     """Log the exported bundle (``OUT/model``, a folder or an s3:// URI) as the ``model``
     artifact of the winning trial's run, and tag that run; returns the run id (None: tracking
-    is off)."""
+    is off, or the tracking server failed: the search's results are in OUT all the same, so
+    that is a warning, not an error)."""
     uri = getattr(cfg, "mlflow_tracking_uri", "")
     if not uri:
         return None
     _prepare(uri)
+    try:
+        return _log_bundle(uri, cfg, trial_id, bundle)
+    except Exception as exc:  # noqa: BLE001 - a tracking server down must not lose OUT
+        logger.warning("could not log the winner's bundle to MLflow at %s: %s", uri, exc)
+        return None
+
+
+def _log_bundle(uri: str, cfg: Any, trial_id: str, bundle: str) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
