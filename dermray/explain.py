@@ -38,6 +38,7 @@ shown is the head's, as in predict's ``p_<class>`` column.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -346,6 +347,18 @@ def render(explanation: Explanation, original: Image.Image | None, path: str | P
     return path
 
 
+def display_image(data: bytes, width: int = 600) -> Image.Image:
+    """The image as shown beside its heat map: upright (EXIF), RGB, at most ``width`` wide (the
+    model's square input stretches over it, as the model's resize stretched the image)."""
+    from PIL import ImageOps
+
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (width, width))  # JPEGs decode small; the pixel limit was checked before
+    img = ImageOps.exif_transpose(img) or img
+    img.thumbnail((width, width * 4))
+    return img.convert("RGB")
+
+
 def explain_files(bundle: Bundle, paths: list[Path], out: str | Path, method: str = "auto",
                   policy: str = "accuracy", max_bytes: int = 50_000_000,
                   max_pixels: int = 40_000_000, explainer: Explainer | None = None
@@ -353,8 +366,6 @@ def explain_files(bundle: Bundle, paths: list[Path], out: str | Path, method: st
     """A PNG per image in ``out`` (``<image name>.png``) and ``explanations.json``; returns the
     records and a problem per file that could not be read. ``explainer``: one already built for
     ``bundle`` (its method and policy are used)."""
-    import io
-
     from dermray.augment import DecodeError
 
     explainer = explainer or Explainer(bundle, method, policy)
@@ -364,7 +375,7 @@ def explain_files(bundle: Bundle, paths: list[Path], out: str | Path, method: st
         try:
             data = read_image_file(Path(path), max_bytes)
             image = decode_image(data, bundle.spec["image_size"], max_pixels=max_pixels)
-            original = Image.open(io.BytesIO(data))
+            original = display_image(data)
         except (DecodeError, OSError) as exc:
             problems.append(f"{path}: {exc}; skipped")
             continue
