@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -30,7 +29,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from raytools import RAY, REPO, free_port, ray_cli, wait_for_job_api
+from raytools import (
+    DONE,
+    NO_DRAIN,
+    RAY,
+    REPO,
+    auth_token,
+    dashboard_get,
+    free_port,
+    ray_cli,
+    wait_for_job,
+    wait_for_job_api,
+)
 
 CLUSTER_YAML = Path(__file__).with_name("fake_cluster") / "cluster.yaml"
 JOB_CONFIG = REPO / "ray_jobs" / "configs" / "fake_cluster.yaml"
@@ -69,22 +79,21 @@ def stop_session(sid: int, grace_s: float = 5) -> None:
             time.sleep(0.5)
 
 
-def cluster_nodes(gcs: str, env: dict) -> list[dict]:
-    """`ray.nodes()` of the cluster, read by a separate driver (this process stays Ray-free)."""
-    code = textwrap.dedent(f"""
-        import json, ray
-        ray.init(address={gcs!r}, log_to_driver=False, logging_level="ERROR")
-        from ray.util.state import list_nodes
-        started = {{n.node_id: n.start_time_ms for n in list_nodes(detail=True)}}
-        print("NODES=" + json.dumps([{{"id": n["NodeID"], "alive": n["Alive"],
-               "resources": n["Resources"], "start_ms": started.get(n["NodeID"])}}
-               for n in ray.nodes()]))
-    """)
-    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
-                         text=True, env=env, timeout=120, cwd=REPO)
-    line = [x for x in res.stdout.splitlines() if x.startswith("NODES=")]
-    assert line, res.stdout[-2000:] + res.stderr[-3000:]
-    return json.loads(line[0][len("NODES="):])
+def cluster_nodes(address: str, env: dict) -> list[dict]:
+    """The cluster's nodes, alive or dead, from the head's state API (GET /api/v0/nodes, as
+    `ray list nodes` reads it; this process stays Ray-free and starts no driver). The job API can
+    answer a moment before the head's own node is listed: an empty list is asked again."""
+    deadline = time.time() + 60
+    while True:
+        code, body = dashboard_get(address, "/api/v0/nodes?detail=1&limit=1000", auth_token(env))
+        assert code == 200, body[-3000:]
+        nodes = json.loads(body)["data"]["result"]["result"]
+        if nodes or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    return [{"id": n["node_id"], "alive": n["state"] == "ALIVE",
+             "resources": n["resources_total"], "start_ms": n.get("start_time_ms")}
+            for n in nodes]
 
 
 def gpu_nodes(nodes: list[dict]) -> set[str]:
@@ -141,7 +150,7 @@ def fake_cluster(tmp_path_factory):
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path, "HOME": str(home), "RAY_AUTH_MODE": "token",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_FAKE_CLUSTER": "1",
-           "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+           "AUTOSCALER_UPDATE_INTERVAL_S": "1", **NO_DRAIN,
            # every node's credentials for the bucket (an instance profile on AWS)
            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
@@ -169,15 +178,12 @@ def fake_cluster(tmp_path_factory):
 
 
 def test_pipeline_scales_gpu_workers_from_zero(fake_cluster, s3, images_on_s3, tmp_path):
-    address, gcs, env = fake_cluster
+    address, _, env = fake_cluster
     client, query = s3
     metadata, images, broken = images_on_s3
 
-    refused = ray_cli("job", "list", "--address", address, env={**env, "RAY_AUTH_MODE": "disabled"})
-    assert refused.returncode != 0  # token auth is on: no token, no job API
-
-    nodes = cluster_nodes(gcs, env)
-    assert [n["id"] for n in nodes if n["alive"]] == [HEAD_NODE_ID]
+    nodes = cluster_nodes(address, env)
+    assert [n["id"] for n in nodes if n["alive"]] == [HEAD_NODE_ID], nodes
     assert gpu_nodes(nodes) == set()  # no GPU anywhere before the job
 
     config = yaml.safe_load(JOB_CONFIG.read_text())
@@ -200,24 +206,19 @@ def test_pipeline_scales_gpu_workers_from_zero(fake_cluster, s3, images_on_s3, t
         time.sleep(3)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     submitted_ms = time.time() * 1000
-    status = ""
-    try:
-        deadline = time.time() + 420
-        while time.time() < deadline:
-            res = ray_cli("job", "status", "--address", address, job_id, env=env)
-            status = (res.stdout + res.stderr).lower()
-            if any(word in status for word in ("succeeded", "failed", "stopped")):
-                break
-            time.sleep(3)
+    # token auth is on: no token, no job API (asked while the job runs, not before it)
+    refused = ray_cli("job", "list", "--address", address, env={**env, "RAY_AUTH_MODE": "disabled"})
+    assert refused.returncode != 0
+    status = wait_for_job(address, job_id, env, timeout=420)
+    if status != "SUCCEEDED":
+        if status not in DONE:
+            ray_cli("job", "stop", "--address", address, job_id, env=env)
         logs = ray_cli("job", "logs", "--address", address, job_id, env=env).stdout
         (tmp_path / "job.log").write_text(logs)
-        assert "succeeded" in status, f"{tmp_path / 'job.log'}\n{logs[-6000:]}"
-    finally:
-        if not any(word in status for word in ("succeeded", "failed", "stopped")):
-            ray_cli("job", "stop", "--address", address, job_id, env=env)
+        pytest.fail(f"{status}: {tmp_path / 'job.log'}\n{logs[-6000:]}")
 
     # the autoscaler brought (at least) two GPU workers, none of them the head
-    nodes = cluster_nodes(gcs, env)
+    nodes = cluster_nodes(address, env)
     workers = gpu_nodes(nodes)
     assert len(workers) >= 2 and HEAD_NODE_ID not in workers, workers
     print("GPU workers up, seconds after the submission:",  # for the record, not asserted

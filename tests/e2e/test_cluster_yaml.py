@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from raytools import REPO, free_port, ray_cli
+from raytools import NO_DRAIN, REPO, auth_token, dashboard_get, free_port, ray_cli
 
 # p3.yaml only: tests/unit/test_cluster.py checks that g6.yaml differs from it only in the
 # images, the worker instance type and the driver line, so its start commands and file mounts
@@ -94,7 +94,7 @@ def localize(cmd: str, ports: dict[str, int], head: bool) -> str:
 def start_node(commands: list[str], home: Path, ports: dict[str, int], head: bool,
                procs: list[subprocess.Popen]) -> None:
     """Run one node's start commands from the yaml in bash, as the launcher's updater does."""
-    env = clean_env(home, with_venv=False)
+    env = {**clean_env(home, with_venv=False), **NO_DRAIN}  # stop at once on SIGTERM
     if not head:
         env["RAY_HEAD_IP"] = "127.0.0.1"  # the launcher's with_head_node_ip()
     for cmd in commands:
@@ -119,13 +119,15 @@ def ray_cli_home(*args: str, env: dict, timeout: float = 120) -> subprocess.Comp
 
 
 def wait_for_job_api(address: str, env: dict, procs: list[subprocess.Popen], homes) -> None:
+    """Until the head answers an authorised job list (over HTTP: cheap to poll)."""
+    token = auth_token(env)
     deadline = time.time() + 120
     while time.time() < deadline:
-        if ray_cli_home("job", "list", "--address", address, env=env, timeout=60).returncode == 0:
+        if dashboard_get(address, "/api/jobs/", token, timeout=10)[0] == 200:
             return
         for proc, home in zip(procs, homes):
             assert proc.poll() is None, (home / "ray-start.log").read_text()[-3000:]
-        time.sleep(2)
+        time.sleep(0.5)
     pytest.fail("the head's job API did not answer: "
                 + (homes[0] / "ray-start.log").read_text()[-3000:])
 
