@@ -39,8 +39,8 @@ def real_images(n: int) -> tuple[np.ndarray, np.ndarray]:
 
     meta = pd.read_csv(HAM / "metadata_images_200x150.csv")
     # every class represented: up to n/7 images per class, then filled with the rest
-    rows = meta.groupby("dx", group_keys=False).apply(
-        lambda g: g.sample(min(len(g), n // 7 + 1), random_state=0)).head(n)
+    rows = pd.concat([g.sample(min(len(g), n // 7 + 1), random_state=0)
+                      for _, g in meta.groupby("dx")]).head(n)
     paths = [str(HAM / "images_200x150" / f"{i}.jpg") for i in rows["image_id"]]
     batch = {"image_id": rows["image_id"].to_numpy(object), "path": np.array(paths, object),
              "split": np.full(len(rows), "train", object), "aug_index": np.zeros(len(rows), int)}

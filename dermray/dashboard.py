@@ -269,6 +269,7 @@ def write_dashboard(out: str) -> str:
     per_class = pd.DataFrame([{"class": c, **{k: (v if v is not None else np.nan)
                                               for k, v in m.items()}}
                               for c, m in test["per_class"].items()])
+    from dermray.embedding_map import html_section
     from dermray.evaluate import plot_confusion
 
     png = plot_confusion(test["confusion_matrix"], "winner, test")
@@ -290,6 +291,7 @@ Test (scored once, after selection): accuracy {test['accuracy']:.4f}, balanced a
 {_table(per_class, "per-class")}
 {policy_section(result.get("policies"))}
 <img alt="confusion matrix" src="{cm}">
+{html_section(out, result['features'])}
 <h2>All trials (click a header to sort)</h2>
 {_table(shown, "trials", highlight=str(result['trial_id']))}
 <script>{SORT_JS}</script>

@@ -91,8 +91,8 @@ def write_report(out: str, summary: dict[str, Any]) -> str:
     win = summary["winner"]
     lines = [
         "# dermray report", "",
-        f"Winner (highest validation accuracy of {summary['n_trials']} trials): **{win['family']}** "
-        f"on `{win['features']}`", "", "```", str(win["params"]), "```", "",
+        (f"Winner (highest validation accuracy of {summary['n_trials']} trials): **{win['family']}** "
+        f"on `{win['features']}`"), "", "```", str(win["params"]), "```", "",
         "| split | n | accuracy | balanced accuracy | macro-F1 | log-loss |",
         "| --- | --- | --- | --- | --- | --- |",
         _row("val", win["val"]), _row("test", win["test"]), "",
@@ -112,9 +112,12 @@ def write_report(out: str, summary: dict[str, Any]) -> str:
         lines.append(f"| {cls} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {auc} "
                      f"| {m['support']} |")
     lines += ["", *policy_lines(summary.get("policies")), ""]
+    from dermray.embedding_map import markdown_section
+
+    lines += markdown_section(out, win["features"])
     lines += ["", "![confusion matrix](confusion_matrix.png)", "",
-              "Splits are lesion-grouped: no lesion is in two splits. The winner was chosen on "
-              "validation accuracy only; the test split was scored once, after selection.", ""]
+              ("Splits are lesion-grouped: no lesion is in two splits. The winner was chosen on "
+              "validation accuracy only; the test split was scored once, after selection."), ""]
     return storage.write_text(storage.join(out, "report.md"), "\n".join(lines))
 
 
@@ -135,9 +138,9 @@ def policy_lines(policies: dict[str, Any] | None) -> list[str]:
         lines.append(f"| {name} | {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} | "
                      f"{_fmt(m['melanoma_sensitivity'])} | {_fmt(m['melanoma_specificity'])} | "
                      + " | ".join(_fmt(m["recall"][c]) for c in CLASSES) + " |")
-    lines += ["", f"Expected calibration error (test): {test['ece_before']:.3f} before "
+    lines += ["", (f"Expected calibration error (test): {test['ece_before']:.3f} before "
               f"temperature scaling, {test['ece_after']:.3f} after (validation: "
-              f"{val['ece_before']:.3f} -> {val['ece_after']:.3f}).",
+              f"{val['ece_before']:.3f} -> {val['ece_after']:.3f})."),
               "`dermray predict --policy NAME` applies one."]
     return lines
 
@@ -152,33 +155,33 @@ def model_card(bundle: dict[str, Any], extract_record: dict[str, Any]) -> str:
     lines = [
         f"# Model card: dermray {bundle['family']} on `{bundle['features']}`", "",
         "## Intended use",
-        "Research on dermatoscopic image classification (HAM10000's 7 diagnoses). **Not a "
+        ("Research on dermatoscopic image classification (HAM10000's 7 diagnoses). **Not a "
         "diagnostic device**: not validated for clinical use, not a substitute for a "
-        "dermatologist, no regulatory clearance.", "",
+        "dermatologist, no regulatory clearance."), "",
         "## Data and split",
-        "HAM10000 (Tschandl et al., Sci. Data 5, 180161, 2018): dermatoscopic images from two "
+        ("HAM10000 (Tschandl et al., Sci. Data 5, 180161, 2018): dermatoscopic images from two "
         "sites (Austria, Australia), labels by histopathology, follow-up, consensus or confocal "
         "microscopy. Lesion-grouped split: no lesion is in two splits; the model and its "
-        "operating points were chosen on validation only, the test split was scored once.",
-        f"Embedding rows per split: {per_split or 'n/a'}; images at "
+        "operating points were chosen on validation only, the test split was scored once."),
+        (f"Embedding rows per split: {per_split or 'n/a'}; images at "
         f"{bundle['image_size']}x{bundle['image_size']} pixels; backbones: "
         f"{', '.join(b['name'] for b in bundle['backbones']) or 'fine-tuned CNN'}; "
-        f"test-time views: {ext.get('tta_views', 0)}; augmentation: {ext.get('augment', 'n/a')}.",
+        f"test-time views: {ext.get('tta_views', 0)}; augmentation: {ext.get('augment', 'n/a')}."),
         "", "## Test metrics (argmax)",
-        f"accuracy {test['accuracy']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, "
-        f"macro-F1 {test['macro_f1']:.3f} on {test['n']} images.", "",
+        (f"accuracy {test['accuracy']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, "
+        f"macro-F1 {test['macro_f1']:.3f} on {test['n']} images."), "",
         "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |",
         *[f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
           for c, m in test["per_class"].items()], "",
         *policy_lines(metrics.get("policies")), "",
         "## Known limits",
-        "- Skin types: HAM10000 is mostly fair-skinned European and Australian patients; "
-        "performance on darker skin types is unknown.",
-        "- Dermoscopes and sites: two sites' dermoscopes and photography; other devices, "
-        "clinical (non-dermatoscopic) photos and other image pipelines are out of distribution.",
-        f"- Image sizes: trained on images resized to {bundle['image_size']} px; the classes' "
-        "shares in the data (nv 67%) are not those of any clinic.",
+        ("- Skin types: HAM10000 is mostly fair-skinned European and Australian patients; "
+        "performance on darker skin types is unknown."),
+        ("- Dermoscopes and sites: two sites' dermoscopes and photography; other devices, "
+        "clinical (non-dermatoscopic) photos and other image pipelines are out of distribution."),
+        (f"- Image sizes: trained on images resized to {bundle['image_size']} px; the classes' "
+        "shares in the data (nv 67%) are not those of any clinic."),
         "- Seven diagnoses only: any other lesion is forced into one of them.",
-        "- Calibration and thresholds were fitted on one validation split; they move with the "
-        "population.", ""]
+        ("- Calibration and thresholds were fitted on one validation split; they move with the "
+        "population."), ""]
     return "\n".join(lines)

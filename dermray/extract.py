@@ -31,9 +31,11 @@ from dermray.embeddings import (
     dataset,
     quarantine_dir,
     read_keys,
+    repair_duplicates,
     to_table,
 )
 from dermray.errors import DermrayError
+from dermray.progress import ExtractProgress
 from dermray.raysession import ensure_ray, joined_cluster
 
 logger = logging.getLogger(__name__)
@@ -292,6 +294,11 @@ def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
     backbones = list(cfg.backbones)
     identities = {b: weights_identity(cfg.weights_for(b), b) for b in backbones}  # fails early
     claim_outputs(cfg, manifest, identities, fresh)
+    # views written twice by two runs of an older version at once: keep one of each
+    repaired = {name: repair_duplicates(backbone_dir(cfg.out, name)) for name in backbones}
+    repaired = {name: n for name, n in repaired.items() if n}
+    if repaired:
+        logger.warning("extract: removed duplicate views %s", repaired)
     pending = pending_views(plan, cfg.out, backbones)
     logger.info("extract: %d views planned, %d pending", len(plan), len(pending))
     files_written = 0
@@ -318,12 +325,17 @@ def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
                 "out": str(cfg.out) if layout["writer"] == "actors" else None,
             },
         )
-        if layout["writer"] == "actors":
-            summary = ds.to_pandas()
-        else:  # a local OUT on several nodes: embeddings come back to the driver, which writes
-            summary = pd.concat([pd.DataFrame(write_batch(batch, str(cfg.out), backbones))
-                                 for batch in ds.iter_batches(batch_size=None,
-                                                              batch_format="numpy")])
+        bar = ExtractProgress(len(pending), done_before=len(plan) - len(pending))
+        parts = []
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            # the actors wrote the files and return summary rows; with writer "driver" (a local
+            # OUT on several nodes) the embeddings come back here and the driver writes them
+            part = pd.DataFrame(batch if layout["writer"] == "actors"
+                                else write_batch(batch, str(cfg.out), backbones))
+            bar.update_from_summary(part)
+            parts.append(part)
+        bar.close()
+        summary = pd.concat(parts, ignore_index=True)
         files_written = int((summary["kind"] != "batch").sum())
         actors = actor_summary(summary[summary["kind"] == "batch"])
     quarantine = consolidate_quarantine(cfg.out)
@@ -334,10 +346,12 @@ def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
         "versions": _library_versions(),
         "weights": identities,
         "weights_names": {b: weights_name(cfg.weights_for(b), b) for b in backbones},
+        "cwd": os.getcwd(),  # what relative weights paths above are relative to
         "views_planned": len(plan),
         "views_pending_at_start": len(pending),
         "rows": counts,
         "quarantined": len(quarantine),
+        "duplicates_removed": repaired,
         "quarantined_images": int(quarantine["image_id"].nunique()) if len(quarantine) else 0,
         "files_written": files_written,
         "actor_layout": layout,

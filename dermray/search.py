@@ -200,7 +200,8 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
 
 
 # search settings that change neither the trials nor their numbers
-NEUTRAL_SETTINGS = ("out", "storage_path", "experiment", "cpus_per_trial", "max_failures")
+NEUTRAL_SETTINGS = ("out", "storage_path", "experiment", "cpus_per_trial", "max_failures",
+                    "mlflow_tracking_uri")
 SEARCH_PACKAGES = ("scikit-learn", "xgboost", "keras", "tensorflow", "tensorflow-cpu", "optuna",
                    "numpy", "ray")
 

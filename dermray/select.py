@@ -122,7 +122,8 @@ def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[
         head.save(tmp / "head")
         (tmp / "model_card.md").write_text(model_card(bundle, extract_record))
         (tmp / "bundle.json").write_text(json.dumps(bundle, indent=2))
-        return storage.replace_dir(tmp, target, marker="bundle.json")
+        # locally OUT/model is a link swapped atomically: a reader never finds no model
+        return storage.replace_dir(tmp, target, marker="bundle.json", link=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

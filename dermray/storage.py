@@ -220,7 +220,13 @@ def list_files(uri: str | Path, suffix: str = "") -> list[str]:
 
 
 def delete(uri: str | Path) -> None:
-    """Remove a file or a whole folder, if it exists."""
+    """Remove a file or a whole folder, if it exists (a local link made by ``replace_dir``: the
+    link and the folder it names)."""
+    if not is_remote(uri) and os.path.islink(uri):
+        os.unlink(uri)
+        for folder in _versions(Path(uri)):
+            shutil.rmtree(folder, ignore_errors=True)
+        return
     fs, path = open_fs(uri)
     kind = fs.get_file_info(path).type
     if kind == pafs.FileType.Directory:
@@ -270,20 +276,50 @@ def staged(uri: str | Path, last: str | None = None) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def replace_dir(local: str | Path, uri: str | Path, marker: str) -> str:
+def _versions(target: Path) -> list[Path]:
+    """The hidden versioned folders ``replace_dir(..., link=True)`` made beside ``target``."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(old\.)?[0-9a-f]{{8}}")
+    return [p for p in target.parent.iterdir()
+            if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+
+
+def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = False) -> str:
     """Put a locally built folder at ``uri``, replacing what was there.
 
-    Locally: rename the new folder in and the old one out (never half of each). On S3: upload
-    every file with ``marker`` last, then delete objects of the old folder that the new one lacks.
+    Locally, without ``link``: the old folder is renamed out and the new one in (never half of
+    each, but for a moment neither). With ``link``: ``uri`` is a symbolic link to a hidden versioned folder beside it; the new folder
+    is renamed to its own version and the link replaced in one atomic rename, so a reader finds
+    the old folder or the new one, never none (a real folder left by an older dermray is moved
+    aside once); the previous version is kept until the next replacement, so a file open that
+    resolved the old link still finds its file (unless two replacements happen within it). On S3: upload every file with ``marker`` last, then delete objects of the old
+    folder that the new one lacks.
     """
     local = Path(local)
-    if not is_remote(uri):
+    if not is_remote(uri) and not link:
         target = Path(uri)
         old = target.with_name(f".{target.name}.old.{uuid.uuid4().hex[:8]}")
         if target.exists():
             target.rename(old)
         local.rename(target)
         shutil.rmtree(old, ignore_errors=True)
+        return str(target)
+    if not is_remote(uri):
+        target = Path(uri)
+        tag = uuid.uuid4().hex[:8]
+        version = target.with_name(f".{target.name}.{tag}")
+        local.rename(version)
+        previous = target.resolve() if target.is_symlink() else None
+        if target.exists() and not target.is_symlink():  # an older dermray's real folder
+            previous = target.with_name(f".{target.name}.old.{tag}")
+            target.rename(previous)
+        link = target.with_name(f".{target.name}.link.{tag}")
+        link.symlink_to(version.name)  # relative: OUT can be moved or copied whole
+        os.replace(link, target)
+        # the previous version stays until the next swap: a reader that resolved the link just
+        # before this one still finds its files; older versions go
+        for folder in _versions(target):
+            if folder not in (version, previous):
+                shutil.rmtree(folder, ignore_errors=True)
         return str(target)
     keep = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     fs, path = open_fs(uri)

@@ -162,14 +162,28 @@ def _activations(cfg: SearchConfig) -> str:
 
 def extraction_weights(out: str, backbone: str) -> str:
     """The weights the extraction used for ``backbone`` (OUT/extract_run.json), so that the
-    trained block starts from the same network that made the cached maps."""
+    trained block starts from the same network that made the cached maps.
+
+    A trial runs in its own folder (on a cluster, on another machine), so a recorded relative
+    path is resolved against the extraction's working directory, and a path that is not there
+    is found by its sha256 (``--weights-dir`` folders, $DERMRAY_WEIGHTS_DIR, the Keras cache)."""
+    import os
+
     from dermray import storage
+    from dermray.backbones import find_weights
 
     path = storage.join(out, "extract_run.json")
     if not storage.is_file(path):
         return "imagenet"
     record = json.loads(storage.read_text(path))
-    return record.get("config", {}).get("weights", {}).get(backbone, "imagenet")
+    weights = record.get("config", {}).get("weights", {}).get(backbone, "imagenet")
+    if weights.lower() in ("imagenet", "none"):
+        return weights
+    local = os.path.join(record.get("cwd", os.getcwd()), os.path.expanduser(weights))
+    if os.path.isfile(local):
+        return local
+    return find_weights(backbone, record.get("weights", {}).get(backbone, "none"),
+                        record.get("weights_names", {}).get(backbone, ""))
 
 
 def _fixed(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pytest
 
 from dermray.embeddings import (
     backbone_dir,
@@ -18,6 +19,7 @@ from dermray.embeddings import (
     load_embeddings,
     read_frame,
 )
+from dermray.errors import DermrayError
 from dermray.extract import run_extract
 
 BACKBONES = ("resnet50", "vgg19")
@@ -70,7 +72,7 @@ def test_fusion_and_tta_average(extracted):
     out, _, _, _, _ = extracted
     X, y, frame = load_embeddings(out, ["resnet50", "vgg19"], split="val")
     assert X.shape == (len(frame), 2560) and len(y) == len(frame)
-    Xa, ya, fa = load_embeddings(out, "resnet50", split="val", average_views=True)
+    _, _, fa = load_embeddings(out, "resnet50", split="val", average_views=True)
     assert len(fa) == frame["image_id"].nunique() and (fa["aug_index"] == 0).all()
     assert len(fa) * 2 == len(frame)
 
@@ -121,6 +123,24 @@ def test_activation_maps_are_the_extractors_output(extracted):
                               "resnet50_c5b2", images)
     np.testing.assert_allclose(maps[:4].reshape(4, -1).astype(np.float32), ref, rtol=2e-3,
                                atol=2e-3)
+
+
+def test_duplicate_views_of_an_older_version_are_repaired(extracted):
+    """Two runs at once of a version without the lock wrote the same views twice under other
+    part names: reading refuses them, the next extract removes them and counts reconcile."""
+    out, cfg, record, _, _ = extracted
+    folder = Path(backbone_dir(out, "vgg19")) / "split=val"
+    parts = sorted(folder.glob("*.parquet"))
+    shutil.copy(parts[0], folder / "part-0000copy-by-a-second-run.parquet")
+    shutil.copy(parts[1], folder / "part-zzzzcopy-by-a-second-run.parquet")
+    n = len(pd.read_parquet(parts[0])) + len(pd.read_parquet(parts[1]))
+    with pytest.raises(DermrayError, match="duplicate view"):
+        read_frame(out, "vgg19")
+    again = run_extract(cfg)
+    assert again["duplicates_removed"] == {"vgg19": n}
+    assert again["views_pending_at_start"] == 0
+    assert again["rows"]["vgg19"]["rows"] == record["rows"]["vgg19"]["rows"]
+    assert len(read_frame(out, "vgg19")) == record["rows"]["vgg19"]["rows"]
 
 
 def test_driver_writes_when_asked(extracted, tmp_path):

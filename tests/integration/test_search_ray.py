@@ -146,3 +146,22 @@ def test_predict_command_skips_a_bad_file(searched, tmp_path, capsys):
     probs = preds[[c for c in preds.columns if c.startswith("p_")]].to_numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-3)
     assert "notes.jpg" in capsys.readouterr().err
+
+
+def test_deterministic_mode_repeats_the_trial_sequence(extracted):
+    """search.deterministic: suggestions in batches of max_concurrent, each batch waiting for
+    the last, no early stopping; two runs (two experiments) give the same trials and numbers."""
+    from dermray.search import run_search
+
+    out, *_ = extracted
+    runs = []
+    for name in ("det_a", "det_b"):
+        cfg = build_section("search", {"families": ["logistic"], "features": ["resnet50"],
+                                       "num_samples": 6, "max_concurrent": 2,
+                                       "seed_each_family": False, "deterministic": True,
+                                       "out": str(out), "experiment": name})
+        grid = run_search(cfg, str(out / "manifest.parquet"))
+        runs.append(sorted((json.dumps(r.config, sort_keys=True),
+                            r.metrics["val_accuracy"]) for r in grid))
+    # TPE starts after 4 random trials: trials 5 and 6 see all 4 results in both runs
+    assert len(runs[0]) == 6 and runs[0] == runs[1]

@@ -31,8 +31,8 @@ class FakeDataverse:
 
     def __init__(self) -> None:
         self.files = {
-            1: ("HAM10000_metadata.csv", b"lesion_id,image_id,dx,dx_type,age,sex,localization\n"
-                b"HAM_0000001,ISIC_0000001,nv,histo,40.0,male,back\n", True),
+            1: ("HAM10000_metadata.csv", (b"lesion_id,image_id,dx,dx_type,age,sex,localization\n"
+                b"HAM_0000001,ISIC_0000001,nv,histo,40.0,male,back\n"), True),
             2: ("HAM10000_images_part_1.zip", _zip(["ISIC_0000001.jpg"] + [
                 f"ISIC_{i:07d}.jpg" for i in range(10, 400)]), False),
             3: ("HAM10000_images_part_2.zip", _zip(["ISIC_0000002.jpg"]), False),
