@@ -31,8 +31,8 @@ def documented_rows() -> dict[str, tuple[float, float, float]]:
 
 
 def test_results_table_matches_docs():
-    if not (OUT / "metrics.json").is_file():
-        pytest.skip(f"{OUT} has no search results; run the ham10000_local config first")
+    if not (OUT / "extract_run.json").is_file():
+        pytest.skip(f"{OUT} has no extraction; run the ham10000_local config first")
     spec = importlib.util.spec_from_file_location("results_table",
                                                   REPO / "benchmarks" / "results_table.py")
     module = importlib.util.module_from_spec(spec)
