@@ -73,8 +73,8 @@ def test_cached_cnn_bundle_predicts_from_image_files(searched, tmp_path):
     from dermray.heads.cached import CachedFinetuneHead
     from dermray.select import export_bundle
 
-    out, summary = searched
-    best = summary["best_per_family"]["cached_cnn"]
+    out, _ = searched
+    best = json.loads((out / "metrics.json").read_text())["best_per_family"]["cached_cnn"]
     (ckpt,) = [p for p in (out / "tune" / "heads").glob(f"*{best['trial_id']}*/checkpoint_*")]
     head = CachedFinetuneHead.load(ckpt)
     trials = pd.read_csv(out / "trials.csv").set_index("trial_id")
