@@ -98,6 +98,27 @@ register_backbone(BackboneSpec(
     **RESNET50_IMAGENET))
 
 
+# a layer every full weights file of the application holds (its last convolution): a file
+# without it was saved from another network
+SIGNATURE_LAYERS = {"ResNet50": "conv5_block3_3_conv", "VGG19": "block5_conv4"}
+
+
+def weights_layer_problem(backbone: str, path: str | Path) -> str | None:
+    """Why an HDF5 weights file cannot be the backbone's (None: it can), from its layer names
+    alone, in milliseconds, so that the driver refuses it before any actor builds a model."""
+    import h5py
+
+    spec = get_spec(backbone)
+    marker = SIGNATURE_LAYERS.get(spec.application)
+    with h5py.File(path, "r") as f:
+        names = [n.decode() if isinstance(n, bytes) else str(n)
+                 for n in f.attrs.get("layer_names", ())]
+    if not marker or not names or marker in names:
+        return None
+    return (f"it holds no layer {marker!r}, so it is not {spec.application} weights (its layers "
+            f"start {', '.join(names[:3])})")
+
+
 def get_spec(name: str) -> BackboneSpec:
     return lookup(BACKBONES, name, "backbone", "backbones", BackboneError, sorted(BACKBONES))
 

@@ -373,8 +373,8 @@ def check_weights_file(key: str, value: str) -> None:
     """A weights value that names a file must name one Keras can load: HDF5, or a .keras zip.
 
     Checked in the driver, before Ray or any actor starts: otherwise a text file named .h5 ends
-    in an actor's traceback after every retry. Whether the layers fit the architecture is found
-    only when the model is built (in the actor).
+    in an actor's traceback after every retry. Whether the layers fit the architecture is
+    checked by ``_check_architecture`` (layer names of a backbone's .h5 file).
     """
     if value.lower() in ("imagenet", "none"):
         return
@@ -430,6 +430,22 @@ def _check_keras_zip(key: str, value: str, path: Path) -> None:
                           f"(it holds {', '.join(names[:5]) or 'nothing'}); {WEIGHTS_FIX}.")
 
 
+def _check_architecture(key: str, value: str, backbone: str) -> None:
+    """An HDF5 weights file keyed by a backbone holds that backbone's layers."""
+    from dermray.backbones import BACKBONES, weights_layer_problem
+
+    path = Path(value).expanduser()
+    if backbone not in BACKBONES or value.lower() in ("imagenet", "none") or path.suffix != ".h5":
+        return
+    try:
+        problem = weights_layer_problem(backbone, path)
+    except ImportError:  # no h5py: found when the model is built
+        return
+    if problem:
+        raise ConfigError(f"{key}: weights file {value} does not fit {backbone}: {problem}; "
+                          f"{WEIGHTS_FIX}.")
+
+
 def check_weights_files(configs: Mapping[str, Any]) -> None:
     """Every weights file a set of configs names (fields whose name ends in ``weights``, a
     name -> value mapping or one value), checked at once; one message lists every bad file."""
@@ -446,6 +462,7 @@ def check_weights_files(configs: Mapping[str, Any]) -> None:
                 key = f"{section}.{f.name}" + (f".{name}" if name else "")
                 try:
                     check_weights_file(key, item)
+                    _check_architecture(key, item, name)
                 except ConfigError as exc:
                     problems.append(str(exc))
     if len(problems) == 1:

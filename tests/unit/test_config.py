@@ -93,8 +93,11 @@ def _weights_files(tmp_path):
 
     good = tmp_path / "good.h5"
     with h5py.File(good, "w") as f:
-        f.attrs["layer_names"] = [b"conv1"]
+        f.attrs["layer_names"] = [b"conv1", b"conv5_block3_3_conv"]
         f.create_group("conv1")
+    with h5py.File(tmp_path / "vgg.h5", "w") as f:  # another network's weights
+        f.attrs["layer_names"] = [b"block1_conv1", b"block5_conv4"]
+        f.create_group("block1_conv1")
     (tmp_path / "text.h5").write_text("these are not weights\n")
     (tmp_path / "empty.h5").write_bytes(b"")
     (tmp_path / "trunc.h5").write_bytes(good.read_bytes()[:600])
@@ -116,6 +119,7 @@ def _weights_files(tmp_path):
     ("m.keras", "a zip without a *.weights.h5 inside"),
     ("folder.h5", "is a folder, not a file"),
     ("nope.h5", "does not exist"),
+    ("vgg.h5", "does not fit resnet50: it holds no layer 'conv5_block3_3_conv'"),
 ])
 def test_weights_files_are_checked_before_any_actor(tmp_path, name, fragment):
     good = _weights_files(tmp_path)
@@ -126,6 +130,16 @@ def test_weights_files_are_checked_before_any_actor(tmp_path, name, fragment):
     message = str(err.value)
     assert fragment in message and "extract.weights.resnet50" in message and name in message
     assert "'imagenet'" in message  # the fix
+
+
+def test_real_resnet50_weights_are_refused_for_vgg19(resnet50_weights):
+    """The driver reads the file's layer names (milliseconds): no actor builds VGG19 with them."""
+    cfg = build_section("extract", {"backbones": ["vgg19"],
+                                    "weights": {"vgg19": str(resnet50_weights)}})
+    with pytest.raises(ConfigError, match="does not fit vgg19: it holds no layer 'block5_conv4'"):
+        check_weights_files({"extract": cfg})
+    ok = build_section("extract", {"weights": {"resnet50": str(resnet50_weights)}})
+    check_weights_files({"extract": ok})
 
 
 def test_synth_n_needs_four_lesions_per_class():
