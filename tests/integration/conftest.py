@@ -77,10 +77,10 @@ def extracted(ray_local, synth_dir, tmp_path_factory):
 
 
 SEARCH = {"families": ["logistic", "xgboost", "mlp", "finetune", "cached_cnn"],
-          "features": ["resnet50", "vgg19+meta"], "num_samples": 6, "max_concurrent": 2,
+          "features": ["resnet50", "vgg19+meta"], "num_samples": 5, "max_concurrent": 2,
           "grace_period": 2, "mlp_max_epochs": 8, "xgb_max_estimators": 30,
           "finetune_weights": {"resnet50": "none"}, "finetune_image_size": 32,
-          "finetune_epochs": 1, "finetune_max_train_images": 48, "cached_cnn_epochs": 2}
+          "finetune_epochs": 1, "finetune_max_train_images": 48, "cached_cnn_epochs": 1}
 
 
 @pytest.fixture(scope="session")
