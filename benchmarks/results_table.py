@@ -23,22 +23,22 @@ from dermray.config import CLASSES
 
 # one lever at a time, each row changing one thing against the row above it; "views":
 # "original" trains on each train image once, "all" adds the class-balancing views
-LOGISTIC = {"C": 0.1, "class_weight": "none"}
+# every row starts from its family's first search point (logistic: C=0.1, no class weights;
+# cached_cnn: lr 1e-4, dropout 0.3, no dense layer, no class weights) and changes what it names
 ABLATIONS = [
     ("frozen: logistic on resnet50_ms, original views",
-     {"family": "logistic", "features": "resnet50_ms", "params": LOGISTIC, "views": "original"}),
+     {"family": "logistic", "features": "resnet50_ms", "params": {}, "views": "original"}),
     ("+ class-balancing views",
-     {"family": "logistic", "features": "resnet50_ms", "params": LOGISTIC, "views": "all"}),
+     {"family": "logistic", "features": "resnet50_ms", "params": {}, "views": "all"}),
     ("fine-tuned conv5_block3 from cached maps, same views",
      {"family": "cached_cnn", "features": "resnet50_c5b2", "params": {"tta": False},
       "views": "all"}),
     ("+ flip TTA", {"family": "cached_cnn", "features": "resnet50_c5b2", "params": {"tta": True},
                     "views": "all", "refit": False}),
 ]
-# the cached fine-tune rows: the search's first point of the family, 3 epochs (the search runs
-# up to 8 with early stopping; at ~10 minutes per epoch on 2 CPU cores, 3 is what fits here)
-CACHED_BASE = {"learning_rate": 1e-4, "dropout": 0.3, "width": 0, "class_weight": "none",
-               "epochs": 3, "patience": 3, "seed": 0}
+# the search runs the cached fine-tune up to 8 epochs with early stopping; at ~10 minutes per
+# epoch on 2 CPU cores, 3 is what fits here
+SEARCH = {"cached_cnn_epochs": 3}
 
 
 def inputs(out: str, family: str, features: str, split: str, views: str = "all"):
@@ -59,12 +59,15 @@ def inputs(out: str, family: str, features: str, split: str, views: str = "all")
     return X, y
 
 
-def fixed_params(out: str, family: str, params: dict[str, Any]) -> dict[str, Any]:
-    if family != "cached_cnn":
-        return params
-    from dermray.heads.cached import extraction_weights
+def head_params(out: str, family: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A row's constructor arguments, as the search builds them for the family's first point
+    (its fixed parameters included: for cached_cnn the extraction's weights), then the row's."""
+    from dermray.config import build_section
+    from dermray.heads import get_family
 
-    return {**CACHED_BASE, "weights": extraction_weights(out, "resnet50_c5b2"), **params}
+    cfg = build_section("search", {**SEARCH, "out": out})
+    spec = get_family(family)
+    return {**spec.head_params(spec.first_point(cfg), cfg), **params}
 
 
 def evaluate(out: str, family: str, features: str, params: dict[str, Any],
@@ -78,7 +81,8 @@ def evaluate(out: str, family: str, features: str, params: dict[str, Any],
     start = time.perf_counter()
     if head is None:
         X_tr, y_tr = inputs(out, family, features, "train", views)
-        head = make_head(family, fixed_params(out, family, params))
+        params = head_params(out, family, params)
+        head = make_head(family, params)
         head.fit(X_tr, y_tr, eval_set=(X_va, y_va))
         n_train = len(y_tr)
     else:
