@@ -164,6 +164,12 @@ class SearchConfig:
     # trials at a time and waits for the whole batch before the next, and no trial is stopped
     # early (ASHA's cuts depend on which trial reports first); same seed, same trials
     deterministic: bool = False
+    # a wall-clock cap on the search in minutes (Tune's time_budget_s), 0 for none: when it is
+    # spent Tune starts no new trial and stops the running ones at their last report; the
+    # winner is still picked by validation accuracy among the trials that reported (one
+    # stopped before its final report is refitted at export). Sizes a laptop run; the trials
+    # then depend on timing, so it cannot be combined with ``deterministic``
+    time_budget_minutes: float = 0.0
     mlp_max_epochs: int = 60
     xgb_max_estimators: int = 400
     finetune_backbones: tuple[str, ...] = ("resnet50",)
@@ -212,6 +218,11 @@ class SearchConfig:
               "'tpe' or 'random'")
         for key in ("num_samples", "max_concurrent", "grace_period", "max_t"):
             check(getattr(self, key) >= 1, "search", key, getattr(self, key), ">= 1")
+        check(self.time_budget_minutes >= 0, "search", "time_budget_minutes",
+              self.time_budget_minutes, ">= 0 (0: no cap)")
+        check(not (self.deterministic and self.time_budget_minutes), "search",
+              "time_budget_minutes", self.time_budget_minutes,
+              "0 when search.deterministic is true (a time cap makes the trials depend on timing)")
         check(self.max_failures >= 0, "search", "max_failures", self.max_failures, ">= 0")
         check(self.cpus_per_trial > 0, "search", "cpus_per_trial", self.cpus_per_trial, "> 0")
         check(0.0 < self.melanoma_target <= 1.0, "search", "melanoma_target",

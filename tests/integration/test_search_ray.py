@@ -166,3 +166,27 @@ def test_deterministic_mode_repeats_the_trial_sequence(extracted, tmp_path):
                             r.metrics["val_accuracy"]) for r in grid))
     # TPE starts after 4 random trials: trial 5 sees all 4 results in both runs
     assert len(runs[0]) == 5 and runs[0] == runs[1]
+
+
+def test_time_budget_caps_the_search(extracted, tmp_path):
+    """search.time_budget_minutes: Tune starts no trial after the budget, so far fewer than
+    num_samples run, and the search still ends normally with the trials that reported."""
+    import time
+
+    from dermray.search import run_search
+
+    out, *_ = extracted
+    cfg = build_section("search", {"families": ["logistic"], "features": ["resnet50"],
+                                   "num_samples": 200, "max_concurrent": 2,
+                                   "time_budget_minutes": 0.1, "out": str(out),
+                                   "experiment": "budget", "storage_path": str(tmp_path / "tune")})
+    start = time.monotonic()
+    grid = run_search(cfg, str(out / "manifest.parquet"))
+    assert 1 <= len(grid) < 200
+    assert time.monotonic() - start < 120
+    assert any(r.metrics and "val_accuracy" in r.metrics for r in grid)
+
+
+def test_time_budget_is_refused_with_deterministic():
+    with pytest.raises(ConfigError, match="time_budget_minutes"):
+        build_section("search", {"time_budget_minutes": 5, "deterministic": True})
