@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dermray import storage
+from dermray import faults, storage
 from dermray.augment import decode_batch, plan_views
 from dermray.backbones import FrozenExtractor, limit_threads, weights_identity, weights_name
 from dermray.catalog import read_manifest
@@ -334,6 +334,7 @@ def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
                                 else write_batch(batch, str(cfg.out), backbones))
             bar.update_from_summary(part)
             parts.append(part)
+            faults.point("extract")
         bar.close()
         summary = pd.concat(parts, ignore_index=True)
         files_written = int((summary["kind"] != "batch").sum())

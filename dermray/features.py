@@ -12,13 +12,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dermray import checks
 from dermray.backbones import BACKBONES
 from dermray.embeddings import load_embeddings
 from dermray.errors import ConfigError
 
-SEXES = ("male", "female")
-LOCALIZATIONS = ("abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand",
-                 "lower extremity", "neck", "scalp", "trunk", "upper extremity")
+# the one-hot columns of the metadata features: the catalog's known values but "unknown", which
+# is all zeros (the order is part of every +meta model's inputs)
+SEXES = tuple(s for s in checks.SEXES if s != "unknown")
+LOCALIZATIONS = tuple(loc for loc in checks.LOCALIZATIONS if loc != "unknown")
 
 
 def parse_features(spec: str, maps: bool = False) -> tuple[list[str], bool]:

@@ -87,6 +87,8 @@ def hold(out: str, command: str = "dermray") -> Iterator[None]:
     else:
         raise LockedError(f"Could not take the lock {path}; another run keeps taking it.")
     try:
+        for gone in storage.sweep_leftovers(folder):  # what killed runs left; only we write
+            logger.warning("deleted %s, left by a run that was killed", gone)
         yield
     finally:
         if _holder(path) == me:

@@ -117,7 +117,7 @@ def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[
     parent = Path(out) if not storage.is_remote(out) else None
     if parent is not None:
         parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".model.build.", dir=parent))
     try:
         head.save(tmp / "head")
         (tmp / "model_card.md").write_text(model_card(bundle, extract_record))

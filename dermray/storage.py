@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dermray import faults
 from dermray.errors import StorageError
 
 # s3://KEY:SECRET@bucket/...: the user-info part of a URI (a secret may hold '/', never '@')
@@ -181,6 +182,7 @@ def write_bytes(uri: str | Path, data: bytes) -> str:
         tmp = _tmp_name(path)
         with open(tmp, "wb") as fh:
             fh.write(data)
+        faults.point("replace:" + path.rpartition("/")[2])
         os.replace(tmp, path)
     else:
         with fs.open_output_stream(path) as stream:
@@ -199,6 +201,7 @@ def write_parquet(table: pa.Table, uri: str | Path) -> str:
         fs.create_dir(path.rpartition("/")[0], recursive=True)
         tmp = _tmp_name(path)
         pq.write_table(table, tmp)
+        faults.point("replace:" + path.rpartition("/")[2])
         os.replace(tmp, path)
     else:
         pq.write_table(table, path, filesystem=fs)
@@ -276,6 +279,33 @@ def staged(uri: str | Path, last: str | None = None) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+# what a killed writer leaves behind: a file written under its temporary name (_tmp_name), a
+# model folder being built (select.export_bundle), a new link not yet swapped in (replace_dir)
+_LEFTOVER_FILE = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
+_LEFTOVER_TOP = re.compile(r"\..+\.(build\.[a-z0-9_]+|link\.[0-9a-f]{8})")
+
+
+def sweep_leftovers(out: str | Path) -> list[str]:
+    """Delete what killed writers left in a local OUT, for the one writer that now holds OUT's
+    lock (no other dermray writes there): temporary files anywhere below it, and half-built
+    model folders and unswapped links at its top. Returns what was deleted."""
+    if is_remote(out) or not Path(out).is_dir():
+        return []
+    gone = []
+    for path in Path(out).rglob(".*.tmp"):
+        if _LEFTOVER_FILE.fullmatch(path.name) and (path.is_file() or path.is_symlink()):
+            path.unlink(missing_ok=True)
+            gone.append(str(path))
+    for path in Path(out).iterdir():
+        if _LEFTOVER_TOP.fullmatch(path.name):
+            if path.is_symlink() or path.is_file():
+                path.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            gone.append(str(path))
+    return gone
+
+
 def _versions(target: Path) -> list[Path]:
     """The hidden versioned folders ``replace_dir(..., link=True)`` made beside ``target``."""
     pattern = re.compile(rf"\.{re.escape(target.name)}\.(old\.)?[0-9a-f]{{8}}")
@@ -314,6 +344,7 @@ def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = Fa
             target.rename(previous)
         link = target.with_name(f".{target.name}.link.{tag}")
         link.symlink_to(version.name)  # relative: OUT can be moved or copied whole
+        faults.point("replace:" + target.name)
         os.replace(link, target)
         # the previous version stays until the next swap: a reader that resolved the link just
         # before this one still finds its files; older versions go

@@ -61,6 +61,7 @@ def test_same_settings_resume(first_run, synth_dir):
     ({"extract__tta_views": 1}, "settings.tta_views: 0 -> 1"),
     ({"extract__weights": {"resnet50": "none"}, "extract__seed": 3}, "settings.seed: 0 -> 3"),
     ({"data__seed": 1}, "settings.seed: 0 -> 1"),
+    ({"extract__augment": True}, "settings.augment: False -> True"),
     ({"search__families": ["logistic", "mlp"]}, "settings.families"),
     ({"search__num_samples": 2}, "settings.num_samples: 1 -> 2"),
 ])
@@ -72,6 +73,15 @@ def test_a_changed_setting_is_refused_and_nothing_is_mixed(first_run, synth_dir,
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")
             if not p.name.startswith("quarantine")} == {
         p: t for p, t in before.items() if not p.name.startswith("quarantine")}
+
+
+def test_other_weights_are_refused(first_run, synth_dir, resnet50_weights):
+    """The same backbone with other weights (the real ImageNet file instead of seeded random
+    ones): refused by the weights' identity, before any actor starts."""
+    tmp, out, _ = first_run
+    changed = config(tmp, synth_dir, "weights", extract__weights={"resnet50": str(resnet50_weights)})
+    with pytest.raises(StaleOutputError, match="backbone=resnet50.*inputs.weights.*new --out.*--fresh"):
+        run_pipeline(changed, str(out))
 
 
 def test_fresh_redoes_the_stage_with_the_new_settings(first_run, synth_dir, tmp_path):

@@ -58,3 +58,25 @@ def test_a_real_folder_from_an_older_version_is_replaced(tmp_path: Path):
     storage.replace_dir(new, old, "bundle.json", link=True)
     assert old.is_symlink() and json.loads((old / "bundle.json").read_text()) == {"v": 2}
     assert len(list(tmp_path.iterdir())) == 3  # the link, the new version, the old folder
+
+
+def test_the_lock_holder_sweeps_what_killed_writers_left(tmp_path: Path):
+    """A run killed mid-write leaves a temp file, a half-built model or an unswapped link; the
+    next run that takes OUT's lock deletes exactly those, and nothing of the results."""
+    from dermray.lock import hold
+
+    out = tmp_path / "out"
+    storage.write_text(out / "embeddings" / "part.json", "{}")
+    storage.replace_dir(Path(tempfile.mkdtemp(prefix=".model.build.", dir=tmp_path)),
+                        out / "model", "bundle.json", link=True)
+    left = [out / "embeddings" / ".part-1.parquet.4242.0123abcd.tmp",
+            out / ".manifest.parquet.77.deadbeef.tmp"]
+    for path in left:
+        path.write_bytes(b"half")
+    (out / ".model.build.k2_x9").mkdir()
+    (out / ".model.link.0123abcd").symlink_to("nowhere")
+    keep = sorted(p for p in out.rglob("*") if p not in left
+                  and not p.name.startswith((".model.build", ".model.link")))
+    with hold(str(out), "test"):
+        pass
+    assert sorted(out.rglob("*")) == keep and (out / "model").is_symlink()

@@ -1,0 +1,198 @@
+"""The fault matrix (issue 10): a run killed with SIGKILL in each stage, then rerun, ends with
+exactly the rows, the winner and the model of a run that was never killed; a second writer
+beside a live one is refused and corrupts nothing.
+
+The crashes are real kill -9s of a real `python -m dermray run` (its own local Ray), placed by
+dermray.faults at the worst moment of each stage: a file written under its temporary name and
+not yet renamed (split), the first batch of embeddings written (extract), the first Tune trial
+finished (search), the new model built and not yet swapped in (export). The reruns run here.
+The changed-settings rows of the matrix are in test_reruns.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from dermray.bundle import load_bundle
+from dermray.cli import main
+from dermray.embeddings import read_frame
+from dermray.lock import hold
+from dermray.pipeline import run_pipeline
+
+REPO = Path(__file__).resolve().parents[2]
+SETTINGS = {
+    "data": {"seed": 0},
+    "extract": {"backbones": ["resnet50"], "weights": {"resnet50": "none"}, "image_size": 32,
+                "batch_size": 8, "augment": False, "jit_compile": False},
+    # two trials, one after the other, in a sequence that does not depend on timing
+    "search": {"families": ["logistic"], "features": ["resnet50"], "num_samples": 2,
+               "max_concurrent": 1, "seed_each_family": False, "deterministic": True},
+}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, synth_dir, tmp_path_factory):
+    """The config, and the outputs of one run of it that nothing interrupted."""
+    tmp = tmp_path_factory.mktemp("faults")
+    sections = json.loads(json.dumps(SETTINGS))
+    sections["data"]["metadata"] = str(synth_dir / "HAM10000_metadata.csv")
+    config = tmp / "config.yaml"
+    config.write_text(yaml.safe_dump(sections))
+    out = tmp / "reference"
+    result = run_pipeline(str(config), str(out))
+    return str(config), out, outputs(out, result)
+
+
+def outputs(out: Path, result: dict) -> dict:
+    """What a finished run must reproduce: the split, every embedding row, the winner and the
+    model's probabilities for a few images."""
+    manifest = pd.read_parquet(out / "manifest.parquet").sort_values("image_id")
+    frame = read_frame(out, "resnet50").sort_values(["image_id", "aug_index"])
+    bundle = load_bundle(out / "model")
+    paths = manifest["path"].head(4).tolist()
+    return {
+        "manifest": manifest.reset_index(drop=True),
+        "keys": frame[["image_id", "aug_index", "split", "label"]].reset_index(drop=True),
+        "embeddings": np.stack(frame["embedding"].to_numpy()),
+        "winner": result["winner"],
+        "trials": pd.read_csv(out / "trials.csv")[["family", "params", "val_accuracy"]]
+        .sort_values(["params"]).reset_index(drop=True),
+        "proba": proba(bundle, paths),
+    }
+
+
+def proba(bundle, paths: list[str]) -> np.ndarray:
+    frame, problems = bundle.predict_files([Path(p) for p in paths])
+    assert not problems and len(frame) == len(paths)
+    return frame[[c for c in frame.columns if c.startswith("p_")]].to_numpy()
+
+
+def rerun(config: str, out: Path) -> dict:
+    """The rerun, as `dermray run` makes it: under OUT's lock (taking over the dead run's)."""
+    with hold(str(out), "dermray run"):
+        return run_pipeline(config, str(out))
+
+
+def killed_run(config: str, out: Path, point: str, pause: bool = False) -> subprocess.Popen:
+    """`python -m dermray run` that kills itself at ``point`` (or pauses there); its output
+    goes to OUT.log (a pipe nobody reads would block it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update({"DERMRAY_FAULT": point, "DERMRAY_FAULT_READY": str(out) + ".ready",
+                "PYTHONPATH": str(REPO)})
+    if pause:
+        env["DERMRAY_FAULT_ACTION"] = "pause"
+    with open(str(out) + ".log", "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "dermray", "run", "--config", config,
+                                 "--out", str(out)], env=env, cwd=REPO, start_new_session=True,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def reap(proc: subprocess.Popen, out: Path) -> str:
+    """Kill -9 what is left of the run (its local Ray: every process of its session) and wait
+    until none is left, so that no dying actor writes beside the rerun; return its output."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        sessions = subprocess.run(["ps", "-eo", "sid="], capture_output=True, text=True).stdout
+        if str(proc.pid) not in sessions.split():
+            break
+        time.sleep(0.5)
+    proc.wait(timeout=60)
+    return Path(str(out) + ".log").read_text(errors="replace")
+
+
+def assert_same(out: Path, result: dict, ref: dict) -> None:
+    got = outputs(out, result)
+    pd.testing.assert_frame_equal(got["manifest"].drop(columns=["path"]),
+                                  ref["manifest"].drop(columns=["path"]))
+    pd.testing.assert_frame_equal(got["keys"], ref["keys"])
+    # the killed run's own Ray may batch the views otherwise: BLAS may differ in the last bits
+    np.testing.assert_allclose(got["embeddings"], ref["embeddings"], rtol=1e-5, atol=1e-6)
+    assert got["winner"] == ref["winner"]
+    pd.testing.assert_frame_equal(got["trials"], ref["trials"])
+    np.testing.assert_allclose(got["proba"], ref["proba"], atol=1e-6)
+    assert not list(out.rglob("*.tmp*")), "temporary files left behind"
+    assert not (out / ".dermray.lock").exists()
+
+
+@pytest.mark.parametrize("point", ["replace:manifest.parquet", "search"])
+def test_killed_in_a_stage_then_rerun_gives_the_same_result(reference, tmp_path, point):
+    config, _, ref = reference
+    out = tmp_path / "out"
+    proc = killed_run(config, out, point)
+    try:
+        assert proc.wait(timeout=300) == -signal.SIGKILL
+    finally:
+        log = reap(proc, out)
+    assert (Path(str(out) + ".ready")).exists(), log[-3000:]
+    if point == "replace:manifest.parquet":  # written under its temporary name only
+        assert not (out / "manifest.parquet").exists()
+    else:  # the first trial ended; the second never started
+        assert (out / "extract_run.json").exists() and not (out / "model").exists()
+    assert_same(out, rerun(config, out), ref)
+
+
+def test_killed_while_swapping_the_model_keeps_a_model(reference, tmp_path):
+    """Killed between building the new model and swapping it in: OUT/model is the previous
+    model, whole, at every moment; the rerun swaps in the new one."""
+    config, ref_out, ref = reference
+    out = tmp_path / "out"
+    shutil.copytree(ref_out, out, symlinks=True)
+    before = (out / "model" / "bundle.json").read_text()
+    proc = killed_run(config, out, "replace:model")
+    try:
+        assert proc.wait(timeout=300) == -signal.SIGKILL
+    finally:
+        log = reap(proc, out)
+    assert Path(str(out) + ".ready").exists(), log[-3000:]
+    assert (out / "model" / "bundle.json").read_text() == before
+    load_bundle(out / "model")
+    assert_same(out, rerun(config, out), ref)
+
+
+def test_a_second_writer_is_refused_then_the_killed_first_is_repaired(reference, tmp_path,
+                                                                       capsys):
+    """Run A pauses after writing its first embeddings; run B on the same OUT is refused
+    (exit 2, naming A) and writes nothing; A is then killed -9 and a rerun completes it.
+    (A's driver is paused, not its Ray: its actors may go on embedding views meanwhile.)"""
+    config, _, ref = reference
+    out = tmp_path / "out"
+    proc = killed_run(config, out, "extract", pause=True)
+    try:
+        ready = Path(str(out) + ".ready")
+        deadline = time.monotonic() + 240
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ready.exists(), "run A never reached its first batch"
+        lock = (out / ".dermray.lock").read_text()
+        driver = {p: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+        code = main(["run", "--config", config, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"pid {proc.pid}" in err and "Traceback" not in err
+        # B changed nothing of A's: the lock is A's, the files A's driver wrote are as they were
+        assert (out / ".dermray.lock").read_text() == lock
+        assert {p: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == driver
+        assert not [p for p in out.rglob(f"*.{os.getpid()}.*")]  # no temp file of B's
+    finally:
+        log = reap(proc, out)
+    assert proc.returncode == -signal.SIGKILL, log[-3000:]
+    written = len(list((out / "embeddings").rglob("*.parquet")))
+    assert written >= 1  # A wrote some views before it died; the rerun adds the rest
+    assert_same(out, rerun(config, out), ref)
+    record = json.loads((out / "extract_run.json").read_text())
+    assert record["views_pending_at_start"] < len(ref["keys"])  # A's views were kept
