@@ -1,4 +1,5 @@
-"""After the search: trials.csv, the winner by validation accuracy (ties: balanced accuracy),
+"""After the search: trials.csv, the winner by validation accuracy (ties: balanced accuracy, then
+log-loss, then the parameters' text, so that a resumed search picks the same trial),
 test metrics computed once for the winner and the best trial of each family, the exported model
 bundle, metrics.json, report.md and the confusion-matrix PNG."""
 
@@ -45,18 +46,29 @@ def trials_frame(results, cfg: SearchConfig) -> pd.DataFrame:
             "status": "ERROR" if result.error else "TERMINATED",
             "path": result.path,
         })
-    frame = pd.DataFrame(rows)
-    return frame.sort_values(["val_accuracy", "val_balanced_accuracy"], ascending=False,
-                             na_position="last").reset_index(drop=True)
+    return rank(pd.DataFrame(rows))
+
+
+# the winner's order: val accuracy, then val balanced accuracy, then val log-loss; last the
+# family, features and parameters' text, which do not depend on the order trials ended in or
+# on their ids (a tie on small or separable data must not pick another trial on a rerun)
+ORDER = (("val_accuracy", False), ("val_balanced_accuracy", False), ("val_log_loss", True),
+         ("family", True), ("features", True), ("params", True))
+
+
+def rank(trials: pd.DataFrame) -> pd.DataFrame:
+    cols = [c for c, _ in ORDER]
+    return trials.sort_values(cols, ascending=[a for _, a in ORDER], na_position="last",
+                              kind="mergesort").reset_index(drop=True)
 
 
 def pick(trials: pd.DataFrame) -> pd.Series:
-    """The winner: highest val accuracy, ties broken by val balanced accuracy."""
+    """The winner: highest val accuracy; ties broken as ``ORDER`` says."""
     ok = trials[(trials["status"] == "TERMINATED") & trials["val_accuracy"].notna()]
     if ok.empty:
         raise DermrayError("No trial finished with a val_accuracy; see the Tune logs under "
                            "OUT/tune for the errors.")
-    return ok.sort_values(["val_accuracy", "val_balanced_accuracy"], ascending=False).iloc[0]
+    return rank(ok).iloc[0]
 
 
 def _fitted_head(row: pd.Series, results, cfg: SearchConfig, data: dict[str, Any]):

@@ -74,7 +74,7 @@ def test_policy_flag_changes_decisions_as_documented(winner, tmp_path):
 
 
 def test_bundle_has_a_model_card(winner):
-    out, bundle, reported = winner
+    out, _bundle, reported = winner
     card = (Path(out) / "model" / "model_card.md").read_text()
     assert "Not a diagnostic device" in card
     assert f"{reported['test']['accuracy']:.3f}" in card

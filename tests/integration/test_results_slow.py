@@ -18,13 +18,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("DERMRAY_RESULTS_OUT", REPO / "out" / "ham10000"))
 pytestmark = pytest.mark.slow
+POLICIES = ("accuracy", "balanced", "melanoma")
 
 
 def documented_rows() -> dict[str, tuple[float, float, float]]:
     """model name -> (val acc, test acc, test balanced acc) from the tables of docs/results.md."""
     rows = {}
     for line in (REPO / "docs" / "results.md").read_text().splitlines():
+        if line.startswith("## Earlier results"):  # older runs' tables: history, not checked
+            break
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[1:2] and cells[1] in POLICIES:  # an operating point's row, not a model's
+            continue
         if len(cells) >= 6 and re.fullmatch(r"0\.\d{4}", cells[2] or ""):
             rows[cells[0]] = (float(cells[2]), float(cells[3]), float(cells[4]))
     return rows
