@@ -24,7 +24,10 @@ def running(searched, tmp_path):
     live = tmp_path / "out"
     shutil.copytree(out / "tune", live / "tune")
     trial_dirs = sorted(p.parent for p in (live / "tune").glob("*/*/result.json"))
-    first = trial_dirs[0]
+    # a trial that reported more than once (an iterative family): cut back to its first report,
+    # it is mid-training (a one-report trial's only line is already its final one)
+    first = next(d for d in trial_dirs
+                 if len((d / "result.json").read_text().splitlines()) > 1)
     lines = (first / "result.json").read_text().splitlines()
     trial_id = json.loads(lines[0])["trial_id"]
     (first / "result.json").write_text(lines[0] + "\n" + lines[-1][:40])

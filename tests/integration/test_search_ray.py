@@ -178,7 +178,7 @@ def test_time_budget_caps_the_search(extracted, tmp_path):
     out, *_ = extracted
     cfg = build_section("search", {"families": ["logistic"], "features": ["resnet50"],
                                    "num_samples": 200, "max_concurrent": 2,
-                                   "time_budget_minutes": 0.2, "out": str(out),
+                                   "time_budget_minutes": 0.1, "out": str(out),
                                    "experiment": "budget", "storage_path": str(tmp_path / "tune")})
     start = time.monotonic()
     grid = run_search(cfg, str(out / "manifest.parquet"))
