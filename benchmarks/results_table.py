@@ -94,7 +94,8 @@ def evaluate(out: str, family: str, features: str, params: dict[str, Any],
     val_p, test_p = head.predict_proba(X_va), head.predict_proba(X_te)
     score_s = time.perf_counter() - start - fit_s
     row = {"family": family, "features": features, "params": params, "views": views,
-           "n_train": n_train, "fit_s": round(fit_s, 1), "score_s": round(score_s, 1), "val": metrics(y_va, val_p),
+           "n_train": n_train, "fit_s": round(fit_s, 1), "score_s": round(score_s, 1),
+           "val": metrics(y_va, val_p),
            "test": metrics(y_te, test_p), "policies": policies(out, val_p, y_va, test_p, y_te)}
     return row, head
 
@@ -150,6 +151,7 @@ def markdown(table: dict[str, Any]) -> str:
         return f" {r['fit_s'] / 60:.1f} fit + {r['score_s'] / 60:.1f} scoring |"
 
     ablation_head = head.replace(" |\n", " | minutes on 2 cores |\n", 1) + " --- |"
+
     def policy_lines(r: dict[str, Any]) -> list[str]:
         out = []
         for name, m in r["policies"]["test"].items():
