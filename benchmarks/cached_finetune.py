@@ -34,8 +34,8 @@ SIZE = 224
 def real_images(n: int) -> tuple[np.ndarray, np.ndarray]:
     import pandas as pd
 
-    from dermray.augment import decode_batch
-    from dermray.config import CLASSES
+    from dermray.data.augment import decode_batch
+    from dermray.domain import CLASSES
 
     meta = pd.read_csv(HAM / "metadata_images_200x150.csv")
     # every class represented: up to n/7 images per class, then filled with the rest
@@ -71,7 +71,7 @@ def end_to_end_model(weights: str):
     """ResNet50 on images, only conv5_block3 (not its batch norms) and the softmax trainable."""
     import keras
 
-    from dermray.heads.finetune import _caffe_layer
+    from dermray.models.heads.finetune import _caffe_layer
 
     base = keras.applications.ResNet50(include_top=False, weights=weights,
                                        input_shape=(SIZE, SIZE, 3))
@@ -97,8 +97,8 @@ def main() -> None:
 
     import keras
 
-    from dermray.backbones import FrozenExtractor
-    from dermray.heads.cached import CachedFinetuneHead
+    from dermray.models.backbones import FrozenExtractor
+    from dermray.models.heads.cached import CachedFinetuneHead
 
     images, y = real_images(args.images)
     n = len(images)

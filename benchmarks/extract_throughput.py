@@ -50,7 +50,7 @@ def sgemm_gflops(n: int = 2048) -> float:
 
 
 def decode_rates(paths: list[Path], size: int) -> dict[str, float]:
-    from dermray.augment import decode_image
+    from dermray.data.augment import decode_image
 
     data = [p.read_bytes() for p in paths]
     out = {}
@@ -66,7 +66,7 @@ def bare_rates(backbone: str, weights: str, size: int, batch: int, n: int) -> di
     import keras
     import tensorflow as tf
 
-    from dermray.backbones import build_extractor, compile_forward, preprocess
+    from dermray.models.backbones import build_extractor, compile_forward, preprocess
 
     model = build_extractor(backbone, weights, size)
     x = preprocess(backbone, np.random.default_rng(0).integers(0, 255, (batch, size, size, 3),
@@ -89,10 +89,10 @@ def pipeline_rate(backbone: str, weights: str, size: int, batch: int, n: int) ->
     import pyarrow.dataset as pads
     import ray
 
-    from dermray.catalog import build_catalog, build_manifest, write_manifest
     from dermray.config import ExtractConfig
-    from dermray.embeddings import backbone_dir
-    from dermray.extract import run_extract
+    from dermray.data.catalog import build_catalog, build_manifest, write_manifest
+    from dermray.models.embeddings import backbone_dir
+    from dermray.stages.extract import run_extract
 
     out = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     catalog = build_catalog(str(HAM / "metadata_images_200x150.csv"), [str(HAM / "images_200x150")])
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--pipeline-images", type=int, default=384)
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from dermray.backbones import get_spec
+    from dermray.models.backbones import get_spec
 
     originals = sorted((HAM / "originals_600x450").glob("*.jpg"))
     result: dict = {"image_size": args.image_size, "batch_size": args.batch_size,

@@ -32,9 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_bundle(directory: Path, weights: str, image_size: int) -> Path:
     """A resnet50 + logistic bundle in ``directory`` (random head weights, seeded)."""
-    from dermray.backbones import weights_identity
-    from dermray.config import CLASSES
-    from dermray.heads.logistic import LogisticHead
+    from dermray.domain import CLASSES
+    from dermray.models.backbones import weights_identity
+    from dermray.models.heads.logistic import LogisticHead
 
     rng = np.random.default_rng(0)
     head = LogisticHead()
@@ -56,7 +56,7 @@ def images(folder: str | None, n: int, work: Path) -> list[Path]:
     if folder:
         files = sorted(p for p in Path(folder).rglob("*.jpg"))[:n]
     else:
-        from dermray.synth import write_synth_dataset
+        from dermray.data.synth import write_synth_dataset
 
         write_synth_dataset(work / "synth", n=n, seed=0)
         files = sorted((work / "synth").rglob("*.jpg"))[:n]
@@ -87,8 +87,8 @@ def main() -> None:
 
     import ray
 
-    from dermray.bundle import Limits, load_bundle
-    from dermray.predict_ray import run_predict_ray
+    from dermray.models.bundle import Limits, load_bundle
+    from dermray.stages.predict import run_predict_ray
 
     work = Path(tempfile.mkdtemp(prefix="dermray-bench-"))
     model = make_bundle(work / "model", args.weights, args.image_size)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dermray.config import CLASSES
+from dermray.domain import CLASSES
 
 # one lever at a time, each row changing one thing against the row above it; "views":
 # "original" trains on each train image once, "all" adds the class-balancing views
@@ -46,9 +46,9 @@ SEARCH = {"cached_cnn_epochs": 3}
 def inputs(out: str, family: str, features: str, split: str, views: str = "all"):
     """X, y of a split as the search gives them to a family; ``views="original"`` keeps only
     each train image's original view (no class-balancing views)."""
-    from dermray.embeddings import load_activations
-    from dermray.features import embedding_features
-    from dermray.heads import ACTIVATIONS, get_family
+    from dermray.models.embeddings import load_activations
+    from dermray.models.features import embedding_features
+    from dermray.models.heads import ACTIVATIONS, get_family
 
     if get_family(family).input == ACTIVATIONS:
         X, y, frame = load_activations(out, features, split,
@@ -65,7 +65,7 @@ def head_params(out: str, family: str, params: dict[str, Any]) -> dict[str, Any]
     """A row's constructor arguments, as the search builds them for the family's first point
     (its fixed parameters included: for cached_cnn the extraction's weights), then the row's."""
     from dermray.config import build_section
-    from dermray.heads import get_family
+    from dermray.models.heads import get_family
 
     cfg = build_section("search", {**SEARCH, "out": out})
     spec = get_family(family)
@@ -75,8 +75,8 @@ def head_params(out: str, family: str, params: dict[str, Any]) -> dict[str, Any]
 def evaluate(out: str, family: str, features: str, params: dict[str, Any],
              views: str = "all", head=None) -> tuple[dict[str, Any], Any]:
     """Fit (or, given ``head``, only rescore) one head; metrics on val and test."""
-    from dermray.evaluate import metrics
-    from dermray.heads import make_head
+    from dermray.models.heads import make_head
+    from dermray.report.evaluate import metrics
 
     X_va, y_va = inputs(out, family, features, "val")
     X_te, y_te = inputs(out, family, features, "test")
@@ -105,7 +105,7 @@ def policies(out: str, val_p, y_va, test_p, y_te) -> dict[str, Any]:
     search fits them for its winner, and their test metrics."""
     import pandas as pd
 
-    from dermray.policies import fit_operating_points, policy_report
+    from dermray.models.policies import fit_operating_points, policy_report
 
     train = pd.read_parquet(Path(out) / "manifest.parquet").query("split == 'train'")
     prior = train["dx"].value_counts().reindex(list(CLASSES), fill_value=0).to_numpy(float)

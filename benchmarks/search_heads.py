@@ -22,7 +22,7 @@ import numpy as np
 
 def run(algorithm: str, args) -> dict:
     from dermray.config import build_section
-    from dermray.search import run_search
+    from dermray.stages.search import run_search
 
     storage = Path(args.out, "bench_tune").resolve()
     shutil.rmtree(storage / algorithm, ignore_errors=True)

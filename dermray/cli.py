@@ -9,12 +9,27 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from dermray.config import check_weights_files, load_all, read_yaml
+from dermray.data.catalog import build_catalog, read_metadata, split_summary
+from dermray.data.fetch import DATAVERSE, fetch
+from dermray.data.synth import parse_size, write_synth_dataset
 from dermray.errors import DermrayError
 from dermray.installed import check_run, check_stages, extract_needs, require_all
-from dermray.lock import hold
-from dermray.policies import POLICIES
+from dermray.io import storage
+from dermray.io.lock import hold
+from dermray.io.storage import RedactingFilter, describe_failure, is_store_failure, join, redact
+from dermray.models.bundle import Limits, collect_images, load_bundle
+from dermray.models.policies import POLICIES
+from dermray.report.dashboard import write_dashboard
+from dermray.report.explain import explain_files
+from dermray.stages.extract import run_extract
+from dermray.stages.pipeline import run_pipeline, run_search_stage, run_split
+from dermray.stages.predict import LIST_SUFFIXES, run_predict_ray
+from dermray.stages.progress import mode_from_flags, set_mode
+from dermray.stages.raysession import joined_cluster
 
 logger = logging.getLogger("dermray")
 
@@ -49,7 +64,6 @@ def preflight(args: argparse.Namespace) -> dict[str, Any]:
     """Every section of the command's config, with its flags on top, validated before any stage
     runs (and before Ray starts); for the commands that build models, every weights file the
     config names is checked too. Returns the sections by name."""
-    from dermray.config import check_weights_files, load_all, read_yaml
 
     path = getattr(args, "config", None)
     if args.command == "data":
@@ -84,7 +98,6 @@ def _print_catalog(summary: dict[str, Any]) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from dermray.catalog import build_catalog
 
     cfg = _data_config(args)
     if not cfg.metadata:  # a config that makes synthetic data (data.synth_n) has no catalog yet
@@ -98,12 +111,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from dermray.pipeline import run_split
 
     cfg = _data_config(args)
     with hold(cfg.out, "dermray data split"):
         path, manifest = run_split(cfg, fresh=args.fresh)
-    from dermray.catalog import split_summary
 
     print(split_summary(manifest).to_string())
     print(f"wrote {path}")
@@ -111,7 +122,6 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from dermray.fetch import DATAVERSE, fetch
 
     result = fetch(args.dest, base_url=args.base_url or DATAVERSE, keep_zips=args.keep_zips)
     print(json.dumps(result, indent=2))
@@ -119,7 +129,6 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from dermray.synth import parse_size, write_synth_dataset
 
     size = parse_size(args.size)
     path = write_synth_dataset(args.dest, n=args.n, seed=args.seed, size=size)
@@ -131,14 +140,12 @@ def _before_ray(args: argparse.Namespace, check_packages: Callable[[], None]) ->
     """Before a stage starts Ray: the progress mode from --quiet / --verbose, and the packages
     it needs (a missing one is a message with the install command, not a traceback from an
     actor minutes later)."""
-    from dermray.progress import mode_from_flags, set_mode
 
     set_mode(mode_from_flags(args.quiet, args.progress_verbose or args.verbose))
     check_packages()
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from dermray.extract import run_extract
 
     cfg = preflight(args)["extract"]
     _before_ray(args, lambda: require_all(extract_needs()))
@@ -150,7 +157,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dermray.pipeline import run_pipeline
 
     preflight(args)
     _before_ray(args, lambda: check_run(args.config, args.out))
@@ -161,10 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from dermray.pipeline import run_search_stage
 
     overrides = {"num_samples": args.num_samples, "algorithm": args.algorithm}
-    from dermray.storage import join
 
     preflight(args)
     _before_ray(args, lambda: check_stages(args.config, ["search"], args.out, overrides))
@@ -177,13 +181,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from dermray.bundle import Limits, collect_images, load_bundle
 
     limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels,
                     batch_size=args.batch_size)
     metadata = None
     if args.metadata:
-        from dermray.catalog import read_metadata
 
         metadata = read_metadata(args.metadata).drop_duplicates("image_id").set_index("image_id")
     if _predict_on_ray(args):
@@ -209,15 +211,12 @@ def _predict_on_ray(args: argparse.Namespace) -> bool:
     an input is an s3:// prefix or a list file (the local path reads local files only)."""
     if args.ray is not None:
         return args.ray
-    from dermray.predict_ray import LIST_SUFFIXES
-    from dermray.raysession import joined_cluster
 
     return joined_cluster() or any("://" in i or i.lower().endswith(LIST_SUFFIXES)
                                    for i in args.inputs)
 
 
 def _predict_ray(args: argparse.Namespace, limits: Any, metadata: Any) -> int:
-    from dermray.predict_ray import run_predict_ray
 
     # the actors embed with TensorFlow: a missing one is a message here, not an actor's traceback
     require_all([("tensorflow", "`dermray predict --ray` embeds images with Keras on TensorFlow")])
@@ -239,7 +238,6 @@ class _Sink:
         self.out, self.started, self.parts = out, False, []
         self.tmp = None
         if out and "://" not in out:
-            from pathlib import Path
 
             target = Path(out)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +261,6 @@ class _Sink:
             else:
                 self.tmp.unlink(missing_ok=True)
         elif self.out and ok:
-            from dermray import storage
 
             storage.write_text(self.out, "".join(self.parts))
 
@@ -280,8 +277,6 @@ def prediction_sink(out: str | None) -> Iterator[_Sink]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from dermray.bundle import collect_images, load_bundle
-    from dermray.explain import explain_files
 
     bundle = load_bundle(args.model, weights_dirs=args.weights_dir or ())
     files = collect_images(args.images)
@@ -297,7 +292,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dermray.dashboard import write_dashboard
 
     print(f"wrote {write_dashboard(args.out)}")
     return 0
@@ -445,7 +439,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from dermray.storage import RedactingFilter, redact
 
     for handler in logging.getLogger().handlers:  # no s3://KEY:SECRET@ in a log line
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
@@ -456,7 +449,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {redact(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # S3 unreachable or refusing, in any stage's driver: a message
-        from dermray.storage import describe_failure, is_store_failure
 
         if not is_store_failure(exc):
             raise

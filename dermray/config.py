@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,24 +18,11 @@ from typing import Any
 
 import yaml
 
-from dermray.errors import ConfigError
-
-CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-SYNTH_MIN_N = 4 * len(CLASSES)  # synthetic data: at least 4 lesions per class
-
-
-def check(ok: bool, section: str, key: str, value: Any, must: str) -> None:
-    """Raise ConfigError ("section.key must be ... Got value instead.") unless ``ok``."""
-    if not ok:
-        raise ConfigError(f"{section}.{key} must be {must}. Got {value!r} instead.")
-
-
-def check_unique(section: str, key: str, values: tuple[Any, ...]) -> None:
-    """Raise ConfigError naming the repeated items of a list key."""
-    repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
-    check(not repeated, section, key, list(values),
-          f"a list without repeats ({', '.join(map(str, repeated))} given more than once)")
+from dermray.domain import SYNTH_MIN_N
+from dermray.errors import ConfigError, check, check_unique
+from dermray.models.backbones import BACKBONES, weights_layer_problem
+from dermray.models.features import parse_features
+from dermray.models.heads import EMBEDDINGS, FAMILIES, FAMILY_SPECS
 
 
 @dataclass(frozen=True)
@@ -100,7 +88,6 @@ class ExtractConfig:
     write_from: str = "auto"
 
     def __post_init__(self) -> None:
-        from dermray.backbones import BACKBONES  # local: backbones imports this module
 
         check(len(self.backbones) > 0, "extract", "backbones", self.backbones, "non-empty")
         check_unique("extract", "backbones", self.backbones)
@@ -131,7 +118,6 @@ class ExtractConfig:
 
 
 def _default_families() -> tuple[str, ...]:
-    from dermray.heads import FAMILIES  # local: the heads import this module
 
     return FAMILIES
 
@@ -141,7 +127,7 @@ class SearchConfig:
     """The head search: which families and features, how many trials, with what resources.
 
     The keys of one family (``mlp_max_epochs``, ``xgb_max_estimators``, ``finetune_*``) are
-    read and validated by that family's spec (``dermray.heads``), not here.
+    read and validated by that family's spec (``dermray.models.heads``), not here.
     """
 
     out: str = "out"
@@ -177,7 +163,7 @@ class SearchConfig:
     finetune_image_size: int = 224
     finetune_epochs: int = 10
     finetune_max_train_images: int = 0  # 0: all (a cluster); small on a laptop
-    # the cached-activation fine-tune (dermray/heads/cached.py): which activation map it trains
+    # the cached-activation fine-tune (dermray/models/heads/cached.py): which activation map it trains
     # on, the weights its top block starts from ("": the extraction's), epochs, flip TTA
     cached_cnn_features: str = "resnet50_c5b2"
     cached_cnn_weights: str = ""
@@ -189,13 +175,11 @@ class SearchConfig:
     # the melanoma operating point: the validation sensitivity its threshold must reach
     melanoma_target: float = 0.90
     # optional MLflow tracking through Tune's MLflowLoggerCallback: a server (http(s)://...) or a
-    # local file store (file:///abs/path); "" is off (see dermray/tracking.py)
+    # local file store (file:///abs/path); "" is off (see dermray/stages/tracking.py)
     mlflow_tracking_uri: str = ""
 
     def __post_init__(self) -> None:
         # local: both import this module
-        from dermray.features import parse_features
-        from dermray.heads import EMBEDDINGS, FAMILY_SPECS
 
         known = ", ".join(FAMILY_SPECS)
         check(len(self.families) > 0, "search", "families", self.families,
@@ -428,7 +412,6 @@ def _check_hdf5(key: str, value: str, path: Path) -> None:
 
 
 def _check_keras_zip(key: str, value: str, path: Path) -> None:
-    import zipfile
 
     try:
         with zipfile.ZipFile(path) as archive:
@@ -443,7 +426,6 @@ def _check_keras_zip(key: str, value: str, path: Path) -> None:
 
 def _check_architecture(key: str, value: str, backbone: str) -> None:
     """An HDF5 weights file keyed by a backbone holds that backbone's layers."""
-    from dermray.backbones import BACKBONES, weights_layer_problem
 
     path = Path(value).expanduser()
     if backbone not in BACKBONES or value.lower() in ("imagenet", "none") or path.suffix != ".h5":

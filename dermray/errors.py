@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -50,3 +50,16 @@ def lookup(registry: Mapping[str, T], name: str, kind: str, kinds: str,
     except KeyError:
         names = ", ".join(registry if known is None else known)
         raise error(f"Unknown {kind} {name!r}. Known {kinds}: {names}.") from None
+
+
+def check(ok: bool, section: str, key: str, value: Any, must: str) -> None:
+    """Raise ConfigError ("section.key must be ... Got value instead.") unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{section}.{key} must be {must}. Got {value!r} instead.")
+
+
+def check_unique(section: str, key: str, values: tuple[Any, ...]) -> None:
+    """Raise ConfigError naming the repeated items of a list key."""
+    repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+    check(not repeated, section, key, list(values),
+          f"a list without repeats ({', '.join(map(str, repeated))} given more than once)")

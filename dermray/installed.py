@@ -11,6 +11,7 @@ import importlib.util
 from collections.abc import Iterable
 from typing import Any
 
+from dermray.config import load_section, read_yaml
 from dermray.errors import DermrayError
 
 # module -> the command that installs it (the extra of dermray that carries it)
@@ -77,7 +78,6 @@ def check_stages(config_path: str | None, stages: Iterable[str], out: str,
                  overrides: dict[str, Any] | None = None) -> None:
     """Check the packages of the named stages of a config (``extract``, ``search``) before any
     work starts. The config is loaded (and so validated) here too."""
-    from dermray.config import load_section
 
     needs: list[tuple[str, str]] = []
     for stage in stages:
@@ -91,7 +91,6 @@ def check_stages(config_path: str | None, stages: Iterable[str], out: str,
 
 def check_run(config_path: str, out: str) -> None:
     """``dermray run``: the packages of every stage the config file has a section for."""
-    from dermray.config import read_yaml
 
     check_stages(config_path, [s for s in ("extract", "search") if s in read_yaml(config_path)],
                  out)

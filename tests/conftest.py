@@ -43,7 +43,7 @@ def resnet50_weights() -> Path:
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """140 small synthetic images in the Dataverse layout, shared by the whole session."""
-    from dermray.synth import write_synth_dataset
+    from dermray.data.synth import write_synth_dataset
 
     dest = tmp_path_factory.mktemp("synth")
     write_synth_dataset(dest, n=140, seed=0, size=(64, 48))
@@ -54,7 +54,7 @@ def synth_dir(tmp_path_factory) -> Path:
 def synth_manifest(synth_dir, tmp_path_factory) -> Path:
     """The split of the synthetic dataset: OUT/manifest.parquet."""
     from dermray.config import DataConfig
-    from dermray.pipeline import run_split
+    from dermray.stages.pipeline import run_split
 
     out = tmp_path_factory.mktemp("synth_out")
     cfg = DataConfig(metadata=str(synth_dir / "HAM10000_metadata.csv"), images=(str(synth_dir),),

@@ -119,7 +119,7 @@ def s3(tmp_path_factory):
 def images_on_s3(s3, tmp_path_factory) -> tuple[str, str, set[str]]:
     """A small synthetic HAM10000 layout with two broken JPEGs, uploaded to the bucket; returns
     (metadata URI, images URI, the broken image ids)."""
-    from dermray.synth import write_synth_dataset
+    from dermray.data.synth import write_synth_dataset
 
     client, query = s3
     local = tmp_path_factory.mktemp("synth")

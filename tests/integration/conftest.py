@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from dermray.config import DataConfig, ExtractConfig
-from dermray.extract import run_extract
-from dermray.pipeline import run_split
+from dermray.stages.extract import run_extract
+from dermray.stages.pipeline import run_split
 
 # resnet50_c5b2: the activation map the cached fine-tune trains on (an output of resnet50's pass)
 BACKBONES = ("resnet50", "vgg19", "resnet50_c5b2")
@@ -22,7 +22,7 @@ BACKBONES = ("resnet50", "vgg19", "resnet50_c5b2")
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     ray = pytest.importorskip("ray")
-    from dermray.extract import FAULT_ONCE_ENV
+    from dermray.stages.extract import FAULT_ONCE_ENV
 
     # the first Embedder batch of the session kills its actor once: every extraction test then
     # also checks that Ray's restart + retry still gives exactly the planned rows
@@ -90,7 +90,7 @@ def searched(extracted, tmp_path_factory):
     import yaml
 
     config.write_text(yaml.safe_dump({"search": SEARCH}))
-    from dermray.pipeline import run_search_stage
+    from dermray.stages.pipeline import run_search_stage
 
     summary = run_search_stage(str(config), str(out), str(out / "manifest.parquet"))
     return out, summary

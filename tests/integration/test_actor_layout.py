@@ -6,7 +6,7 @@ import pytest
 
 from dermray.config import ExtractConfig
 from dermray.errors import DermrayError
-from dermray.extract import actor_layout
+from dermray.stages.extract import actor_layout
 
 
 def test_cpu_pool_is_one_actor_per_node(ray_local, monkeypatch):

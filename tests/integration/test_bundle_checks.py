@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 
-from dermray.bundle import BundleError, load_bundle
 from dermray.cli import main
 from dermray.errors import DermrayError
+from dermray.models.bundle import BundleError, load_bundle
 
 
 def damaged(model, tmp_path, edit):

@@ -12,15 +12,15 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from dermray.embeddings import (
+from dermray.errors import DermrayError
+from dermray.models.embeddings import (
     backbone_dir,
     embedding_schema,
     load_activations,
     load_embeddings,
     read_frame,
 )
-from dermray.errors import DermrayError
-from dermray.extract import run_extract
+from dermray.stages.extract import run_extract
 
 BACKBONES = ("resnet50", "vgg19")
 
@@ -105,8 +105,8 @@ def test_resume_after_interruption(extracted):
 def test_activation_maps_are_the_extractors_output(extracted):
     """OUT/activations holds, per original val view, the conv5_block2_out map the frozen
     network computes for that decoded image (float16), in the order of its frame."""
-    from dermray.augment import decode_batch
-    from dermray.backbones import FrozenExtractor
+    from dermray.data.augment import decode_batch
+    from dermray.models.backbones import FrozenExtractor
 
     out, cfg, _, _, _ = extracted
     maps, y, frame = load_activations(out, "resnet50_c5b2", "val", views="original")

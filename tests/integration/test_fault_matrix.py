@@ -11,7 +11,7 @@ cores) are marked slow, to keep `make test` within its 10 minutes; run them with
 the changed settings and the second writer run in `make test`.
 
 The crashes are real kill -9s of a real `python -m dermray run` (its own local Ray), placed by
-dermray.faults at the worst moment of each stage: a file written under its temporary name and
+dermray.io.faults at the worst moment of each stage: a file written under its temporary name and
 not yet renamed (split), the first batch of embeddings written (extract), the first Tune trial
 finished (search), the new model built and not yet swapped in (export). The reruns run here.
 """
@@ -33,13 +33,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from dermray.bundle import load_bundle
 from dermray.cli import main
 from dermray.config import load_section
-from dermray.embeddings import read_frame
-from dermray.fingerprint import StaleOutputError
-from dermray.lock import hold
-from dermray.pipeline import run_pipeline, run_split
+from dermray.io.fingerprint import StaleOutputError
+from dermray.io.lock import hold
+from dermray.models.bundle import load_bundle
+from dermray.models.embeddings import read_frame
+from dermray.stages.pipeline import run_pipeline, run_split
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = {

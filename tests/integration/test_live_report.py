@@ -13,7 +13,7 @@ import pytest
 from test_report_browser import TrialRows, find_browser
 
 from dermray.cli import main
-from dermray.dashboard import live_trials
+from dermray.report.dashboard import live_trials
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermray.bundle import load_bundle
 from dermray.cli import main
 from dermray.config import build_section
-from dermray.heads import get_family
-from dermray.policies import MEL, POLICIES, decision_metrics
-from dermray.search import head_inputs
+from dermray.models.bundle import load_bundle
+from dermray.models.heads import get_family
+from dermray.models.policies import MEL, POLICIES, decision_metrics
+from dermray.stages.search import head_inputs
 
 
 @pytest.fixture(scope="module")

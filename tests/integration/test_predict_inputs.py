@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermray.bundle import Limits, collect_images, load_bundle
 from dermray.cli import main
+from dermray.models.bundle import Limits, collect_images, load_bundle
 
 
 @pytest.fixture()

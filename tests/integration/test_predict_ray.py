@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pandas as pd
 
-from dermray.bundle import collect_images, load_bundle
 from dermray.cli import main
+from dermray.models.bundle import collect_images, load_bundle
 
 
 def test_ray_predict_matches_the_local_path(searched, tmp_path, capsys):

@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from dermray import progress
 from dermray.cli import main
+from dermray.stages import progress
 
 N_TRIALS = 2
 

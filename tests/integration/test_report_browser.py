@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dermray.dashboard import write_dashboard
+from dermray.report.dashboard import write_dashboard
 
 
 def find_browser() -> str | None:

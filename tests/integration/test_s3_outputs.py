@@ -16,11 +16,11 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
-from dermray import storage
-from dermray.bundle import collect_images, load_bundle
 from dermray.cli import main
 from dermray.errors import DermrayError
-from dermray.pipeline import run_pipeline
+from dermray.io import storage
+from dermray.models.bundle import collect_images, load_bundle
+from dermray.stages.pipeline import run_pipeline
 
 OUTPUTS = ("manifest.parquet", "extract_run.json", "quarantine.parquet", "trials.csv",
            "metrics.json", "report.md", "report.html", "confusion_matrix.png",

@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermray.bundle import load_bundle
 from dermray.config import build_section
-from dermray.embeddings import load_activations
 from dermray.errors import ConfigError, DermrayError
-from dermray.evaluate import metrics
-from dermray.features import embedding_features
+from dermray.models.bundle import load_bundle
+from dermray.models.embeddings import load_activations
+from dermray.models.features import embedding_features
+from dermray.report.evaluate import metrics
 
 
 def test_every_family_tried_and_best_val_accuracy_wins(searched):
@@ -71,8 +71,8 @@ def test_cached_cnn_bundle_predicts_from_image_files(searched, tmp_path):
     """A cached fine-tune head, exported as the search exports its winner: from the image files
     (decode, the frozen trunk up to the cut, the trained block) it gives the probabilities it
     gives on the cached maps."""
-    from dermray.heads.cached import CachedFinetuneHead
-    from dermray.select import export_bundle
+    from dermray.models.heads.cached import CachedFinetuneHead
+    from dermray.stages.select import export_bundle
 
     out, _ = searched
     X_tr, y_tr, _ = load_activations(out, "resnet50_c5b2", "train")
@@ -107,20 +107,20 @@ def test_bad_search_configs():
 
 
 def test_split_missing_a_class_is_a_clear_error(extracted, monkeypatch):
-    from dermray import features
-    from dermray.search import load_search_data
+    from dermray.stages import search
+    from dermray.stages.search import load_search_data
 
     out, *_ = extracted
     cfg = build_section("search", {"out": str(out), "families": ["logistic"],
                                    "features": ["resnet50"]})
-    real = features.embedding_features
+    real = search.embedding_features
 
     def without_vasc(o, spec, split):
         X, y, frame = real(o, spec, split)
         keep = (y != 6) if split == "val" else np.ones(len(y), bool)
         return X[keep], y[keep], frame[keep]
 
-    monkeypatch.setattr(features, "embedding_features", without_vasc)
+    monkeypatch.setattr(search, "embedding_features", without_vasc)
     with pytest.raises(DermrayError, match=r"val split of 'resnet50' lacks class\(es\) vasc"):
         load_search_data(cfg, str(out / "manifest.parquet"))
 
@@ -150,7 +150,7 @@ def test_predict_command_skips_a_bad_file(searched, tmp_path, capsys):
 def test_deterministic_mode_repeats_the_trial_sequence(extracted, tmp_path):
     """search.deterministic: suggestions in batches of max_concurrent, each batch waiting for
     the last, no early stopping; two runs (two experiments) give the same trials and numbers."""
-    from dermray.search import run_search
+    from dermray.stages.search import run_search
 
     out, *_ = extracted
     runs = []
@@ -173,7 +173,7 @@ def test_time_budget_caps_the_search(extracted, tmp_path):
     num_samples run, and the search still ends normally with the trials that reported."""
     import time
 
-    from dermray.search import run_search
+    from dermray.stages.search import run_search
 
     out, *_ = extracted
     cfg = build_section("search", {"families": ["logistic"], "features": ["resnet50"],

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermray.heads.base import N_CLASSES, Head, Rule, real, softmax
-from dermray.heads.registry import FamilySpec, register_family, unregister_family
+from dermray.models.heads.base import N_CLASSES, Head, Rule, real, softmax
+from dermray.models.heads.registry import FamilySpec, register_family, unregister_family
 
 
 class NearestCentroidHead(Head):
@@ -83,12 +83,12 @@ def centroid_family():
 
 def test_a_family_registered_here_is_searched_selected_exported_and_predicts(
         extracted, centroid_family, tmp_path):
-    from dermray.bundle import load_bundle
     from dermray.config import build_section
-    from dermray.evaluate import metrics
-    from dermray.features import embedding_features
-    from dermray.search import run_search
-    from dermray.select import finish
+    from dermray.models.bundle import load_bundle
+    from dermray.models.features import embedding_features
+    from dermray.report.evaluate import metrics
+    from dermray.stages.search import run_search
+    from dermray.stages.select import finish
 
     out, *_ = extracted
     manifest_path = str(out / "manifest.parquet")

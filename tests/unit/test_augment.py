@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermray.augment import (
+from dermray.data.augment import (
     DecodeError,
     augment_image,
     decode_image,
@@ -13,7 +13,7 @@ from dermray.augment import (
     make_view,
     plan_views,
 )
-from dermray.config import CLASSES
+from dermray.domain import CLASSES
 
 
 def _jpeg(arr: np.ndarray, mode: str | None = None, fmt: str = "JPEG") -> bytes:

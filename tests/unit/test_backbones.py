@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dermray.backbones import (
+from dermray.models.backbones import (
     BACKBONES,
     BackboneError,
     build_extractor,
@@ -59,7 +59,7 @@ def test_feature_sizes_and_frozen(name):
 
 
 def test_frozen_extractor_embeds_one_batch_without_ray():
-    from dermray.backbones import FrozenExtractor
+    from dermray.models.backbones import FrozenExtractor
 
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3)).astype(np.uint8)
     none = {"resnet50": "none", "resnet50_ms": "none"}
@@ -80,7 +80,7 @@ def test_activation_map_comes_from_the_same_forward_pass():
     also gives resnet50_ms: one network, and the same values as a model of that layer alone."""
     import keras
 
-    from dermray.backbones import FrozenExtractor, preprocess
+    from dermray.models.backbones import FrozenExtractor, preprocess
 
     images = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3)).astype(np.uint8)
     names = ["resnet50_ms", "resnet50_c5b2"]

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermray.augment import decode_batch
-from dermray.catalog import build_catalog
 from dermray.cli import main
+from dermray.data.augment import decode_batch
+from dermray.data.catalog import build_catalog
+from dermray.data.synth import write_synth_dataset
 from dermray.errors import CatalogError
-from dermray.synth import write_synth_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 

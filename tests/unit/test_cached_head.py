@@ -1,13 +1,13 @@
-"""The cached fine-tune family (dermray/heads/cached.py) on tiny activation maps, no Ray."""
+"""The cached fine-tune family (dermray/models/heads/cached.py) on tiny activation maps, no Ray."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from dermray.heads import get_family
-from dermray.heads.base import HeadError
-from dermray.heads.cached import CachedFinetuneHead
+from dermray.models.heads import get_family
+from dermray.models.heads.base import HeadError
+from dermray.models.heads.cached import CachedFinetuneHead
 
 
 def _separable(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

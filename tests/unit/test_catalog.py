@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermray.catalog import (
+from dermray.data.catalog import (
     build_catalog,
     build_manifest,
     manifest_config,
@@ -15,9 +15,9 @@ from dermray.catalog import (
     validate_metadata,
     write_manifest,
 )
-from dermray.config import CLASSES, SPLITS
+from dermray.data.synth import synth_metadata
+from dermray.domain import CLASSES, SPLITS
 from dermray.errors import CatalogError
-from dermray.synth import synth_metadata
 
 
 def _write(tmp_path: Path, frame: pd.DataFrame, images: list[str]) -> tuple[Path, Path]:

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermray import storage
-from dermray.config import CLASSES
-from dermray.embedding_map import embedding_map, project, write_embedding_map
-from dermray.embeddings import backbone_dir, to_table
+from dermray.domain import CLASSES
 from dermray.errors import DermrayError
+from dermray.io import storage
+from dermray.models.embeddings import backbone_dir, to_table
+from dermray.report.embedding_map import embedding_map, project, write_embedding_map
 
 
 @pytest.fixture()
@@ -71,7 +71,7 @@ def test_bad_method_and_missing_umap_are_messages():
 
 
 def test_the_report_section_is_drawn_once_and_empty_without_embeddings(out, tmp_path_factory):
-    from dermray.embedding_map import html_section, markdown_section
+    from dermray.report.embedding_map import html_section, markdown_section
 
     lines = markdown_section(out, "resnet50+meta")
     assert "![embedding map](embedding_map.png)" in lines

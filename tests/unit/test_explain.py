@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from dermray.backbones import FrozenExtractor
-from dermray.bundle import load_bundle
 from dermray.cli import main
-from dermray.config import CLASSES
-from dermray.synth import render_lesion
+from dermray.data.synth import render_lesion
+from dermray.domain import CLASSES
+from dermray.models.backbones import FrozenExtractor
+from dermray.models.bundle import load_bundle
 
 SIZE = 32
 
@@ -36,8 +36,8 @@ def skin_with_spot(covered: bool = False) -> np.ndarray:
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """A logistic and an XGBoost bundle on the same embeddings, saved and loaded as exported."""
-    from dermray.bundle import Bundle
-    from dermray.heads import make_head
+    from dermray.models.bundle import Bundle
+    from dermray.models.heads import make_head
 
     root = tmp_path_factory.mktemp("bundles")
     images = np.stack([lesion(dx, 10 * i + j) for i, dx in enumerate(CLASSES) for j in range(2)])
@@ -65,7 +65,7 @@ def bundles(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gradcam(bundles):
-    from dermray.explain import Explainer
+    from dermray.report.explain import Explainer
 
     return Explainer(bundles["logistic"])
 
@@ -85,7 +85,7 @@ def test_gradcam_heat_map_has_the_image_shape_and_follows_the_lesion(gradcam):
 
 
 def test_occlusion_explains_xgboost(bundles):
-    from dermray.explain import Explainer, occlusion_map
+    from dermray.report.explain import Explainer, occlusion_map
 
     explainer = Explainer(bundles["xgboost"])
     assert explainer.method == "occlusion"
@@ -106,7 +106,7 @@ def test_occlusion_explains_xgboost(bundles):
 
 
 def test_explain_writes_a_png_per_image(bundles, gradcam, tmp_path, capsys, monkeypatch):
-    from dermray.explain import explain_files
+    from dermray.report.explain import explain_files
 
     paths = []
     for name, image in (("spot", skin_with_spot()), ("mel", lesion("mel", 5))):
@@ -122,7 +122,7 @@ def test_explain_writes_a_png_per_image(bundles, gradcam, tmp_path, capsys, monk
             assert png.format == "PNG" and png.size[0] >= 300
     assert len(json.loads((tmp_path / "out" / "explanations.json").read_text())) == 2
     # the command (with the module's loaded XGBoost bundle: no second backbone build)
-    monkeypatch.setattr("dermray.bundle.load_bundle", lambda *a, **k: bundles["xgboost"])
+    monkeypatch.setattr("dermray.cli.load_bundle", lambda *a, **k: bundles["xgboost"])
     assert main(["explain", "--model", "M", "--out", str(tmp_path / "cli"), str(paths[0]),
                  str(tmp_path / "bad.jpg")]) == 0
     assert (tmp_path / "cli" / "spot.png").is_file()

@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
+from dermray.data.fetch import DOI, fetch
 from dermray.errors import FetchError
-from dermray.fetch import DOI, fetch
 
 
 def _zip(names: list[str]) -> bytes:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dermray.heads import FAMILIES, HeadError, NotFittedError, load_head, make_head
+from dermray.models.heads import FAMILIES, HeadError, NotFittedError, load_head, make_head
 
 PARAMS = {
     "logistic": {"C": 1.0},

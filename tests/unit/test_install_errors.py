@@ -26,7 +26,8 @@ def without(monkeypatch):
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started before the missing package was reported")
 
-    monkeypatch.setattr("dermray.raysession.ensure_ray", no_ray)
+    for stage in ("extract", "search", "predict"):  # each stage's own name for it
+        monkeypatch.setattr(f"dermray.stages.{stage}.ensure_ray", no_ray)
     return hide
 
 

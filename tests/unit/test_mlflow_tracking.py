@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dermray import tracking
+from dermray.stages import tracking
 
 pytest.importorskip("mlflow")
 
@@ -57,7 +57,7 @@ def test_a_tracking_failure_is_a_warning(tmp_path, bundle, monkeypatch, caplog):
         raise ConnectionError("server down")
 
     monkeypatch.setattr(tracking, "_log_bundle", down)
-    with caplog.at_level(logging.WARNING, logger="dermray.tracking"):
+    with caplog.at_level(logging.WARNING, logger="dermray.stages.tracking"):
         assert tracking.log_winner_bundle(config("http://127.0.0.1:9"), "abc123",
                                           str(bundle)) is None
     assert "server down" in caplog.text

@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from dermray import storage
+from dermray.io import storage
 
 
 def test_readers_never_see_a_missing_model(tmp_path: Path):
@@ -63,7 +63,7 @@ def test_a_real_folder_from_an_older_version_is_replaced(tmp_path: Path):
 def test_the_lock_holder_sweeps_what_killed_writers_left(tmp_path: Path):
     """A run killed mid-write leaves a temp file, a half-built model or an unswapped link; the
     next run that takes OUT's lock deletes exactly those, and nothing of the results."""
-    from dermray.lock import hold
+    from dermray.io.lock import hold
 
     out = tmp_path / "out"
     storage.write_text(out / "embeddings" / "part.json", "{}")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dermray.errors import DermrayError
-from dermray.policies import (
+from dermray.models.policies import (
     MEL,
     calibrate,
     decide,

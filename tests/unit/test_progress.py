@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from dermray import progress
-from dermray.progress import ExtractProgress, SearchProgress, duration
+from dermray.stages import progress
+from dermray.stages.progress import ExtractProgress, SearchProgress, duration
 
 
 class FakeTTY(io.StringIO):

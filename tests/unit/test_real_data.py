@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dermray.catalog import build_catalog, build_manifest, read_metadata, validate_metadata
-from dermray.config import CLASSES, SPLITS
+from dermray.data.catalog import build_catalog, build_manifest, read_metadata, validate_metadata
+from dermray.domain import CLASSES, SPLITS
 
 OFFICIAL_COUNTS = {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327, "vasc": 142,
                    "df": 115}

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermray.augment import decode_batch
-from dermray.backbones import FrozenExtractor
+from dermray.data.augment import decode_batch
+from dermray.models.backbones import FrozenExtractor
 
 SIZE = 160  # smaller than 224 to keep the suite fast; the comparison is at the same resize
 N_EXACT = 8  # images compared with the keras.applications reference
@@ -50,7 +50,7 @@ def test_embeddings_equal_keras_and_beat_random(originals, resnet50_weights):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
 
-    from dermray.backbones import CAFFE_MEAN_BGR
+    from dermray.models.backbones import CAFFE_MEAN_BGR
 
     batch, dx = originals
     images = decode_batch(batch, SIZE, seed=0, draft=False)["image"]

@@ -5,8 +5,8 @@ import optuna
 import pytest
 
 from dermray.config import build_section
-from dermray.heads import FAMILIES, HeadError, families, get_family
-from dermray.heads.registry import IMAGES, INPUT_KINDS, FamilySpec
+from dermray.models.heads import FAMILIES, HeadError, families, get_family
+from dermray.models.heads.registry import IMAGES, INPUT_KINDS, FamilySpec
 
 
 def test_unknown_family_lists_the_known_ones():
@@ -18,7 +18,7 @@ def test_unknown_family_lists_the_known_ones():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_space_first_point_and_head_params_agree(family):
-    from dermray.search import define_space, first_points
+    from dermray.stages.search import define_space, first_points
 
     spec = get_family(family)
     assert spec.input in INPUT_KINDS and spec.head_class.family == family
@@ -60,7 +60,7 @@ def test_bad_family_keys_are_checked_by_their_spec():
 
 
 def test_every_shipped_config_loads_in_a_fresh_process():
-    """No section depends on which stage modules were imported (dermray.search is not)."""
+    """No section depends on which stage modules were imported (dermray.stages.search is not)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -70,5 +70,5 @@ def test_every_shipped_config_loads_in_a_fresh_process():
             "for path in sys.argv[1:]:\n"
             "    for name in read_yaml(path):\n"
             "        load_section(name, path)\n"
-            "assert 'dermray.search' not in sys.modules\n")
+            "assert 'dermray.stages.search' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code, *configs], check=True)

@@ -1,6 +1,6 @@
 """The catalog on s3:// URIs, against moto's S3 server on 127.0.0.1 (no AWS)."""
 
-from dermray.catalog import build_catalog
+from dermray.data.catalog import build_catalog
 
 
 def test_catalog_from_s3(moto_s3, synth_dir):
@@ -16,7 +16,7 @@ def test_catalog_from_s3(moto_s3, synth_dir):
 
 def test_credentials_in_a_uri_are_never_shown(capsys):
     from dermray.cli import main
-    from dermray.storage import display, redact
+    from dermray.io.storage import display, redact
 
     uri = "s3://AKIAEXAMPLE:wJalr%2Fhush42@ham/data/m.csv?region=us-east-1"
     assert display(uri) == "s3://***@ham/data/m.csv"
@@ -32,7 +32,7 @@ def test_credentials_in_a_uri_are_never_shown(capsys):
 def test_log_lines_are_redacted():
     import logging
 
-    from dermray.storage import RedactingFilter
+    from dermray.io.storage import RedactingFilter
 
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "reading %s", ("s3://K:S@b/k",), None)
     assert RedactingFilter().filter(record) and record.getMessage() == "reading s3://***@b/k"
@@ -69,7 +69,7 @@ def test_a_silent_endpoint_fails_in_seconds(monkeypatch):
 
 
 def test_s3_filesystems_get_short_timeouts(monkeypatch):
-    from dermray.storage import open_fs
+    from dermray.io.storage import open_fs
 
     monkeypatch.delenv("DERMRAY_S3_CONNECT_TIMEOUT", raising=False)
     fs, path = open_fs("s3://b/k?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1")

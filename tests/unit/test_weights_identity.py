@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dermray import backbones
-from dermray.backbones import BackboneError, find_weights, weights_identity, weights_name
+from dermray.models import backbones
+from dermray.models.backbones import BackboneError, find_weights, weights_identity, weights_name
 
 
 def make_file(folder: Path, name: str, content: bytes) -> tuple[Path, str]:

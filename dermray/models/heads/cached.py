@@ -1,0 +1,223 @@
+"""Fine-tuning from cached activations: the top of a frozen CNN (ResNet50's last residual block,
+conv5_block3, with its ImageNet weights as the start) plus a classifier, trained on the
+activation maps that extraction cached at the cut (``resnet50_c5b2``: conv5_block2_out, 7x7x2048
+float16 per view at 224). The layers below the cut are the frozen extractor's, so they run once
+per view at extraction, not once per epoch: on 2 CPU cores an epoch over ~6,000 images takes about
+a minute instead of end-to-end fine-tuning's several (benchmarks/cached_finetune.py).
+
+Augmentation at this depth: random horizontal and vertical flips of the maps. A flipped map is
+close to the map of the flipped image (ResNet's filters are not flip-symmetric, so not equal);
+it worked as augmentation when measured (docs/results.md). Test-time augmentation (``tta``)
+averages the probabilities of the four flips of a map.
+
+At prediction the bundle's extractor computes the map from the image with the same frozen
+weights (found by their sha256), and this head does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from dermray.errors import check
+from dermray.io import storage
+from dermray.models.backbones import BackboneError, find_weights, get_spec, resolve_weights
+from dermray.models.heads.base import (
+    CLASS_WEIGHT,
+    N_CLASSES,
+    HeadError,
+    Rule,
+    integer,
+    one_of,
+    real,
+)
+from dermray.models.heads.keras_base import KerasHead
+from dermray.models.heads.registry import ACTIVATIONS, FamilySpec, register_family
+
+if TYPE_CHECKING:
+    from dermray.config import SearchConfig
+
+# activation-map backbone -> the residual blocks above its cut, which this family trains
+TOP_BLOCKS = {"resnet50_c5b2": ("conv5_block3",)}
+# the layers of one ResNet bottleneck block with an identity shortcut, in order
+BOTTLENECK = ("_1_conv", "_1_bn", "_1_relu", "_2_conv", "_2_bn", "_2_relu", "_3_conv", "_3_bn")
+
+
+class CachedFinetuneHead(KerasHead):
+    """conv5_block3 (from ``weights``) + global pooling + dropout + optional dense layer +
+    softmax, fitted on activation maps (N, H, W, C) or their flattened rows (N, H*W*C)."""
+
+    family = "cached_cnn"
+    rules: ClassVar[dict[str, Rule]] = {
+        "cut": one_of(*TOP_BLOCKS),
+        "weights": Rule(lambda v: isinstance(v, str) and v != "",
+                        "'imagenet', 'none' or a weights file path"),
+        "channels": integer(1), "width": integer(0), "dropout": real(0, 1, high_open=True),
+        "learning_rate": real(0, None, low_open=True), "class_weight": CLASS_WEIGHT,
+        "flips": one_of(True, False), "tta": one_of(True, False), "epochs": integer(1),
+        "patience": integer(0), "batch_size": integer(1), "seed": integer(0)}
+
+    def __init__(self, cut: str = "resnet50_c5b2", weights: str = "imagenet",
+                 channels: int = 2048, width: int = 0, dropout: float = 0.3,
+                 learning_rate: float = 1e-4, class_weight: str = "none", flips: bool = True,
+                 tta: bool = True, epochs: int = 8, patience: int = 3, batch_size: int = 32,
+                 seed: int = 0) -> None:
+        self.cut = cut
+        self.weights = weights
+        self.channels = channels
+        self.width = width
+        self.dropout = dropout
+        self.learning_rate = learning_rate
+        self.class_weight = class_weight
+        self.flips = flips
+        self.tta = tta
+        self.epochs = epochs
+        self.patience = patience
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def _inputs(self, X: np.ndarray) -> np.ndarray:
+        """Maps (N, H, W, C) as float16 (how they are cached); flattened rows are reshaped."""
+        X = np.asarray(X)
+        if X.ndim == 2:
+            side = round((X.shape[1] / self.channels) ** 0.5)
+            if side * side * self.channels != X.shape[1]:
+                raise HeadError(f"CachedFinetuneHead takes square maps of {self.channels} "
+                                f"channels, flattened or not. Got rows of {X.shape[1]} values.")
+            X = X.reshape(len(X), side, side, self.channels)
+        if X.ndim != 4 or X.shape[-1] != self.channels:
+            raise HeadError(f"CachedFinetuneHead takes maps (N, H, W, {self.channels}). Got "
+                            f"shape {X.shape} instead.")
+        return X.astype(np.float16, copy=False)
+
+    def _proba(self, model, X: np.ndarray) -> np.ndarray:
+        views = _flips(X) if self.tta else [X]
+        return np.mean([np.asarray(model.predict(v, batch_size=128, verbose=0), np.float64)
+                        for v in views], axis=0)
+
+    def _build(self, input_shape):
+        import keras
+
+        inputs = keras.Input(shape=input_shape, dtype="float16")
+        x = keras.layers.RandomFlip("horizontal_and_vertical", seed=self.seed)(inputs) \
+            if self.flips else inputs
+        x = keras.layers.Activation("linear", dtype="float32", name="to_float32")(x)
+        for block in TOP_BLOCKS[self.cut]:
+            x = _bottleneck(x, block, self._source_layers())
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        x = keras.layers.Dropout(self.dropout)(x)
+        if self.width:
+            x = keras.layers.Dense(self.width, activation="relu")(x)
+            x = keras.layers.Dropout(self.dropout)(x)
+        outputs = keras.layers.Dense(N_CLASSES, activation="softmax", dtype="float32")(x)
+        return keras.Model(inputs, outputs, name="cached_cnn_head")
+
+    def _source_layers(self) -> dict[str, Any]:
+        """The frozen network's layers above the cut, with their (ImageNet) weights."""
+        import keras
+
+
+        spec = get_spec(self.cut)
+        keras.utils.set_random_seed(self.seed)  # weights 'none': the extractor's random ones
+        constructor = getattr(keras.applications, spec.application)
+        try:
+            base = constructor(include_top=False, weights=resolve_weights(self.weights),
+                               input_shape=(32, 32, 3))
+        except (ValueError, OSError, KeyError) as exc:
+            raise BackboneError(f"Weights {self.weights} do not fit {spec.application}: "
+                                f"{str(exc)[:300]}.") from None
+        return {layer.name: layer for layer in base.layers}
+
+
+def _bottleneck(x, block: str, source: dict[str, Any]):
+    """A copy of a ResNet bottleneck block (identity shortcut) with the source's weights; its
+    batch norms stay frozen (inference statistics), as in any small-batch fine-tune."""
+    import keras
+
+    shortcut = x
+    for suffix in BOTTLENECK:
+        old = source[block + suffix]
+        layer = type(old).from_config(old.get_config())
+        x = layer(x)
+        layer.set_weights(old.get_weights())
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    x = keras.layers.Add(name=f"{block}_add")([shortcut, x])
+    return keras.layers.Activation("relu", name=f"{block}_out")(x)
+
+
+def _flips(X: np.ndarray) -> list[np.ndarray]:
+    """The four flips of maps (N, H, W, C): as is, left-right, up-down, both."""
+    return [X, X[:, :, ::-1], X[:, ::-1], X[:, ::-1, ::-1]]
+
+
+def _space(trial: Any, cfg: SearchConfig) -> None:
+    trial.suggest_float("cached_cnn_learning_rate", 3e-5, 1e-3, log=True)
+    trial.suggest_float("cached_cnn_dropout", 0.0, 0.6)
+    trial.suggest_categorical("cached_cnn_width", [0, 256])
+    trial.suggest_categorical("cached_cnn_class_weight", ["none", "balanced"])
+
+
+def _first_point(cfg: SearchConfig) -> dict[str, Any]:
+    return {"cached_cnn_learning_rate": 1e-4, "cached_cnn_dropout": 0.3, "cached_cnn_width": 0,
+            "cached_cnn_class_weight": "none"}
+
+
+def _activations(cfg: SearchConfig) -> str:
+    return cfg.cached_cnn_features
+
+
+def extraction_weights(out: str, backbone: str) -> str:
+    """The weights the extraction used for ``backbone`` (OUT/extract_run.json), so that the
+    trained block starts from the same network that made the cached maps.
+
+    A trial runs in its own folder (on a cluster, on another machine), so a recorded relative
+    path is resolved against the extraction's working directory, and a path that is not there
+    is found by its sha256 (``--weights-dir`` folders, $DERMRAY_WEIGHTS_DIR, the Keras cache)."""
+
+
+    path = storage.join(out, "extract_run.json")
+    if not storage.is_file(path):
+        return "imagenet"
+    record = json.loads(storage.read_text(path))
+    weights = record.get("config", {}).get("weights", {}).get(backbone, "imagenet")
+    if weights.lower() in ("imagenet", "none"):
+        return weights
+    local = os.path.join(record.get("cwd", os.getcwd()), os.path.expanduser(weights))
+    if os.path.isfile(local):
+        return local
+    return find_weights(backbone, record.get("weights", {}).get(backbone, "none"),
+                        record.get("weights_names", {}).get(backbone, ""))
+
+
+def _fixed(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
+
+    cut = cfg.cached_cnn_features
+    return {"cut": cut, "channels": get_spec(cut).channels,
+            "weights": cfg.cached_cnn_weights or extraction_weights(cfg.out, cut),
+            "epochs": cfg.cached_cnn_epochs, "tta": cfg.cached_cnn_tta, "patience": 3,
+            "seed": cfg.seed}
+
+
+def _resources(cfg: SearchConfig, cluster_has_gpus: bool) -> dict[str, float]:
+    gpus = cfg.cached_cnn_gpus
+    return {"CPU": cfg.cpus_per_trial,
+            "GPU": gpus if gpus >= 0 else (0.25 if cluster_has_gpus else 0.0)}
+
+
+def _check_config(cfg: SearchConfig) -> None:
+    check(cfg.cached_cnn_features in TOP_BLOCKS, "search", "cached_cnn_features",
+          cfg.cached_cnn_features, f"one of {sorted(TOP_BLOCKS)} (an activation-map backbone)")
+    check(cfg.cached_cnn_epochs >= 1, "search", "cached_cnn_epochs", cfg.cached_cnn_epochs,
+          ">= 1")
+
+
+SPEC = register_family(FamilySpec(
+    "cached_cnn", CachedFinetuneHead, space=_space, first_point=_first_point, input=ACTIVATIONS,
+    fixed_params=_fixed, resources=_resources, iterative=True, activations=_activations,
+    config_keys=("cached_cnn_features", "cached_cnn_weights", "cached_cnn_epochs",
+                 "cached_cnn_tta", "cached_cnn_gpus"),
+    check_config=_check_config))

@@ -1,0 +1,75 @@
+"""What the two Keras heads share: training with early stopping and progress, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dermray.models.heads.base import N_CLASSES, Head, HeadError, class_weights
+
+
+class KerasHead(Head):
+    """Subclasses build ``self._build(input_shape)`` and may transform inputs in ``_inputs``."""
+
+    model_file = "head.keras"
+
+    def _build(self, input_shape: tuple[int, ...]):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _inputs(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(X, dtype=np.float32)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None, progress=None) -> KerasHead:
+        import keras
+
+        self._check_params()
+        self._check_xy(X.reshape(len(X), -1) if X.ndim > 2 else X, y)
+        keras.utils.set_random_seed(self.seed)
+        model = self._build(self._inputs(X[:1]).shape[1:])
+        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        callbacks = []
+        validation = None
+        if eval_set is not None:
+            validation = (self._inputs(eval_set[0]), np.asarray(eval_set[1]))
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=self.patience, restore_best_weights=True))
+        if progress is not None and eval_set is not None:
+            callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: progress(
+                epoch + 1, self._proba(model, validation[0]))))
+        model.fit(self._inputs(X), np.asarray(y), epochs=self.epochs, batch_size=self.batch_size,
+                  validation_data=validation, callbacks=callbacks, verbose=0,
+                  class_weight=class_weights(np.asarray(y), self.class_weight))
+        self.model_ = model
+        self._set_fitted(X)
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        self._check_fitted()
+        if len(X) == 0:
+            raise HeadError("The 'X' parameter of predict_proba must be non-empty.")
+        X = self._inputs(X)
+        self._check_n_features(X)
+        return self._proba(self.model_, X)
+
+    def _proba(self, model, X: np.ndarray) -> np.ndarray:
+        """The model's probabilities of prepared inputs (a subclass may average views)."""
+        return np.asarray(model.predict(X, batch_size=256, verbose=0), dtype=np.float64)
+
+    def save(self, directory: Path) -> None:
+        self._check_fitted()
+        directory = Path(directory)
+        self._write_params(directory)
+        self.model_.save(directory / self.model_file)
+
+    @classmethod
+    def load(cls, directory: Path) -> KerasHead:
+        import keras
+
+        head = cls(**cls._read_params(directory))
+        # safe_mode (the default) refuses to deserialise arbitrary code (Lambda layers)
+        head.model_ = keras.models.load_model(Path(directory) / cls.model_file, safe_mode=True)
+        head.classes_ = np.arange(N_CLASSES)
+        head.n_features_in_ = int(np.prod(head.model_.input_shape[1:]))
+        return head

@@ -1,0 +1,79 @@
+"""A Keras dense head on embeddings: standardisation, layers x width, dropout, class weights."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from dermray.errors import check
+from dermray.models.heads.base import CLASS_WEIGHT, N_CLASSES, Rule, integer, real
+from dermray.models.heads.keras_base import KerasHead
+from dermray.models.heads.registry import FamilySpec, register_family
+
+if TYPE_CHECKING:
+    from dermray.config import SearchConfig
+
+
+class MLPHead(KerasHead):
+    family = "mlp"
+    rules: ClassVar[dict[str, Rule]] = {"layers": integer(0), "width": integer(1), "dropout": real(0, 1, high_open=True),
+             "learning_rate": real(0, None, low_open=True), "class_weight": CLASS_WEIGHT,
+             "epochs": integer(1), "patience": integer(0), "batch_size": integer(1),
+             "seed": integer(0)}
+
+    def __init__(self, layers: int = 1, width: int = 256, dropout: float = 0.3,
+                 learning_rate: float = 1e-3, class_weight: str = "none", epochs: int = 50,
+                 patience: int = 5, batch_size: int = 64, seed: int = 0) -> None:
+        self.layers = layers
+        self.width = width
+        self.dropout = dropout
+        self.learning_rate = learning_rate
+        self.class_weight = class_weight
+        self.epochs = epochs
+        self.patience = patience
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def fit(self, X, y, eval_set=None, progress=None) -> MLPHead:
+        X = np.asarray(X, dtype=np.float32)
+        # the normalisation is a layer of the model, so the saved .keras file carries it
+        self._mean, self._var = X.mean(axis=0), X.var(axis=0) + 1e-6
+        return super().fit(X, y, eval_set, progress)
+
+    def _build(self, input_shape):
+        import keras
+
+        inputs = keras.Input(shape=input_shape)
+        x = keras.layers.Normalization(mean=self._mean, variance=self._var)(inputs)
+        for _ in range(self.layers):
+            x = keras.layers.Dense(self.width, activation="relu")(x)
+            x = keras.layers.Dropout(self.dropout)(x)
+        outputs = keras.layers.Dense(N_CLASSES, activation="softmax", dtype="float32")(x)
+        return keras.Model(inputs, outputs, name="mlp_head")
+
+
+def _space(trial: Any, cfg: SearchConfig) -> None:
+    trial.suggest_int("mlp_layers", 1, 3)
+    trial.suggest_categorical("mlp_width", [128, 256, 512, 1024])
+    trial.suggest_float("mlp_dropout", 0.0, 0.6)
+    trial.suggest_float("mlp_learning_rate", 1e-4, 3e-3, log=True)
+    trial.suggest_categorical("mlp_class_weight", ["none", "balanced"])
+
+
+def _first_point(cfg: SearchConfig) -> dict[str, Any]:
+    return {"mlp_layers": 1, "mlp_width": 256, "mlp_dropout": 0.3, "mlp_learning_rate": 1e-3,
+            "mlp_class_weight": "none"}
+
+
+def _fixed(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
+    return {"epochs": cfg.mlp_max_epochs, "patience": 5, "seed": cfg.seed}
+
+
+def _check_config(cfg: SearchConfig) -> None:
+    check(cfg.mlp_max_epochs >= 1, "search", "mlp_max_epochs", cfg.mlp_max_epochs, ">= 1")
+
+
+SPEC = register_family(FamilySpec(
+    "mlp", MLPHead, space=_space, first_point=_first_point, fixed_params=_fixed, iterative=True,
+    config_keys=("mlp_max_epochs",), check_config=_check_config))

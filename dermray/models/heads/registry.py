@@ -1,0 +1,157 @@
+"""The head-family registry, timm-style: each family registers a ``FamilySpec`` beside its class,
+and the search, selection, bundle and predict stages ask the spec instead of branching on names.
+
+A spec holds everything about a family: its head class, the input it takes, its search space and
+first point, the fixed parameters it reads from the search config, its resources per trial, its
+device parameter, and whether it reports per iteration (so that ASHA can stop it early).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dermray.errors import lookup
+from dermray.models.heads.base import Head, HeadError
+
+if TYPE_CHECKING:
+    from dermray.config import SearchConfig
+
+# what a head is fitted on: rows of backbone embeddings (a trial also picks a feature spec),
+# decoded images (uint8, N x S x S x 3) read from the manifest, or a frozen network's cached
+# activation maps (float16, N x H x W x C; OUT/activations, see dermray.models.embeddings)
+EMBEDDINGS = "embeddings"
+IMAGES = "images"
+ACTIVATIONS = "activations"
+INPUT_KINDS = (EMBEDDINGS, IMAGES, ACTIVATIONS)
+
+
+def no_fixed_params(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+def cpu_trial(cfg: SearchConfig, cluster_has_gpus: bool) -> dict[str, float]:
+    """One trial's resources for a CPU family: ``search.cpus_per_trial`` CPUs, no GPU."""
+    return {"CPU": cfg.cpus_per_trial, "GPU": 0}
+
+
+def no_device(has_gpu: bool) -> dict[str, Any]:
+    return {}
+
+
+def no_config_check(cfg: SearchConfig) -> None:
+    return None
+
+
+def all_train_images(cfg: SearchConfig) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What a head family is, for every stage that uses one.
+
+    Attributes:
+        name: the family name; its search parameters are prefixed ``<name>_``.
+        head_class: the class (scikit-learn contract, plus ``save`` / ``load``).
+        space: ``space(trial, cfg)`` suggests the family's parameters on an Optuna trial
+            (define-by-run), each named ``<name>_<constructor argument>``.
+        first_point: ``first_point(cfg)``: the family's sensible first trial (same keys).
+        input: ``embeddings`` or ``images`` (see ``INPUT_KINDS``).
+        fixed_params: ``fixed_params(cfg, params)``: constructor arguments taken from the search
+            config rather than searched (epochs, estimators, seed, ...).
+        resources: ``resources(cfg, cluster_has_gpus)``: ``{"CPU": n, "GPU": g}`` per trial.
+        device_params: ``device_params(has_gpu)``: constructor arguments that choose the device,
+            given whether the trial holds a GPU (heads never ask Ray themselves).
+        iterative: reports validation metrics per iteration (epochs, boosting rounds).
+        config_keys: the search-config keys only this family reads.
+        check_config: validates those keys when the search config is loaded.
+        image_size: for ``images`` families, the input size from the config.
+        max_train_images: for ``images`` families, how many train images to use (0: all).
+        activations: for ``activations`` families, ``activations(cfg)``: the activation-map
+            backbone (``resnet50_c5b2``) whose cached maps the family trains on.
+    """
+
+    name: str
+    head_class: type[Head]
+    space: Callable[[Any, SearchConfig], None]
+    first_point: Callable[[SearchConfig], dict[str, Any]]
+    input: str = EMBEDDINGS
+    fixed_params: Callable[[SearchConfig, dict[str, Any]], dict[str, Any]] = no_fixed_params
+    resources: Callable[[SearchConfig, bool], dict[str, float]] = cpu_trial
+    device_params: Callable[[bool], dict[str, Any]] = no_device
+    iterative: bool = False
+    config_keys: tuple[str, ...] = ()
+    check_config: Callable[[SearchConfig], None] = no_config_check
+    image_size: Callable[[SearchConfig], int] | None = None
+    max_train_images: Callable[[SearchConfig], int] = all_train_images
+    activations: Callable[[SearchConfig], str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.input not in INPUT_KINDS:
+            raise HeadError(f"The 'input' of family {self.name!r} must be one of "
+                            f"{', '.join(INPUT_KINDS)}. Got {self.input!r} instead.")
+        if self.input == IMAGES and self.image_size is None:
+            raise HeadError(f"Family {self.name!r} takes images: give its spec an image_size.")
+        if self.input == ACTIVATIONS and self.activations is None:
+            raise HeadError(f"Family {self.name!r} takes activations: give its spec an "
+                            "activations function (which backbone's maps).")
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}_"
+
+    def params_of(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A trial config's searched parameters, still prefixed (as trials.csv shows them)."""
+        return {k: v for k, v in config.items() if k.startswith(self.prefix)}
+
+    def head_params(self, config: dict[str, Any], cfg: SearchConfig,
+                    has_gpu: bool = False) -> dict[str, Any]:
+        """A trial's config -> the head's constructor arguments (fixed ones and device added)."""
+        params = {k[len(self.prefix):]: v for k, v in self.params_of(config).items()}
+        params.update(self.fixed_params(cfg, params))
+        params.update(self.device_params(has_gpu))
+        return params
+
+    def features_of(self, config: dict[str, Any]) -> str:
+        """What a trial fitted on: its feature spec (an activation-map backbone for an
+        ``activations`` family), or ``images``."""
+        return IMAGES if self.input == IMAGES else str(config.get("features", ""))
+
+    def input_key(self, cfg: SearchConfig) -> list[str]:
+        """The inputs this family's trials may fit on: the feature specs, ``images``, or its
+        activation-map backbone."""
+        if self.input == IMAGES:
+            return [IMAGES]
+        if self.input == ACTIVATIONS:
+            assert self.activations is not None
+            return [self.activations(cfg)]
+        return list(cfg.features)
+
+
+FAMILY_SPECS: dict[str, FamilySpec] = {}
+
+
+def register_family(spec: FamilySpec) -> FamilySpec:
+    """Add (or replace) a family; returns the spec, so a module can keep it."""
+    FAMILY_SPECS[spec.name] = spec
+    return spec
+
+
+def unregister_family(name: str) -> None:
+    FAMILY_SPECS.pop(name, None)
+
+
+def families() -> tuple[str, ...]:
+    """The registered family names, in registration order."""
+    return tuple(FAMILY_SPECS)
+
+
+def get_family(name: str) -> FamilySpec:
+    return lookup(FAMILY_SPECS, name, "head family", "families", HeadError)
+
+
+def param_prefixes() -> tuple[str, ...]:
+    """Every registered family's parameter prefix (``logistic_``, ...)."""
+    return tuple(spec.prefix for spec in FAMILY_SPECS.values())

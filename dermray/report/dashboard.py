@@ -1,0 +1,300 @@
+"""``dermray report OUT``: OUT/report.html, one self-contained page (no network, no external
+files) with every trial (sortable), the best per family, the winner's test metrics and confusion
+matrix, and plots of val accuracy by family and over time.
+
+While a search runs (no metrics.json yet) the page is built from the Tune experiment's own files
+as they are (each trial's params.json and result.json, the latest experiment_state for trial
+statuses) and marked PARTIAL: the trials so far, the best per family so far, no test metrics."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dermray.errors import DermrayError
+from dermray.io import storage
+from dermray.models.heads import FAMILY_SPECS, param_prefixes
+from dermray.report.embedding_map import html_section
+from dermray.report.evaluate import plot_confusion
+
+SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach(function (th, col) {
+  th.addEventListener('click', function () {
+    var table = th.closest('table'), body = table.tBodies[0];
+    var rows = Array.from(body.rows), asc = th.dataset.dir !== 'asc';
+    rows.sort(function (a, b) {
+      var x = a.cells[col].dataset.v || a.cells[col].textContent;
+      var y = b.cells[col].dataset.v || b.cells[col].textContent;
+      var nx = parseFloat(x), ny = parseFloat(y);
+      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+      return asc ? c : -c;
+    });
+    table.querySelectorAll('th').forEach(function (h) { delete h.dataset.dir; });
+    th.dataset.dir = asc ? 'asc' : 'desc';
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
+"""
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; }
+th { background: #eef; cursor: pointer; user-select: none; }
+th[data-dir=asc]::after { content: ' \\25B2'; } th[data-dir=desc]::after { content: ' \\25BC'; }
+tr.winner td { background: #efe; font-weight: bold; }
+td.params { font-family: monospace; font-size: 11px; max-width: 40em; }
+img { max-width: 48%; margin-right: 1%; }
+.partial { background: #fff3cd; border: 2px solid #e0a800; padding: 0.8em 1.2em; font-size: 15px; }
+"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(trials: pd.DataFrame) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    fams = sorted(trials["family"].unique())
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, fam in enumerate(fams):
+        vals = trials.loc[trials["family"] == fam, "val_accuracy"].dropna()
+        ax.scatter(np.full(len(vals), i) + np.linspace(-0.15, 0.15, len(vals)), vals, s=25)
+    ax.set_xticks(range(len(fams)), fams)
+    ax.set_ylabel("val accuracy")
+    ax.set_title("val accuracy by family")
+    out["by_family"] = _png(fig)
+    plt.close(fig)
+    order = trials.sort_values("ended_at") if "ended_at" in trials else trials
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    acc = order["val_accuracy"].fillna(0).to_numpy()
+    ax.plot(range(1, len(acc) + 1), acc, "o", label="trial")
+    ax.plot(range(1, len(acc) + 1), np.maximum.accumulate(acc), "-", label="best so far")
+    ax.set_xlabel("trial (in order of completion)")
+    ax.set_ylabel("val accuracy")
+    ax.set_title("val accuracy over time")
+    ax.legend()
+    out["over_time"] = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def _table(frame: pd.DataFrame, table_id: str, highlight: str | None = None) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    rows = []
+    for _, row in frame.iterrows():
+        cells = []
+        for col, value in row.items():
+            if isinstance(value, float):
+                text = "" if np.isnan(value) else f"{value:.4f}"
+                cells.append(f'<td data-v="{value}">{text}</td>')
+            else:
+                cls = ' class="params"' if col == "params" else ""
+                cells.append(f"<td{cls}>{html.escape(str(value))}</td>")
+        mark = ' class="winner"' if highlight and row.get("trial_id") == highlight else ""
+        rows.append(f"<tr{mark}>{''.join(cells)}</tr>")
+    return (f'<table id="{table_id}" class="sortable"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def policy_section(policies: dict[str, Any] | None) -> str:
+    """The winner's operating points on test (chosen on validation), with calibration."""
+    if not policies:
+        return ""
+    test = policies["test"]
+    frame = pd.DataFrame([{"policy": name, "accuracy": m["accuracy"],
+                           "balanced_accuracy": m["balanced_accuracy"],
+                           "melanoma_sensitivity": m["melanoma_sensitivity"],
+                           "melanoma_specificity": m["melanoma_specificity"],
+                           **{f"recall_{c}": r for c, r in m["recall"].items()}}
+                          for name, m in test["policies"].items()]).fillna(np.nan)
+    return (f"<h2>Operating points (chosen on validation; test)</h2>{_table(frame, 'policies')}"
+            f"<p>Expected calibration error on test: {test['ece_before']:.3f} before "
+            f"temperature scaling, {test['ece_after']:.3f} after. <code>dermray predict "
+            f"--policy NAME</code> applies one.</p>")
+
+
+TRIAL_COLUMNS = ("trial_id", "family", "features", "val_accuracy", "val_balanced_accuracy",
+                 "val_macro_f1", "val_log_loss", "iterations", "time_total_s", "status", "params")
+
+
+def _trial_statuses(experiment: str) -> dict[str, str]:
+    """trial id -> Tune's status (RUNNING, PENDING, TERMINATED, ERROR), from the newest
+    experiment_state file (Tune rewrites it as the search goes); empty if there is none yet."""
+    states = storage.list_files(experiment, suffix=".json")
+    states = [s for s in states if s.rsplit("/", 1)[-1].startswith("experiment_state-")]
+    if not states:
+        return {}
+    try:
+        data = json.loads(storage.read_text(max(states)))
+        trials = [json.loads(t[0]) for t in data.get("trial_data", [])]
+        return {t["trial_id"]: str(t.get("status", "")) for t in trials}
+    except (ValueError, KeyError, IndexError, TypeError):  # caught mid-write: no statuses
+        return {}
+
+
+def live_trials(out: str) -> pd.DataFrame:
+    """The trials of the Tune experiment(s) under OUT/tune so far, one row each, read from the
+    trial folders as they are: params.json (the config) and result.json (one line per result;
+    the last complete line counts). ``status``: done (its final result is in), stopped early,
+    running, error, or pending."""
+
+    prefixes = param_prefixes()
+    rows = []
+    tune_dir = storage.join(out, "tune")
+    results = storage.list_files(tune_dir, suffix="/result.json")
+    statuses: dict[str, str] = {}
+    for experiment in sorted({r.rsplit("/", 2)[0] for r in results}):
+        statuses.update(_trial_statuses(experiment))
+    for path in results:
+        folder = path.rsplit("/", 1)[0]
+        lines = [ln for ln in storage.read_text(path).splitlines() if ln.strip()]
+        last: dict[str, Any] = {}
+        for line in reversed(lines):
+            try:  # the last line may be half-written
+                last = json.loads(line)
+                break
+            except ValueError:
+                continue
+        params_path = storage.join(folder, "params.json")
+        config = (json.loads(storage.read_text(params_path)) if storage.is_file(params_path)
+                  else last.get("config", {}))
+        trial_id = last.get("trial_id") or folder.rsplit("/", 1)[-1].split("_")[2]
+        state = statuses.get(trial_id, "")
+        if state == "ERROR":
+            status = "error"
+        elif last.get("final"):
+            status = "done"
+        elif state == "TERMINATED":
+            status = "stopped early"
+        else:
+            status = "running" if state in ("RUNNING", "") else state.lower()
+        family = config.get("family", "")
+        spec = FAMILY_SPECS.get(family)  # what it fitted on: a feature spec, or images
+        rows.append({
+            "trial_id": trial_id, "family": family,
+            "features": spec.features_of(config) if spec else config.get("features", ""),
+            **{k: last.get(k, np.nan) for k in TRIAL_COLUMNS[3:7]},
+            "iterations": last.get("training_iteration", 0),
+            "time_total_s": last.get("time_total_s", np.nan),
+            "status": status, "ended_at": last.get("timestamp", np.nan),
+            "params": json.dumps({k: v for k, v in config.items() if k.startswith(prefixes)},
+                                 sort_keys=True),
+        })
+    seen = {r["trial_id"] for r in rows}
+    for trial_id, state in statuses.items():  # trials Tune created that have no result yet
+        if trial_id not in seen:
+            rows.append({"trial_id": trial_id, "status": state.lower(), "iterations": 0})
+    frame = pd.DataFrame(rows, columns=[*TRIAL_COLUMNS, "ended_at"])
+    for col in TRIAL_COLUMNS[3:7]:
+        frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    frame[["family", "features", "params"]] = frame[["family", "features", "params"]].fillna("")
+    return frame.sort_values("val_accuracy", ascending=False, na_position="last",
+                             ignore_index=True)
+
+
+def partial_page(out: str, trials: pd.DataFrame) -> str:
+    """The page of a search still running: a PARTIAL banner, the trials so far, plots, the best
+    trial per family so far. Nothing is scored on test until the search has ended."""
+    counts = trials["status"].value_counts().to_dict()
+    scored = trials[trials["val_accuracy"].notna()]
+    best = (scored.sort_values("val_accuracy", ascending=False).groupby("family", sort=False)
+            .head(1)[["family", "features", "trial_id", "val_accuracy", "val_balanced_accuracy",
+                      "status"]] if len(scored) else pd.DataFrame())
+    lead = (f"Best so far: <b>{html.escape(str(scored.iloc[0]['family']))}</b> on "
+            f"<code>{html.escape(str(scored.iloc[0]['features']))}</code>, val accuracy "
+            f"{scored.iloc[0]['val_accuracy']:.4f} (trial "
+            f"{html.escape(str(scored.iloc[0]['trial_id']))})." if len(scored) else
+            "No trial has reported yet.")
+    figs = plots(scored) if len(scored) else {}
+    images = "".join(f'<img alt="{html.escape(k)}" src="{v}">' for k, v in figs.items())
+    made = pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%d %H:%M:%S UTC")
+    summary = ", ".join(f"{n} {html.escape(str(s))}" for s, n in sorted(counts.items()))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>dermray: Tune results (PARTIAL)</title>
+<style>{CSS}</style></head>
+<body>
+<h1>dermray: Tune results &mdash; PARTIAL</h1>
+<div class="partial" id="partial"><b>PARTIAL: the search has not finished.</b> This page shows the
+{len(trials)} trials so far ({summary}), read from the Tune experiment under
+<code>{html.escape(storage.display(storage.join(out, "tune")))}</code> at {made}. No winner is
+chosen and nothing is scored on test until the search ends. Run <code>dermray report
+{html.escape(storage.display(out))}</code> again for newer figures.</div>
+<p>{lead}</p>
+<h2>Plots (trials so far)</h2>
+{images}
+<h2>Best trial per family so far (validation)</h2>
+{_table(best, "best") if len(best) else "<p>none yet</p>"}
+<h2>Trials so far (click a header to sort)</h2>
+{_table(trials[list(TRIAL_COLUMNS)], "trials")}
+<script>{SORT_JS}</script>
+</body></html>
+"""
+
+
+def write_dashboard(out: str) -> str:
+    """Write OUT/report.html (OUT: a folder or an s3:// URI); returns its path. Before the
+    search has ended (no metrics.json yet) the page is the partial one, from Tune's files."""
+    trials_uri, metrics_uri = storage.join(out, "trials.csv"), storage.join(out, "metrics.json")
+    if not storage.is_file(trials_uri) or not storage.is_file(metrics_uri):
+        live = live_trials(out)
+        if live.empty:
+            raise DermrayError(f"{storage.display(out)} has no trials.csv / metrics.json and no "
+                               "Tune trials under OUT/tune yet; run `dermray run` or `dermray "
+                               "search` with --out there first.")
+        return storage.write_text(storage.join(out, "report.html"), partial_page(out, live))
+    trials = pd.read_csv(io.BytesIO(storage.read_bytes(trials_uri)))
+    result: dict[str, Any] = json.loads(storage.read_text(metrics_uri))
+    shown = trials[[c for c in ("trial_id", "family", "features", "val_accuracy",
+                                "val_balanced_accuracy", "val_macro_f1", "val_log_loss",
+                                "iterations", "time_total_s", "status", "params")
+                    if c in trials.columns]]
+    best = pd.DataFrame([{"family": fam, "features": b["features"],
+                          "val_accuracy": b["val"]["accuracy"],
+                          "test_accuracy": b["test"]["accuracy"],
+                          "test_balanced_accuracy": b["test"]["balanced_accuracy"],
+                          "test_macro_f1": b["test"]["macro_f1"]}
+                         for fam, b in result.get("best_per_family", {}).items()])
+    test = result["test"]
+    per_class = pd.DataFrame([{"class": c, **{k: (v if v is not None else np.nan)
+                                              for k, v in m.items()}}
+                              for c, m in test["per_class"].items()])
+
+    png = plot_confusion(test["confusion_matrix"], "winner, test")
+    cm = "data:image/png;base64," + base64.b64encode(png).decode()
+    figs = plots(trials)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>dermray: Tune results</title><style>{CSS}</style></head>
+<body>
+<h1>dermray: Tune results</h1>
+<p>{len(trials)} trials. Winner (highest validation accuracy): <b>{html.escape(result['family'])}</b>
+on <code>{html.escape(result['features'])}</code>, trial {html.escape(str(result['trial_id']))}.
+Test (scored once, after selection): accuracy {test['accuracy']:.4f}, balanced accuracy
+{test['balanced_accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['n']} images.</p>
+<h2>Plots</h2>
+<img alt="val accuracy by family" src="{figs['by_family']}"><img alt="val accuracy over time" src="{figs['over_time']}">
+<h2>Best trial per family</h2>
+{_table(best, "best")}
+<h2>Winner: test metrics per class</h2>
+{_table(per_class, "per-class")}
+{policy_section(result.get("policies"))}
+<img alt="confusion matrix" src="{cm}">
+{html_section(out, result['features'])}
+<h2>All trials (click a header to sort)</h2>
+{_table(shown, "trials", highlight=str(result['trial_id']))}
+<script>{SORT_JS}</script>
+</body></html>
+"""
+    return storage.write_text(storage.join(out, "report.html"), page)

@@ -1,0 +1,362 @@
+"""The extraction job: manifest -> views -> decode+augment (CPU tasks) -> frozen backbones (actor
+pool, one GPU per actor on a cluster) -> Parquet part files, with quarantine and resume.
+
+The pure pieces live beside their data: ``augment.decode_batch`` (decode + augment a batch of
+views) and ``backbones.FrozenExtractor`` (the models; one batch in, embeddings out). This module
+is the Ray Data wiring: the ``Embedder`` actor around the extractor (with the fault hook and the
+actor/node record), ``write_batch`` (part files and quarantine), resume and reconciliation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from dermray.config import ExtractConfig, config_to_dict
+from dermray.data.augment import decode_batch, plan_views
+from dermray.data.catalog import frame_hash, read_manifest
+from dermray.errors import DermrayError
+from dermray.io import faults, storage
+from dermray.io.fingerprint import claim, make, versions
+from dermray.models.backbones import FrozenExtractor, limit_threads, weights_identity, weights_name
+from dermray.models.embeddings import (
+    backbone_dir,
+    content_name,
+    dataset,
+    quarantine_dir,
+    read_keys,
+    repair_duplicates,
+    to_table,
+)
+from dermray.stages.progress import ExtractProgress
+from dermray.stages.raysession import ensure_ray, joined_cluster
+
+logger = logging.getLogger(__name__)
+
+PLAN_COLUMNS = ["image_id", "lesion_id", "dx", "label", "split", "path", "age", "sex",
+                "localization", "aug_index"]
+# test hook: when set, the first Embedder call in the whole run kills its actor process once
+FAULT_ONCE_ENV = "DERMRAY_TEST_KILL_ACTOR_ONCE"
+
+
+class Embedder:
+    """The Ray Data actor: a ``FrozenExtractor`` built once per actor, the fault hook, and the
+    record of which actor on which node embedded each view; writes the part files itself when
+    given ``out``.
+
+    TensorFlow is imported here, inside the actor, after its thread count is set.
+    """
+
+    def __init__(self, backbones: list[str], weights: dict[str, str], image_size: int,
+                 batch_size: int, jit_compile: bool = True, threads: int = 0,
+                 mixed_precision: bool = False, out: str | None = None, seed: int = 0) -> None:
+        if threads:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            limit_threads(threads)
+        self.extractor = FrozenExtractor(backbones, weights, image_size, batch_size,
+                                         jit_compile=jit_compile,
+                                         mixed_precision=mixed_precision, seed=seed)
+        self.backbones = list(backbones)
+        self.out = out  # where to write part files; None: return the embeddings instead
+        self.where = _where()
+
+    def _maybe_fault(self) -> None:
+        marker = os.environ.get(FAULT_ONCE_ENV)
+        if marker and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os._exit(1)  # simulate a crashed actor: Ray restarts it and retries the batch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._maybe_fault()
+        ok = np.asarray([not e for e in batch["error"]])
+        out = {k: v for k, v in batch.items() if k != "image"}
+        needed = {name: ok & np.asarray(batch.get(f"need_{name}", np.ones(len(ok), bool)),
+                                        dtype=bool)
+                  for name in self.backbones}
+        for name, emb in self.extractor.embed_rows(batch["image"], needed).items():
+            out[f"emb_{name}"] = emb
+        for key, value in self.where.items():  # which actor on which node embedded each view
+            out[key] = np.full(len(ok), value, dtype=object)
+        if self.out is not None:
+            # writing here (milliseconds per batch) keeps the embeddings out of the object store
+            # and needs no CPU slot of its own, which a 2-core laptop does not have to spare
+            return write_batch(out, self.out, self.backbones)
+        return out
+
+
+WHERE_COLUMNS = ("actor_id", "node_id", "gpu_ids")
+
+
+def _where() -> dict[str, str]:
+    """This process's Ray actor id, node id and GPU ids ("local" outside an actor)."""
+    where = {"actor_id": f"local-{os.getpid()}", "node_id": "local", "gpu_ids": ""}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            where = {"actor_id": ctx.get_actor_id() or where["actor_id"],
+                     "node_id": ctx.get_node_id(),
+                     "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids())}
+    except Exception:
+        logger.debug("no Ray runtime context", exc_info=True)
+    return where
+
+
+def write_batch(batch: dict[str, np.ndarray], out: str, backbones: list[str]) -> dict[str, np.ndarray]:
+    """Write a batch's embeddings (one part file per backbone and split) and its quarantined
+    views; return one summary row per file written, and one for the batch (which actor on which
+    node embedded how many views)."""
+    frame = pd.DataFrame({k: list(v) if np.ndim(v) > 1 else v for k, v in batch.items()
+                          if not k.startswith("emb_")})
+    bad = frame["error"].astype(bool).to_numpy()
+    where = {k: str(frame[k].iloc[0]) if k in frame and len(frame) else "" for k in WHERE_COLUMNS}
+    written: list[dict[str, Any]] = [{"kind": "batch", "backbone": "", "split": "",
+                                      "rows": len(frame), **where}]
+    if bad.any():
+        rows = frame.loc[bad, ["image_id", "aug_index", "split", "path", "error"]]
+        rows = rows.rename(columns={"error": "reason"})
+
+        storage.write_parquet(
+            pa.Table.from_pandas(rows.astype({"aug_index": "int32"}), preserve_index=False),
+            storage.join(quarantine_dir(out), content_name(rows)))
+        written.append({"kind": "quarantine", "backbone": "", "split": "", "rows": len(rows),
+                        **where})
+    for name in backbones:
+        need = ~bad & frame.get(f"need_{name}", pd.Series(True, index=frame.index)).astype(bool)
+        for split, idx in frame[need].groupby("split").groups.items():
+            rows = frame.loc[idx]
+            table = to_table(rows, batch[f"emb_{name}"][np.asarray(idx)], name)
+            storage.write_parquet(table, storage.join(backbone_dir(out, name), f"split={split}",
+                                                      content_name(rows)))
+            written.append({"kind": "embeddings", "backbone": name, "split": split,
+                            "rows": len(rows), **where})
+    return {k: np.asarray([w[k] for w in written], dtype=object if k != "rows" else np.int64)
+            for k in written[0]}
+
+
+def done_keys(folder: str) -> set[tuple[str, int]]:
+    """The (image_id, aug_index) views already written under a folder of part files."""
+    keys = read_keys(folder)
+    return set(zip(keys["image_id"], keys["aug_index"].astype(int)))
+
+
+def pending_views(plan: pd.DataFrame, out: str, backbones: list[str]) -> pd.DataFrame:
+    """The views still to do, with a ``need_<backbone>`` flag per backbone (resume)."""
+    keys = list(zip(plan["image_id"], plan["aug_index"].astype(int)))
+    quarantined = done_keys(quarantine_dir(out))
+    pending = plan.copy()
+    for name in backbones:
+        done = done_keys(backbone_dir(out, name)) | quarantined
+        pending[f"need_{name}"] = [k not in done for k in keys]
+    need_any = pending[[f"need_{n}" for n in backbones]].any(axis=1)
+    return pending[need_any].reset_index(drop=True)
+
+
+
+def actor_layout(cfg: ExtractConfig) -> dict[str, Any]:
+    """The embedding actor pool, with which resources, from the config and the cluster.
+
+    On GPUs the pool autoscales between the actors that fit on the GPUs present now (at least
+    one) and ``max_actors``. It asks for all ``max_actors`` at once (``initial_size``): their
+    pending GPU demand is what makes the cluster autoscaler add GPU nodes in one round, and the
+    actors that get a GPU start working without waiting for the others. (Growing from one actor
+    instead, Ray Data asks for the next GPU only once it has throughput figures: measured on the
+    fake multi-node cluster, a run of a few hundred views ended before a second node came.)
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    num_gpus = cfg.num_gpus_per_actor or (1.0 if gpus else 0.0)
+    if num_gpus and not gpus and not joined_cluster():
+        # nothing would ever bring a GPU: the actors would wait forever
+        raise DermrayError(
+            f"extract.num_gpus_per_actor is {cfg.num_gpus_per_actor} but this local Ray has no "
+            "GPU and no autoscaler to add one. Set extract.num_gpus_per_actor: 0 to embed on "
+            "the CPU, or submit the job to a GPU cluster (`ray job submit`, RAY_ADDRESS).")
+    if cfg.num_actors:
+        min_size = max_size = initial = cfg.num_actors
+    elif num_gpus:
+        min_size = max(1, int(gpus / num_gpus))
+        max_size = initial = max(min_size, cfg.max_actors)
+    else:
+        # CPU only: one actor per node, leaving the rest of the CPUs to decode tasks
+        min_size = initial = max(1, nodes)
+        max_size = max(min_size, cfg.max_actors)
+    threads = cfg.threads_per_actor or (0 if num_gpus else (os.cpu_count() or 1))
+    if cfg.write_from != "auto":
+        writer = cfg.write_from
+    else:  # a local OUT on a multi-node cluster exists only on the head: the driver writes it
+        writer = "driver" if nodes > 1 and not storage.is_remote(cfg.out) else "actors"
+    return {"min_size": min_size, "max_size": max_size, "initial_size": initial,
+            "num_gpus": num_gpus,
+            "num_cpus": cfg.cpus_per_actor, "threads": threads, "writer": writer}
+
+
+def actor_summary(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """Views embedded per actor (with its node and GPUs), from the batch summary rows."""
+    if rows.empty:
+        return []
+    grouped = rows.groupby(list(WHERE_COLUMNS), as_index=False)["rows"].sum()
+    return [{"actor_id": r.actor_id, "node_id": r.node_id, "gpu_ids": r.gpu_ids,
+             "views": int(r.rows)} for r in grouped.itertuples()]
+
+
+def _library_versions() -> dict[str, str]:
+
+    return {"python": platform.python_version(),
+            **versions(("ray", "keras", "tensorflow", "tensorflow-cpu", "numpy", "pyarrow",
+                        "pillow"))}
+
+
+def consolidate_quarantine(out: str) -> pd.DataFrame:
+    """Gather the quarantine part files into ``OUT/quarantine.parquet`` (always written)."""
+    ds = dataset(quarantine_dir(out))
+    columns = ["image_id", "aug_index", "split", "path", "reason"]
+    frame = ds.to_table(columns=columns).to_pandas() if ds else pd.DataFrame(columns=columns)
+    frame = frame.drop_duplicates(["image_id", "aug_index"]).sort_values(["image_id", "aug_index"])
+
+    storage.write_parquet(pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False),
+                          storage.join(out, "quarantine.parquet"))
+    return frame
+
+
+def reconcile(plan: pd.DataFrame, out: str, backbones: list[str],
+              quarantine: pd.DataFrame) -> dict[str, Any]:
+    """Check views planned = rows written + views quarantined, per backbone, no duplicates."""
+    counts: dict[str, Any] = {}
+    for name in backbones:
+        ds = dataset(backbone_dir(out, name))
+        frame = (ds.to_table(columns=["image_id", "aug_index", "split", "dx"]).to_pandas()
+                 if ds else pd.DataFrame(columns=["image_id", "aug_index", "split", "dx"]))
+        dups = int(frame.duplicated(["image_id", "aug_index"]).sum())
+        if dups or len(frame) + len(quarantine) != len(plan):
+            raise DermrayError(
+                f"Counts do not reconcile for {name}: planned {len(plan)} views, written "
+                f"{len(frame)} ({dups} duplicates), quarantined {len(quarantine)}. Rerun "
+                "`dermray extract` to fill the gaps.")
+        counts[name] = {
+            "rows": len(frame),
+            "per_split": {k: int(v) for k, v in frame["split"].value_counts().sort_index().items()},
+            "per_class": {k: int(v) for k, v in frame["dx"].value_counts().sort_index().items()},
+        }
+    return counts
+
+
+# the settings that change which views are made and what their rows hold (not the Ray layout)
+OUTPUT_SETTINGS = ("image_size", "augment", "target_per_class", "max_views_per_image",
+                   "tta_views", "seed", "mixed_precision")
+# the libraries whose versions change the numbers (decoding, resizing, the networks)
+OUTPUT_PACKAGES = ("keras", "tensorflow", "tensorflow-cpu", "numpy", "pillow")
+
+
+def claim_outputs(cfg: ExtractConfig, manifest: pd.DataFrame, identities: dict[str, str],
+                  fresh: bool) -> None:
+    """Each backbone's folder (and the quarantine) is the output of exactly these settings, this
+    manifest and that backbone's weights: a rerun with anything else is refused, or with
+    ``fresh`` starts that folder over (see dermray.io.fingerprint)."""
+
+    settings = {k: getattr(cfg, k) for k in OUTPUT_SETTINGS}
+    inputs = {"manifest": frame_hash(manifest)}
+    claim(quarantine_dir(cfg.out), "extract", make("extract", settings, inputs, OUTPUT_PACKAGES),
+          fresh)
+    for name in cfg.backbones:
+        claim(backbone_dir(cfg.out, name), "extract",
+              make("extract", {**settings, "backbone": name},
+                   {**inputs, "weights": identities[name]}, OUTPUT_PACKAGES), fresh)
+
+
+def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
+    """Plan, run the Ray Data job over the pending views, reconcile, write the run record."""
+    import ray
+
+    start = time.perf_counter()
+    if not cfg.manifest:
+        raise DermrayError("extract.manifest is not set: pass --manifest OUT/manifest.parquet.")
+    manifest = read_manifest(cfg.manifest)
+    plan = plan_views(manifest, augment=cfg.augment, target_per_class=cfg.target_per_class,
+                      max_views_per_image=cfg.max_views_per_image, tta_views=cfg.tta_views,
+                      seed=cfg.seed)[PLAN_COLUMNS]
+    backbones = list(cfg.backbones)
+    identities = {b: weights_identity(cfg.weights_for(b), b) for b in backbones}  # fails early
+    claim_outputs(cfg, manifest, identities, fresh)
+    # views written twice by two runs of an older version at once: keep one of each
+    repaired = {name: repair_duplicates(backbone_dir(cfg.out, name)) for name in backbones}
+    repaired = {name: n for name, n in repaired.items() if n}
+    if repaired:
+        logger.warning("extract: removed duplicate views %s", repaired)
+    pending = pending_views(plan, cfg.out, backbones)
+    logger.info("extract: %d views planned, %d pending", len(plan), len(pending))
+    files_written = 0
+    layout: dict[str, Any] = {}
+    actors: list[dict[str, Any]] = []
+    if len(pending):
+        ensure_ray()
+        layout = actor_layout(cfg)
+        blocks = max(1, min(len(pending) // max(cfg.decode_batch_size, 1), 200))
+        ds = ray.data.from_pandas(pending).repartition(blocks)
+        ds = ds.map_batches(decode_batch, batch_size=cfg.decode_batch_size, num_cpus=1,
+                            fn_kwargs={"image_size": cfg.image_size, "seed": cfg.seed})
+        ds = ds.map_batches(
+            Embedder, batch_size=cfg.batch_size, num_cpus=layout["num_cpus"],
+            num_gpus=layout["num_gpus"] or None,
+            compute=ray.data.ActorPoolStrategy(min_size=layout["min_size"],
+                                               max_size=layout["max_size"],
+                                               initial_size=layout["initial_size"]),
+            fn_constructor_kwargs={
+                "backbones": backbones, "weights": {b: cfg.weights_for(b) for b in backbones},
+                "image_size": cfg.image_size, "batch_size": cfg.batch_size,
+                "jit_compile": cfg.jit_compile, "threads": layout["threads"],
+                "mixed_precision": cfg.mixed_precision, "seed": cfg.seed,
+                "out": str(cfg.out) if layout["writer"] == "actors" else None,
+            },
+        )
+        bar = ExtractProgress(len(pending), done_before=len(plan) - len(pending))
+        parts = []
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            # the actors wrote the files and return summary rows; with writer "driver" (a local
+            # OUT on several nodes) the embeddings come back here and the driver writes them
+            part = pd.DataFrame(batch if layout["writer"] == "actors"
+                                else write_batch(batch, str(cfg.out), backbones))
+            bar.update_from_summary(part)
+            parts.append(part)
+            faults.point("extract")
+        bar.close()
+        summary = pd.concat(parts, ignore_index=True)
+        files_written = int((summary["kind"] != "batch").sum())
+        actors = actor_summary(summary[summary["kind"] == "batch"])
+    quarantine = consolidate_quarantine(cfg.out)
+    counts = reconcile(plan, cfg.out, backbones, quarantine)
+    wall = time.perf_counter() - start
+    record = {
+        "config": config_to_dict(cfg),
+        "versions": _library_versions(),
+        "weights": identities,
+        "weights_names": {b: weights_name(cfg.weights_for(b), b) for b in backbones},
+        "cwd": os.getcwd(),  # what relative weights paths above are relative to
+        "views_planned": len(plan),
+        "views_pending_at_start": len(pending),
+        "rows": counts,
+        "quarantined": len(quarantine),
+        "duplicates_removed": repaired,
+        "quarantined_images": int(quarantine["image_id"].nunique()) if len(quarantine) else 0,
+        "files_written": files_written,
+        "actor_layout": layout,
+        "actors": actors,
+        "wall_s": round(wall, 2),
+        "images_per_s": round(len(pending) / wall, 2) if len(pending) else None,
+        "embeddings": storage.join(cfg.out, "embeddings"),
+    }
+    storage.write_text(storage.join(cfg.out, "extract_run.json"), json.dumps(record, indent=2))
+    return record

@@ -1,0 +1,132 @@
+"""The stages chained: validate -> split -> extract -> search -> evaluate -> export.
+
+Each ``run_*`` takes its stage's config and returns what it wrote; ``run_pipeline`` reads one
+YAML file and runs every stage whose section it has, under one output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dermray.config import DataConfig, config_to_dict, load_section, read_yaml
+from dermray.data.catalog import (
+    build_catalog,
+    build_manifest,
+    frame_hash,
+    manifest_meta,
+    read_manifest,
+    write_manifest,
+)
+from dermray.data.synth import METADATA_NAME, write_synth_dataset
+from dermray.io import fingerprint, storage
+from dermray.stages.extract import run_extract
+from dermray.stages.search import run_search, storage_path
+from dermray.stages.select import finish
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_data(cfg: DataConfig) -> DataConfig:
+    """With no metadata but ``synth_n``, write the synthetic dataset first (once, under
+    OUT/synthetic, uploaded there when OUT is s3://) and use it."""
+    if cfg.metadata:
+        return cfg
+
+    dest = storage.join(cfg.out, "synthetic")
+    metadata = storage.join(dest, METADATA_NAME)
+    if not storage.is_file(metadata):
+        # the metadata last: its presence means that the images are all there
+        with storage.staged(dest, last=METADATA_NAME) as local:
+            write_synth_dataset(local, n=cfg.synth_n, seed=cfg.seed)
+    if not storage.is_remote(dest):
+        metadata, dest = str(Path(metadata)), str(Path(dest))
+    return dataclasses.replace(cfg, metadata=metadata, images=(dest,))
+
+
+def run_split(cfg: DataConfig, fresh: bool = False) -> tuple[str, pd.DataFrame]:
+    """Validate the catalog and write the lesion-grouped split to OUT/manifest.parquet.
+
+    A manifest already in OUT from another catalog or split settings is refused (``fresh``:
+    replaced), so that the stages after it never mix two splits."""
+
+    cfg = resolve_data(cfg)
+    catalog = build_catalog(cfg.metadata, cfg.images)
+    current = fingerprint.make(
+        "split", {k: getattr(cfg, k) for k in ("seed", "train_frac", "val_frac", "test_frac")},
+        {"catalog": frame_hash(catalog.frame.sort_values("image_id"))}, ("pandas", "numpy"))
+    if check_manifest(cfg.out, current, fresh):  # the same split is there: keep it untouched
+
+        path = storage.join(cfg.out, "manifest.parquet")
+        path = path if storage.is_remote(path) else storage.open_fs(path)[1]
+        return path, read_manifest(path)
+    manifest = build_manifest(catalog, (cfg.train_frac, cfg.val_frac, cfg.test_frac), cfg.seed)
+    path = write_manifest(manifest, cfg.out, config_to_dict(cfg), current)
+    logger.info("wrote %s (%d images)", path, len(manifest))
+    return path, manifest
+
+
+def check_manifest(out: str, current: dict[str, Any], fresh: bool) -> bool:
+    """Whether OUT already holds this very split; refuse to overwrite it with a split of other
+    settings or another catalog (unless ``fresh``)."""
+
+    path = storage.join(out, "manifest.parquet")
+    if not storage.is_file(path):
+        return False
+    old = manifest_meta(path).get("fingerprint") or {}
+    if old.get("key") == current["key"]:
+        return True
+    if not fresh:
+        changed = "; ".join(fingerprint.differences(old, current)) or "no fingerprint recorded"
+        raise fingerprint.StaleOutputError(
+            f"{storage.display(path)} holds another split ({changed}). Everything after it was "
+            "made from that split: write to a new --out, or pass --fresh to redo the stages.")
+    return False
+
+
+def run_pipeline(config_path: str, out: str, fresh: bool = False) -> dict[str, Any]:
+    """Run every stage the config has a section for, all writing under ``out`` (``fresh``:
+    redo every stage whose output was made with other settings)."""
+    sections = read_yaml(config_path)
+    result: dict[str, Any] = {"out": out}
+    data_cfg = load_section("data", config_path, {"out": out})
+    manifest_path, manifest = run_split(data_cfg, fresh=fresh)
+    result["manifest"] = manifest_path
+    result["split_sizes"] = manifest["split"].value_counts().to_dict()
+    if "extract" in sections:
+
+        extract_cfg = load_section("extract", config_path,
+                                   {"manifest": manifest_path, "out": out})
+        record = run_extract(extract_cfg, fresh=fresh)
+        result["embeddings"] = record["embeddings"]
+        result["extract_rows"] = {k: v["rows"] for k, v in record["rows"].items()}
+    if "search" in sections:
+        summary = run_search_stage(config_path, out, manifest_path, fresh=fresh)
+        result.update(summary)
+    return result
+
+
+def run_search_stage(config_path: str | None, out: str, manifest_path: str,
+                     overrides: dict[str, Any] | None = None,
+                     fresh: bool = False) -> dict[str, Any]:
+    """Search the heads on OUT's embeddings, then select, score on test once, export."""
+
+    cfg = load_section("search", config_path, {"out": out, **(overrides or {})})
+    results = run_search(cfg, manifest_path, fresh=fresh)
+    summary = finish(results, cfg, manifest_path, out)
+    win = summary["winner"]
+    return {
+        "winner": {"family": win["family"], "features": win["features"],
+                   "val_accuracy": round(win["val"]["accuracy"], 4),
+                   "test_accuracy": round(win["test"]["accuracy"], 4),
+                   "test_balanced_accuracy": round(win["test"]["balanced_accuracy"], 4)},
+        "trials": storage.join(out, "trials.csv"),
+        "metrics": storage.join(out, "metrics.json"),
+        "report": storage.join(out, "report.md"),
+        "model": storage.join(out, "model"),
+        "tune_logs": storage_path(cfg),
+    }

@@ -1,0 +1,243 @@
+"""Ray Tune over every head family: a conditional space (family -> its parameters), Optuna TPE
+(or random sampling, for comparison), ASHA early stopping of the iterative families, resources
+per family, metric ``val_accuracy`` (max). Selection, test scoring and export are in
+``dermray.stages.select``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dermray.config import SearchConfig, config_to_dict
+from dermray.data.catalog import frame_hash, read_manifest
+from dermray.domain import CLASSES
+from dermray.errors import DermrayError
+from dermray.io import storage
+from dermray.io.fingerprint import FILE, claim, make
+from dermray.models.embeddings import backbone_dir, load_activations
+from dermray.models.features import embedding_features, image_arrays, parse_features
+from dermray.models.heads import ACTIVATIONS, EMBEDDINGS, IMAGES, FamilySpec, get_family
+from dermray.report.evaluate import metrics
+from dermray.stages.progress import tune_callbacks
+from dermray.stages.raysession import ensure_ray
+
+logger = logging.getLogger(__name__)
+
+METRIC = "val_accuracy"
+REPORTED = ("val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_log_loss")
+
+
+def define_space(trial, cfg: SearchConfig) -> dict[str, Any] | None:
+    """The conditional space, define-by-run: the family first, then only its parameters."""
+    spec = get_family(trial.suggest_categorical("family", list(cfg.families)))
+    if spec.input == EMBEDDINGS:
+        trial.suggest_categorical("features", list(cfg.features))
+    spec.space(trial, cfg)
+    if spec.input == ACTIVATIONS:  # a constant, not a searched parameter
+        return {"features": spec.input_key(cfg)[0]}
+    return None
+
+
+def head_params(config: dict[str, Any], cfg: SearchConfig, has_gpu: bool = False) -> dict[str, Any]:
+    """A trial's config -> the head's constructor arguments (fixed settings added)."""
+    return get_family(config["family"]).head_params(config, cfg, has_gpu)
+
+
+def first_points(cfg: SearchConfig) -> list[dict[str, Any]]:
+    """One sensible trial per family, evaluated first, so that no family goes untried."""
+    points = []
+    feats = cfg.features[0] if cfg.features else None
+    for fam in cfg.families:
+        spec = get_family(fam)
+        point = {"family": fam, **spec.first_point(cfg)}
+        if spec.input == EMBEDDINGS:
+            point["features"] = feats
+        elif spec.input == ACTIVATIONS:
+            point["features"] = spec.input_key(cfg)[0]
+        points.append(point)
+    return points
+
+
+def val_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+
+    m = metrics(y, proba)
+    return {"val_accuracy": m["accuracy"], "val_balanced_accuracy": m["balanced_accuracy"],
+            "val_macro_f1": m["macro_f1"], "val_log_loss": m["log_loss"]}
+
+
+def train_head(config: dict[str, Any], data: dict[str, Any], cfg: SearchConfig,
+               specs: dict[str, FamilySpec]) -> None:
+    """The Tune trainable: fit one head, report val metrics per iteration, checkpoint at the end.
+
+    ``specs`` travel with the trainable, so a family registered only in the driver runs too."""
+    import ray
+    from ray import tune
+
+    spec = specs[config["family"]]
+    key = spec.features_of(config)
+    X_train, y_train, X_val, y_val = data[key]
+    head = spec.head_class(**spec.head_params(config, cfg, has_gpu=bool(ray.get_gpu_ids())))
+    tags = {"family": spec.name, "features": key}
+
+    def progress(iteration: int, proba: np.ndarray) -> None:
+        tune.report({**val_metrics(y_val, proba), **tags})
+
+    head.fit(X_train, y_train, eval_set=(X_val, y_val),
+             progress=progress if spec.iterative else None)
+    final = val_metrics(y_val, head.predict_proba(X_val))
+    with tempfile.TemporaryDirectory() as tmp:
+        head.save(Path(tmp))
+        tune.report({**final, **tags, "final": True},
+                    checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def head_inputs(spec: FamilySpec, cfg: SearchConfig, features: str, split: str,
+                manifest_path: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """X, y and the rows of one split, in the input kind the family takes: embeddings of a
+    feature spec, the decoded images of the manifest (unreadable ones left out), or an
+    activation-map backbone's cached maps (every view to train on, the original ones to score)."""
+
+    if spec.input == ACTIVATIONS:
+        return load_activations(cfg.out, features, split,
+                                views="all" if split == "train" else "original")
+    if spec.input == IMAGES:
+        X, y, frame = image_arrays(read_manifest(manifest_path), split, spec.image_size(cfg),
+                                   limit, cfg.seed)
+        return X, y, frame[~frame["error"].astype(bool)]
+    return embedding_features(cfg.out, features, split)
+
+
+def load_search_data(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
+    """Train and val arrays per input: each feature spec, and images when a family takes them."""
+    data: dict[str, Any] = {}
+    for fam in cfg.families:
+        spec = get_family(fam)
+        for key in spec.input_key(cfg):
+            if key not in data:
+                X_tr, y_tr, _ = head_inputs(spec, cfg, key, "train", manifest_path,
+                                            spec.max_train_images(cfg))
+                X_va, y_va, _ = head_inputs(spec, cfg, key, "val", manifest_path)
+                data[key] = (X_tr, y_tr, X_va, y_va)
+    for key, (_, y_tr, _, y_va) in data.items():
+        for split, y in (("train", y_tr), ("val", y_va)):
+            missing = sorted(set(range(len(CLASSES))) - set(np.unique(y).tolist()))
+            if missing:
+                raise DermrayError(f"The {split} split of '{key}' lacks class(es) "
+                                   f"{', '.join(CLASSES[i] for i in missing)}; every class must be "
+                                   "in every split (re-split with more data, or another seed).")
+    return data
+
+
+def storage_path(cfg: SearchConfig) -> str:
+    """Where Tune keeps the experiment: search.storage_path, else OUT/tune (a folder or URI)."""
+    if cfg.storage_path:
+        return cfg.storage_path
+    return storage.join(cfg.out, "tune") if storage.is_remote(cfg.out) else str(
+        Path(cfg.out, "tune").resolve())
+
+
+def tune_storage(cfg: SearchConfig) -> tuple[str, Any]:
+    """Tune's storage path and filesystem: a URI's own filesystem (so that its query, such as
+    an S3 endpoint, is honoured) with the path inside it; locally the folder and None."""
+    uri = storage_path(cfg)
+    if storage.is_remote(uri):
+        fs, path = storage.open_fs(uri)
+        return path, fs
+    return uri, None
+
+
+def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
+    """The Tuner, restored from its storage path when an earlier run of it is there."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+
+    has_gpus = bool(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else False
+    specs = {fam: get_family(fam) for fam in cfg.families}
+
+    def resources(config: dict[str, Any]) -> dict[str, float]:
+        return specs[config["family"]].resources(cfg, has_gpus)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(train_head, data=data, cfg=cfg, specs=specs), resources=resources)
+    root, filesystem = tune_storage(cfg)
+    path = f"{root.rstrip('/')}/{cfg.experiment}"
+    if resume and tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        logger.info("resuming the Tune experiment at %s", path)
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
+                                  storage_filesystem=filesystem)
+    sampler = (optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(4, len(cfg.families)))
+               if cfg.algorithm == "tpe" else optuna.samplers.RandomSampler(seed=cfg.seed))
+    # a partial of a module-level function pickles (Tune saves the searcher to resume it)
+    search = OptunaSearch(space=functools.partial(define_space, cfg=cfg), metric=METRIC, mode="max",
+                          sampler=sampler,
+                          points_to_evaluate=first_points(cfg) if cfg.seed_each_family else None)
+    scheduler = (FIFOScheduler() if cfg.deterministic else
+                 ASHAScheduler(time_attr="training_iteration", max_t=cfg.max_t,
+                               grace_period=cfg.grace_period, reduction_factor=3))
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=cfg.num_samples,
+                                    search_alg=ConcurrencyLimiter(search, cfg.max_concurrent,
+                                                                 batch=cfg.deterministic),
+                                    scheduler=scheduler,
+                                    time_budget_s=cfg.time_budget_minutes * 60 or None),
+        run_config=tune.RunConfig(name=cfg.experiment, storage_path=root,
+                                  storage_filesystem=filesystem,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  # our progress lines (and MLflow) replace Tune's own output
+                                  callbacks=tune_callbacks(cfg), verbose=0),
+    )
+
+
+# search settings that change neither the trials nor their numbers
+NEUTRAL_SETTINGS = ("out", "storage_path", "experiment", "cpus_per_trial", "max_failures",
+                    "mlflow_tracking_uri")
+SEARCH_PACKAGES = ("scikit-learn", "xgboost", "keras", "tensorflow", "tensorflow-cpu", "optuna",
+                   "numpy", "ray")
+
+
+def search_fingerprint(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
+    """What a Tune experiment is made of: the search settings, the manifest's content and the
+    fingerprints of the embeddings it reads."""
+
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in NEUTRAL_SETTINGS}
+    embeddings = {}
+    read = {b for spec in cfg.features for b in parse_features(spec)[0]}
+    for fam in cfg.families:  # and the activation maps an activations family trains on
+        if get_family(fam).input == ACTIVATIONS:
+            read.update(get_family(fam).input_key(cfg))
+    for name in sorted(read):
+        path = storage.join(backbone_dir(cfg.out, name), FILE)
+        embeddings[name] = (json.loads(storage.read_text(path)).get("key")
+                            if storage.is_file(path) else None)
+    inputs = {"manifest": frame_hash(read_manifest(manifest_path)), "embeddings": embeddings}
+    return make("search", settings, inputs, SEARCH_PACKAGES)
+
+
+def run_search(cfg: SearchConfig, manifest_path: str, resume: bool = True, fresh: bool = False):
+    """Run (or resume) the experiment; returns the ResultGrid.
+
+    The experiment folder is claimed by this search's fingerprint: a rerun with other settings
+    or inputs is refused (``fresh``: the old experiment is deleted and the search starts over),
+    never "resumed" into the old winner."""
+
+    ensure_ray()
+    data = load_search_data(cfg, manifest_path)
+    claim(storage.join(storage_path(cfg), cfg.experiment), "search",
+          search_fingerprint(cfg, manifest_path), fresh)
+    tuner = build_tuner(cfg, data, resume=resume)
+    return tuner.fit()
+

@@ -1,0 +1,207 @@
+"""After the search: trials.csv, the winner by validation accuracy (ties: balanced accuracy, then
+log-loss, then the parameters' text, so that a resumed search picks the same trial),
+test metrics computed once for the winner and the best trial of each family, the exported model
+bundle, metrics.json, report.md and the confusion-matrix PNG."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dermray.config import SearchConfig
+from dermray.data.catalog import read_manifest
+from dermray.domain import CLASSES
+from dermray.errors import DermrayError
+from dermray.io import storage
+from dermray.models.features import parse_features
+from dermray.models.heads import IMAGES, get_family, param_prefixes
+from dermray.models.policies import fit_operating_points, policy_report
+from dermray.report.dashboard import write_dashboard
+from dermray.report.evaluate import metrics, model_card, plot_confusion, write_report
+from dermray.stages.search import REPORTED, head_inputs, head_params, load_search_data
+from dermray.stages.tracking import log_winner_bundle
+
+logger = logging.getLogger(__name__)
+
+
+def trials_frame(results, cfg: SearchConfig) -> pd.DataFrame:
+    """One row per trial: id, family, features, parameters, val metrics, status, iterations."""
+    rows = []
+    prefixes = param_prefixes()  # of every registered family, a test's own included
+    for result in results:
+        config = dict(result.config or {})
+        metrics = result.metrics or {}
+        family = config.get("family", "")
+        params = {k: v for k, v in config.items() if k.startswith(prefixes)}
+        rows.append({
+            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "family": family,
+            "features": get_family(family).features_of(config) if family else "",
+            "params": json.dumps(params, sort_keys=True),
+            **{k: metrics.get(k, np.nan) for k in REPORTED},
+            "iterations": metrics.get("training_iteration", 0),
+            "time_total_s": metrics.get("time_total_s", np.nan),
+            "ended_at": metrics.get("timestamp", np.nan),
+            "completed": bool(metrics.get("final", False)),
+            "status": "ERROR" if result.error else "TERMINATED",
+            "path": result.path,
+        })
+    return rank(pd.DataFrame(rows))
+
+
+# the winner's order: val accuracy, then val balanced accuracy, then val log-loss; last the
+# family, features and parameters' text, which do not depend on the order trials ended in or
+# on their ids (a tie on small or separable data must not pick another trial on a rerun)
+ORDER = (("val_accuracy", False), ("val_balanced_accuracy", False), ("val_log_loss", True),
+         ("family", True), ("features", True), ("params", True))
+
+
+def rank(trials: pd.DataFrame) -> pd.DataFrame:
+    cols = [c for c, _ in ORDER]
+    return trials.sort_values(cols, ascending=[a for _, a in ORDER], na_position="last",
+                              kind="mergesort").reset_index(drop=True)
+
+
+def pick(trials: pd.DataFrame) -> pd.Series:
+    """The winner: highest val accuracy; ties broken as ``ORDER`` says."""
+    ok = trials[(trials["status"] == "TERMINATED") & trials["val_accuracy"].notna()]
+    if ok.empty:
+        raise DermrayError("No trial finished with a val_accuracy; see the Tune logs under "
+                           "OUT/tune for the errors.")
+    return rank(ok).iloc[0]
+
+
+def _fitted_head(row: pd.Series, results, cfg: SearchConfig, data: dict[str, Any]):
+    """The trial's checkpointed head; refit from its config if ASHA stopped it first."""
+    head_class = get_family(row["family"]).head_class
+    result = next(r for r in results if r.path == row["path"])
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as directory:
+            return head_class.load(Path(directory))
+    logger.info("trial %s has no checkpoint (stopped early): refitting it", row["trial_id"])
+    X_tr, y_tr, X_va, y_va = data[row["features"]]
+    head = head_class(**head_params(result.config, cfg))
+    return head.fit(X_tr, y_tr, eval_set=(X_va, y_va))
+
+
+def score(head, family: str, features: str, cfg: SearchConfig, manifest_path: str,
+          split: str) -> tuple[dict[str, Any], pd.DataFrame, np.ndarray]:
+    """Metrics of a fitted head on one split, with the rows and probabilities."""
+
+    X, y, frame = head_inputs(get_family(family), cfg, features, split, manifest_path)
+    proba = head.predict_proba(X)
+    return metrics(y, proba), frame, proba
+
+
+def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[str, Any],
+                  metrics: dict[str, Any], out: str,
+                  operating_points: dict[str, Any] | None = None) -> str:
+    """OUT/model: bundle.json (backbones with their weights' identity, features, label map,
+    metrics) and the head in a format that runs no code on load. Weights are named by content
+    (sha256), never by a path of this machine, so the bundle predicts anywhere."""
+
+    ext = extract_record.get("config", {})
+    spec = get_family(row["family"])
+    if spec.input == IMAGES:
+        backbones = []
+        image_size = spec.image_size(cfg)
+    else:
+        names, _ = parse_features(row["features"], maps=True)
+        backbones = [{"name": n,
+                      "weights_identity": extract_record.get("weights", {}).get(n, "unknown"),
+                      "weights_name": extract_record.get("weights_names", {}).get(n, "")}
+                     for n in names]
+        image_size = ext.get("image_size", 224)
+    bundle = {
+        "format": 2, "family": row["family"], "features": row["features"],
+        "params": json.loads(row["params"]), "trial_id": row["trial_id"],
+        "backbones": backbones, "image_size": image_size, "preprocessing": "caffe",
+        "tta_views": ext.get("tta_views", 0), "seed": ext.get("seed", 0),
+        "labels": list(CLASSES), "metrics": metrics,
+        "operating_points": operating_points,
+    }
+    target = storage.join(out, "model")
+    # built beside its target (a local OUT: one rename puts it in place) or in a temp folder
+    parent = Path(out) if not storage.is_remote(out) else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.build.", dir=parent))
+    try:
+        head.save(tmp / "head")
+        (tmp / "model_card.md").write_text(model_card(bundle, extract_record))
+        (tmp / "bundle.json").write_text(json.dumps(bundle, indent=2))
+        # locally OUT/model is a link swapped atomically: a reader never finds no model
+        return storage.replace_dir(tmp, target, marker="bundle.json", link=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def operating_points(scored: dict[str, tuple[np.ndarray, np.ndarray]], cfg: SearchConfig,
+                     manifest_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The winner's temperature and policies, fitted on validation only, and every policy's
+    metrics on val and test (the prior: the training split's class shares)."""
+
+    train = read_manifest(manifest_path).query("split == 'train'")
+    prior = train["dx"].value_counts().reindex(list(CLASSES), fill_value=0).to_numpy(float)
+    val_proba, y_val = scored["val"]
+    points = fit_operating_points(val_proba, y_val, prior, cfg.melanoma_target)
+    return points, {split: policy_report(proba, y, points) for split, (proba, y) in scored.items()}
+
+
+def finish(results, cfg: SearchConfig, manifest_path: str, out: str) -> dict[str, Any]:
+    """Write trials.csv, score the winner and each family's best on val and test, export.
+
+    ``out`` is a folder or an ``s3://`` URI."""
+
+    trials = trials_frame(results, cfg)
+    storage.write_text(storage.join(out, "trials.csv"),
+                       trials.drop(columns=["path"]).to_csv(index=False))
+    winner = pick(trials)
+    data = load_search_data(cfg, manifest_path) if not all(
+        bool(c) for c in trials["completed"]) else {}
+    best_per_family: dict[str, Any] = {}
+    winner_entry: dict[str, Any] = {}
+    winner_head = None
+    for family in trials["family"].unique():
+        row = pick(trials[trials["family"] == family])
+        head = _fitted_head(row, results, cfg, data)
+        val, val_rows, val_proba = score(head, family, row["features"], cfg, manifest_path,
+                                         "val")
+        test, test_rows, test_proba = score(head, family, row["features"], cfg, manifest_path,
+                                            "test")
+        entry = {"trial_id": row["trial_id"], "family": family, "features": row["features"],
+                 "params": json.loads(row["params"]), "val": val, "test": test}
+        best_per_family[family] = entry
+        if row["trial_id"] == winner["trial_id"]:
+            winner_entry, winner_head = entry, head
+            scored = {"val": (val_proba, val_rows["label"].to_numpy()),
+                      "test": (test_proba, test_rows["label"].to_numpy())}
+    points, policy_metrics = operating_points(scored, cfg, manifest_path)
+    extract_path = storage.join(cfg.out, "extract_run.json")
+    extract_record = json.loads(storage.read_text(extract_path)) if storage.is_file(
+        extract_path) else {}
+    summary = {"n_trials": len(trials), "winner": winner_entry,
+               "best_per_family": best_per_family}
+    metrics_json = {k: winner_entry[k] for k in ("family", "features", "params", "val", "test",
+                                                 "trial_id")}
+    summary["policies"] = policy_metrics
+    storage.write_text(storage.join(out, "metrics.json"), json.dumps(
+        {**metrics_json, "operating_points": points, "policies": policy_metrics,
+         "best_per_family": best_per_family}, indent=2))
+    export_bundle(winner_head, winner, cfg, extract_record,
+                  {"val": winner_entry["val"], "test": winner_entry["test"],
+                   "policies": policy_metrics}, out, operating_points=points)
+    log_winner_bundle(cfg, winner["trial_id"], storage.join(out, "model"))  # MLflow, if set
+    storage.write_bytes(storage.join(out, "confusion_matrix.png"), plot_confusion(
+        winner_entry["test"]["confusion_matrix"],
+        f"{winner_entry['family']} on {winner_entry['features']} (test)"))
+    write_report(out, summary)
+    write_dashboard(out)
+    return summary
