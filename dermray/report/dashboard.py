@@ -22,6 +22,7 @@ from dermray.io import storage
 from dermray.models.heads import FAMILY_SPECS, param_prefixes
 from dermray.report.embedding_map import html_section
 from dermray.report.evaluate import plot_confusion
+from dermray.report.trials import iso_time, trial_state
 
 SORT_JS = """
 document.querySelectorAll('table.sortable th').forEach(function (th, col) {
@@ -42,14 +43,17 @@ document.querySelectorAll('table.sortable th').forEach(function (th, col) {
 });
 """
 CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; }
-th { background: #eef; cursor: pointer; user-select: none; }
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
+.wide { overflow-x: auto; max-width: 100%; margin: 1em 0; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #eef; cursor: pointer; user-select: none; white-space: nowrap; }
 th[data-dir=asc]::after { content: ' \\25B2'; } th[data-dir=desc]::after { content: ' \\25BC'; }
 tr.winner td { background: #efe; font-weight: bold; }
-td.params { font-family: monospace; font-size: 11px; max-width: 40em; }
-img { max-width: 48%; margin-right: 1%; }
+td.params { font-family: monospace; font-size: 11px; min-width: 14em; }
+.plots img { max-width: 100%; }
+@media (min-width: 1000px) { .plots img { max-width: 48%; margin-right: 1%; } }
+img { max-width: 100%; }
 .partial { background: #fff3cd; border: 2px solid #e0a800; padding: 0.8em 1.2em; font-size: 15px; }
 """
 
@@ -60,35 +64,77 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def plots(trials: pd.DataFrame) -> dict[str, str]:
+def plots(trials: pd.DataFrame, winner: str | None = None) -> dict[str, str]:
+    """Val accuracy by family, and over the trials in the order they ended (x: the trial's
+    index, an integer axis); the winner's point is a star in both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out = {}
     fams = sorted(trials["family"].unique())
+    is_winner = (trials["trial_id"].astype(str) == str(winner)).to_numpy() if winner else None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for i, fam in enumerate(fams):
-        vals = trials.loc[trials["family"] == fam, "val_accuracy"].dropna()
-        ax.scatter(np.full(len(vals), i) + np.linspace(-0.15, 0.15, len(vals)), vals, s=25)
+        rows = trials[(trials["family"] == fam) & trials["val_accuracy"].notna()]
+        xs = np.full(len(rows), i) + np.linspace(-0.15, 0.15, len(rows))
+        ax.scatter(xs, rows["val_accuracy"], s=25)
+        if winner:
+            mark = (rows["trial_id"].astype(str) == str(winner)).to_numpy()
+            if mark.any():
+                ax.scatter(xs[mark], rows["val_accuracy"][mark], s=220, marker="*",
+                           color="gold", edgecolors="black", zorder=3, label="winner")
+                ax.legend(loc="lower right")
     ax.set_xticks(range(len(fams)), fams)
     ax.set_ylabel("val accuracy")
     ax.set_title("val accuracy by family")
     out["by_family"] = _png(fig)
     plt.close(fig)
-    order = trials.sort_values("ended_at") if "ended_at" in trials else trials
+    order = trials.sort_values("ended_at", kind="mergesort") if "ended_at" in trials else trials
     fig, ax = plt.subplots(figsize=(6, 3.5))
     acc = order["val_accuracy"].fillna(0).to_numpy()
-    ax.plot(range(1, len(acc) + 1), acc, "o", label="trial")
-    ax.plot(range(1, len(acc) + 1), np.maximum.accumulate(acc), "-", label="best so far")
-    ax.set_xlabel("trial (in order of completion)")
+    index = np.arange(1, len(acc) + 1)
+    ax.plot(index, acc, "o", label="trial")
+    ax.plot(index, np.maximum.accumulate(acc), "-", label="best so far")
+    if is_winner is not None:
+        mark = (order["trial_id"].astype(str) == str(winner)).to_numpy()
+        if mark.any():
+            ax.plot(index[mark], acc[mark], "*", markersize=16, color="gold",
+                    markeredgecolor="black", label="winner")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial number (in the order trials ended)")
     ax.set_ylabel("val accuracy")
-    ax.set_title("val accuracy over time")
-    ax.legend()
+    ax.set_title("val accuracy over the search")
+    ax.legend(loc="lower right")
     out["over_time"] = _png(fig)
     plt.close(fig)
     return out
+
+
+def format_value(value: Any) -> str:
+    """A parameter for people: floats to 4 significant digits, lists element-wise."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def format_params(params: str | dict[str, Any]) -> str:
+    """``{"logistic_C": 0.0044031381286583375}`` (a dict or its JSON) -> ``logistic_C=0.004403``,
+    one ``key=value`` per line."""
+    if isinstance(params, str):
+        try:
+            params = json.loads(params) if params else {}
+        except ValueError:
+            return params
+    if not isinstance(params, dict):
+        return str(params)
+    return "\n".join(f"{k}={format_value(v)}" for k, v in sorted(params.items()))
 
 
 def _table(frame: pd.DataFrame, table_id: str, highlight: str | None = None) -> str:
@@ -100,29 +146,39 @@ def _table(frame: pd.DataFrame, table_id: str, highlight: str | None = None) -> 
             if isinstance(value, float):
                 text = "" if np.isnan(value) else f"{value:.4f}"
                 cells.append(f'<td data-v="{value}">{text}</td>')
+            elif col == "params":
+                text = html.escape(format_params(value)).replace("\n", "<br>")
+                cells.append(f'<td class="params">{text}</td>')
             else:
-                cls = ' class="params"' if col == "params" else ""
-                cells.append(f"<td{cls}>{html.escape(str(value))}</td>")
+                cells.append(f"<td>{html.escape(str(value))}</td>")
         mark = ' class="winner"' if highlight and row.get("trial_id") == highlight else ""
         rows.append(f"<tr{mark}>{''.join(cells)}</tr>")
-    return (f'<table id="{table_id}" class="sortable"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table>")
+    return (f'<div class="wide"><table id="{table_id}" class="sortable"><thead><tr>{head}</tr>'
+            f"</thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
-def policy_section(policies: dict[str, Any] | None) -> str:
-    """The winner's operating points on test (chosen on validation), with calibration."""
+def policy_section(policies: dict[str, Any] | None,
+                   points: dict[str, Any] | None = None) -> str:
+    """The winner's operating points on test (chosen on validation), each with the rule it
+    applies (its fitted thresholds and targets), and the calibration."""
     if not policies:
         return ""
     test = policies["test"]
-    frame = pd.DataFrame([{"policy": name, "accuracy": m["accuracy"],
+    fitted = (points or {}).get("policies", {})
+    frame = pd.DataFrame([{"policy": name,
+                           "rule (fitted on validation)": format_params(fitted.get(name, {}))
+                           or "argmax of the calibrated probabilities",
+                           "accuracy": m["accuracy"],
                            "balanced_accuracy": m["balanced_accuracy"],
                            "melanoma_sensitivity": m["melanoma_sensitivity"],
                            "melanoma_specificity": m["melanoma_specificity"],
                            **{f"recall_{c}": r for c, r in m["recall"].items()}}
                           for name, m in test["policies"].items()]).fillna(np.nan)
+    temperature = (points or {}).get("temperature")
+    scaled = f" (temperature {temperature:.4g})" if isinstance(temperature, float) else ""
     return (f"<h2>Operating points (chosen on validation; test)</h2>{_table(frame, 'policies')}"
             f"<p>Expected calibration error on test: {test['ece_before']:.3f} before "
-            f"temperature scaling, {test['ece_after']:.3f} after. <code>dermray predict "
+            f"temperature scaling{scaled}, {test['ece_after']:.3f} after. <code>dermray predict "
             f"--policy NAME</code> applies one.</p>")
 
 
@@ -172,15 +228,7 @@ def live_trials(out: str) -> pd.DataFrame:
         config = (json.loads(storage.read_text(params_path)) if storage.is_file(params_path)
                   else last.get("config", {}))
         trial_id = last.get("trial_id") or folder.rsplit("/", 1)[-1].split("_")[2]
-        state = statuses.get(trial_id, "")
-        if state == "ERROR":
-            status = "error"
-        elif last.get("final"):
-            status = "done"
-        elif state == "TERMINATED":
-            status = "stopped early"
-        else:
-            status = "running" if state in ("RUNNING", "") else state.lower()
+        status = trial_state(statuses.get(trial_id, ""), bool(last.get("final")))
         family = config.get("family", "")
         spec = FAMILY_SPECS.get(family)  # what it fitted on: a feature spec, or images
         rows.append({
@@ -189,14 +237,15 @@ def live_trials(out: str) -> pd.DataFrame:
             **{k: last.get(k, np.nan) for k in TRIAL_COLUMNS[3:7]},
             "iterations": last.get("training_iteration", 0),
             "time_total_s": last.get("time_total_s", np.nan),
-            "status": status, "ended_at": last.get("timestamp", np.nan),
+            "status": status, "ended_at": iso_time(last.get("timestamp")),
             "params": json.dumps({k: v for k, v in config.items() if k.startswith(prefixes)},
                                  sort_keys=True),
         })
     seen = {r["trial_id"] for r in rows}
     for trial_id, state in statuses.items():  # trials Tune created that have no result yet
         if trial_id not in seen:
-            rows.append({"trial_id": trial_id, "status": state.lower(), "iterations": 0})
+            rows.append({"trial_id": trial_id, "status": trial_state(state, False),
+                         "iterations": 0})
     frame = pd.DataFrame(rows, columns=[*TRIAL_COLUMNS, "ended_at"])
     for col in TRIAL_COLUMNS[3:7]:
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
@@ -220,6 +269,7 @@ def partial_page(out: str, trials: pd.DataFrame) -> str:
             "No trial has reported yet.")
     figs = plots(scored) if len(scored) else {}
     images = "".join(f'<img alt="{html.escape(k)}" src="{v}">' for k, v in figs.items())
+    images = f'<div class="plots">{images}</div>'
     made = pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%d %H:%M:%S UTC")
     summary = ", ".join(f"{n} {html.escape(str(s))}" for s, n in sorted(counts.items()))
     return f"""<!doctype html>
@@ -259,7 +309,7 @@ def write_dashboard(out: str) -> str:
     result: dict[str, Any] = json.loads(storage.read_text(metrics_uri))
     shown = trials[[c for c in ("trial_id", "family", "features", "val_accuracy",
                                 "val_balanced_accuracy", "val_macro_f1", "val_log_loss",
-                                "iterations", "time_total_s", "status", "params")
+                                "iterations", "time_total_s", "status", "ended_at", "params")
                     if c in trials.columns]]
     best = pd.DataFrame([{"family": fam, "features": b["features"],
                           "val_accuracy": b["val"]["accuracy"],
@@ -274,7 +324,7 @@ def write_dashboard(out: str) -> str:
 
     png = plot_confusion(test["confusion_matrix"], "winner, test")
     cm = "data:image/png;base64," + base64.b64encode(png).decode()
-    figs = plots(trials)
+    figs = plots(trials, winner=str(result["trial_id"]))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>dermray: Tune results</title><style>{CSS}</style></head>
 <body>
@@ -284,12 +334,12 @@ on <code>{html.escape(result['features'])}</code>, trial {html.escape(str(result
 Test (scored once, after selection): accuracy {test['accuracy']:.4f}, balanced accuracy
 {test['balanced_accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['n']} images.</p>
 <h2>Plots</h2>
-<img alt="val accuracy by family" src="{figs['by_family']}"><img alt="val accuracy over time" src="{figs['over_time']}">
+<div class="plots"><img alt="val accuracy by family" src="{figs['by_family']}"><img alt="val accuracy over the search" src="{figs['over_time']}"></div>
 <h2>Best trial per family</h2>
 {_table(best, "best")}
 <h2>Winner: test metrics per class</h2>
 {_table(per_class, "per-class")}
-{policy_section(result.get("policies"))}
+{policy_section(result.get("policies"), result.get("operating_points"))}
 <img alt="confusion matrix" src="{cm}">
 {html_section(out, result['features'])}
 <h2>All trials (click a header to sort)</h2>

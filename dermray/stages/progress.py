@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dermray.io import faults
+from dermray.report.trials import DONE, ERROR, PENDING, RUNNING, STOPPED
 from dermray.stages.tracking import mlflow_callback
 
 MODES = ("auto", "quiet", "verbose")
@@ -267,10 +268,11 @@ class SearchProgress(_tune_callback_base()):
         pending = max(0, self.num_samples - finished - self.running(trials))
         best = (f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best
                 else f"best {self.metric} -")
-        failed = f", {len(self.failed)} failed" if self.failed else ""
-        return (f"search {finished}/{self.num_samples} trials: {len(self.done)} done, "
-                f"{self.running(trials)} running, {len(self.stopped)} stopped early{failed}, "
-                f"{pending} pending | {best} | "
+        # the words of dermray.report.trials, as trials.csv and the report use them
+        failed = f", {len(self.failed)} {ERROR}" if self.failed else ""
+        return (f"search {finished}/{self.num_samples} trials: {len(self.done)} {DONE}, "
+                f"{self.running(trials)} {RUNNING}, {len(self.stopped)} {STOPPED}{failed}, "
+                f"{pending} {PENDING} | {best} | "
                 f"elapsed {duration(time.monotonic() - self.start)}")
 
     def _note(self, trial: Any, result: Mapping[str, Any] | None) -> None:

@@ -25,6 +25,7 @@ from dermray.models.heads import IMAGES, get_family, param_prefixes
 from dermray.models.policies import fit_operating_points, policy_report
 from dermray.report.dashboard import write_dashboard
 from dermray.report.evaluate import metrics, model_card, plot_confusion, write_report
+from dermray.report.trials import ENDED, iso_time, trial_state
 from dermray.stages.search import REPORTED, head_inputs, head_params, load_search_data
 from dermray.stages.tracking import log_winner_bundle
 
@@ -48,9 +49,10 @@ def trials_frame(results, cfg: SearchConfig) -> pd.DataFrame:
             **{k: metrics.get(k, np.nan) for k in REPORTED},
             "iterations": metrics.get("training_iteration", 0),
             "time_total_s": metrics.get("time_total_s", np.nan),
-            "ended_at": metrics.get("timestamp", np.nan),
+            "ended_at": iso_time(metrics.get("timestamp")),
             "completed": bool(metrics.get("final", False)),
-            "status": "ERROR" if result.error else "TERMINATED",
+            "status": trial_state("ERROR" if result.error else "TERMINATED",
+                                  bool(metrics.get("final", False))),
             "path": result.path,
         })
     return rank(pd.DataFrame(rows))
@@ -71,7 +73,7 @@ def rank(trials: pd.DataFrame) -> pd.DataFrame:
 
 def pick(trials: pd.DataFrame) -> pd.Series:
     """The winner: highest val accuracy; ties broken as ``ORDER`` says."""
-    ok = trials[(trials["status"] == "TERMINATED") & trials["val_accuracy"].notna()]
+    ok = trials[trials["status"].isin(ENDED) & trials["val_accuracy"].notna()]
     if ok.empty:
         raise DermrayError("No trial finished with a val_accuracy; see the Tune logs under "
                            "OUT/tune for the errors.")
@@ -85,7 +87,9 @@ def _fitted_head(row: pd.Series, results, cfg: SearchConfig, data: dict[str, Any
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as directory:
             return head_class.load(Path(directory))
-    logger.info("trial %s has no checkpoint (stopped early): refitting it", row["trial_id"])
+    logger.info("the best %s trial (%s on %s) was stopped before its final report, so it has "
+                "no checkpoint: refitting it from its parameters to score it", row["family"],
+                row["trial_id"], row["features"])
     X_tr, y_tr, X_va, y_va = data[row["features"]]
     head = head_class(**head_params(result.config, cfg))
     return head.fit(X_tr, y_tr, eval_set=(X_va, y_va))

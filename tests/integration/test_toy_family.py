@@ -102,7 +102,7 @@ def test_a_family_registered_here_is_searched_selected_exported_and_predicts(
 
     trials = pd.read_csv(results_dir / "trials.csv")
     assert len(trials) == 3 and set(trials["family"]) == {"centroid"}
-    assert (trials["status"] == "TERMINATED").all() and trials["completed"].all()
+    assert (trials["status"] == "done").all() and trials["completed"].all()
     params = [json.loads(p) for p in trials["params"]]
     assert all(set(p) == {"centroid_temperature"} for p in params)
     assert {"centroid"} == set(summary["best_per_family"])
