@@ -150,7 +150,7 @@ def _table(frame: pd.DataFrame, table_id: str, highlight: str | None = None) -> 
                 text = html.escape(format_params(value)).replace("\n", "<br>")
                 cells.append(f'<td class="params">{text}</td>')
             else:
-                cells.append(f"<td>{html.escape(str(value))}</td>")
+                cells.append(f"<td>{html.escape(str(value)).replace(chr(10), '<br>')}</td>")
         mark = ' class="winner"' if highlight and row.get("trial_id") == highlight else ""
         rows.append(f"<tr{mark}>{''.join(cells)}</tr>")
     return (f'<div class="wide"><table id="{table_id}" class="sortable"><thead><tr>{head}</tr>'
