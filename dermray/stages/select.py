@@ -202,7 +202,8 @@ def finish(results, cfg: SearchConfig, manifest_path: str, out: str) -> dict[str
     export_bundle(winner_head, winner, cfg, extract_record,
                   {"val": winner_entry["val"], "test": winner_entry["test"],
                    "policies": policy_metrics}, out, operating_points=points)
-    log_winner_bundle(cfg, winner["trial_id"], storage.join(out, "model"))  # MLflow, if set
+    log_winner_bundle(cfg, winner["trial_id"], storage.join(out, "model"),  # MLflow, if set
+                      {**metrics_json, "operating_points": points, "policies": policy_metrics})
     storage.write_bytes(storage.join(out, "confusion_matrix.png"), plot_confusion(
         winner_entry["test"]["confusion_matrix"],
         f"{winner_entry['family']} on {winner_entry['features']} (test)"))

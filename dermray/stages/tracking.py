@@ -10,9 +10,11 @@ keeps that backend in maintenance mode behind ``MLFLOW_ALLOW_FILE_STORE``, which
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +38,57 @@ def _prepare(uri: str) -> None:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
+# what a trial run's metrics are: dermray's own figures (val_*, train_*); Tune's bookkeeping
+# in the same result (pid, timestamp, time_this_iter_s, config/..., ...) is not a metric
+OWN_METRICS = ("val_", "train_")
+
+
+def own_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The numeric dermray figures of a Tune result, without Ray's bookkeeping."""
+    return {k: float(v) for k, v in result.items()
+            if k.startswith(OWN_METRICS) and isinstance(v, (int, float))
+            and not isinstance(v, bool)}
+
+
 def mlflow_callback(cfg: Any):
-    """Tune's MLflow logger for this search (parameters at trial start, metrics per result)."""
+    """Tune's MLflow logger for this search (parameters at trial start, metrics per result,
+    stepped by the trial's iteration), logging dermray's figures only."""
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+    class OwnMetricsCallback(MLflowLoggerCallback):
+        def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+            step = int(result.get("training_iteration") or iteration)
+            self.mlflow_util.log_metrics(run_id=self._trial_runs[trial],
+                                         metrics_to_log=own_metrics(result), step=step)
+
     _prepare(cfg.mlflow_tracking_uri)
-    return MLflowLoggerCallback(tracking_uri=cfg.mlflow_tracking_uri,
-                                experiment_name=experiment_name(cfg),
-                                tags={"dermray.out": storage.display(cfg.out)},
-                                save_artifact=False)
+    return OwnMetricsCallback(tracking_uri=cfg.mlflow_tracking_uri,
+                              experiment_name=experiment_name(cfg),
+                              tags={"dermray.out": storage.display(cfg.out)},
+                              save_artifact=False)
+
+
+def winner_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """metrics.json's figures as flat MLflow metrics: ``val_*`` and ``test_*`` of the winner,
+    and ``<split>_<policy>_<metric>`` for every operating point (recall per class included)."""
+    flat: dict[str, float] = {}
+    for split in ("val", "test"):
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece"):
+            value = (result.get(split) or {}).get(key)
+            if isinstance(value, (int, float)):
+                flat[f"{split}_{key}"] = float(value)
+        scored = (result.get("policies") or {}).get(split) or {}
+        for key in ("ece_before", "ece_after", "nll_before", "nll_after"):
+            if isinstance(scored.get(key), (int, float)):
+                flat[f"{split}_{key}"] = float(scored[key])
+        for policy, figures in (scored.get("policies") or {}).items():
+            for key, value in figures.items():
+                if isinstance(value, (int, float)):
+                    flat[f"{split}_{policy}_{key}"] = float(value)
+                elif isinstance(value, dict):  # recall per class
+                    flat.update({f"{split}_{policy}_{key}_{c}": float(v)
+                                 for c, v in value.items() if isinstance(v, (int, float))})
+    return flat
 
 
 def winner_run(client: Any, cfg: Any, trial_id: str) -> str:
@@ -62,9 +106,12 @@ def winner_run(client: Any, cfg: Any, trial_id: str) -> str:
                              run_name=f"winner_{trial_id}").info.run_id
 
 
-def log_winner_bundle(cfg: Any, trial_id: str, bundle: str) -> str | None:
+def log_winner_bundle(cfg: Any, trial_id: str, bundle: str,
+                      result: dict[str, Any] | None = None) -> str | None:
     """Log the exported bundle (``OUT/model``, a folder or an s3:// URI) as the ``model``
-    artifact of the winning trial's run, and tag that run; returns the run id (None: tracking
+    artifact of the winning trial's run, with the winner's val and test metrics and every
+    operating point (``result``: metrics.json's content; its operating points also as the
+    ``operating_points.json`` artifact), and tag that run; returns the run id (None: tracking
     is off, or the tracking server failed: the search's results are in OUT all the same, so
     that is a warning, not an error)."""
     uri = getattr(cfg, "mlflow_tracking_uri", "")
@@ -72,13 +119,14 @@ def log_winner_bundle(cfg: Any, trial_id: str, bundle: str) -> str | None:
         return None
     _prepare(uri)
     try:
-        return _log_bundle(uri, cfg, trial_id, bundle)
+        return _log_bundle(uri, cfg, trial_id, bundle, result or {})
     except Exception as exc:  # noqa: BLE001 - a tracking server down must not lose OUT
         logger.warning("could not log the winner's bundle to MLflow at %s: %s", uri, exc)
         return None
 
 
-def _log_bundle(uri: str, cfg: Any, trial_id: str, bundle: str) -> str:
+def _log_bundle(uri: str, cfg: Any, trial_id: str, bundle: str, result: dict[str, Any]) -> str:
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -87,6 +135,14 @@ def _log_bundle(uri: str, cfg: Any, trial_id: str, bundle: str) -> str:
         # MLflow uploads from local files
         local = download_dir(bundle, tmp) if storage.is_remote(bundle) else Path(bundle)
         client.log_artifacts(run_id, str(local), artifact_path="model")
+        if result.get("operating_points"):
+            points = Path(tmp) / "operating_points.json"
+            points.write_text(json.dumps(result["operating_points"], indent=2))
+            client.log_artifact(run_id, str(points))
+    if result:
+        stamp = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0)
+                                          for k, v in sorted(winner_metrics(result).items())])
     client.set_tag(run_id, WINNER_TAG, "true")
     logger.info("logged the winner's bundle to MLflow run %s (%s)", run_id, uri)
     return run_id

@@ -111,8 +111,15 @@ def test_mlflow_runs_with_params_metrics_and_the_winners_bundle(tiny_search):
         assert run.data.params["features"] == "resnet50"
         assert "logistic_C" in run.data.params
         assert 0.0 <= run.data.metrics["val_accuracy"] <= 1.0
+        assert all(k.startswith(("val_", "train_", "test_")) for k in run.data.metrics), \
+            sorted(run.data.metrics)  # no pid, timestamp, config/... from Ray's bookkeeping
     winners = [r for r in runs if r.data.tags.get("dermray.winner") == "true"]
     assert len(winners) == 1
+    result = json.loads((out / "metrics.json").read_text())
+    logged = winners[0].data.metrics
+    assert logged["test_accuracy"] == result["test"]["accuracy"]
+    assert logged["test_melanoma_melanoma_sensitivity"] == \
+        result["policies"]["test"]["policies"]["melanoma"]["melanoma_sensitivity"]
     winner_id = json.loads((out / "metrics.json").read_text())["trial_id"]
     assert winners[0].data.tags["trial_name"].endswith(winner_id)
     files = {f.path for f in client.list_artifacts(winners[0].info.run_id, "model")}
