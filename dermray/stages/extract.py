@@ -34,7 +34,6 @@ from dermray.models.embeddings import (
     dataset,
     quarantine_dir,
     read_keys,
-    repair_duplicates,
     to_table,
 )
 from dermray.stages.progress import ExtractProgress
@@ -244,8 +243,9 @@ def reconcile(plan: pd.DataFrame, out: str, backbones: list[str],
         if dups or len(frame) + len(quarantine) != len(plan):
             raise DermrayError(
                 f"Counts do not reconcile for {name}: planned {len(plan)} views, written "
-                f"{len(frame)} ({dups} duplicates), quarantined {len(quarantine)}. Rerun "
-                "`dermray extract` to fill the gaps.")
+                f"{len(frame)} ({dups} duplicates), quarantined {len(quarantine)}. "
+                + ("Redo the extraction with `dermray extract --fresh`." if dups else
+                   "Rerun `dermray extract` to fill the gaps."))
         counts[name] = {
             "rows": len(frame),
             "per_split": {k: int(v) for k, v in frame["split"].value_counts().sort_index().items()},
@@ -291,11 +291,6 @@ def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
     backbones = list(cfg.backbones)
     identities = {b: weights_identity(cfg.weights_for(b), b) for b in backbones}  # fails early
     claim_outputs(cfg, manifest, identities, fresh)
-    # views written twice by two runs of an older version at once: keep one of each
-    repaired = {name: repair_duplicates(backbone_dir(cfg.out, name)) for name in backbones}
-    repaired = {name: n for name, n in repaired.items() if n}
-    if repaired:
-        logger.warning("extract: removed duplicate views %s", repaired)
     pending = pending_views(plan, cfg.out, backbones)
     logger.info("extract: %d views planned, %d pending", len(plan), len(pending))
     files_written = 0
@@ -349,7 +344,6 @@ def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
         "views_pending_at_start": len(pending),
         "rows": counts,
         "quarantined": len(quarantine),
-        "duplicates_removed": repaired,
         "quarantined_images": int(quarantine["image_id"].nunique()) if len(quarantine) else 0,
         "files_written": files_written,
         "actor_layout": layout,
