@@ -18,7 +18,7 @@ from dermray.data.fetch import DATAVERSE, fetch
 from dermray.data.synth import parse_size, write_synth_dataset
 from dermray.errors import DermrayError
 from dermray.installed import check_run, check_stages, extract_needs, require_all
-from dermray.io import storage
+from dermray.io import faults, storage
 from dermray.io.lock import hold
 from dermray.io.storage import RedactingFilter, describe_failure, is_store_failure, join, redact
 from dermray.models.bundle import Limits, collect_images, load_bundle
@@ -443,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:  # no s3://KEY:SECRET@ in a log line
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+    faults.warn_if_armed()  # a DERMRAY_FAULT left in the environment is never silent
     try:
         return args.func(args)
     except DermrayError as exc:

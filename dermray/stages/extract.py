@@ -3,8 +3,9 @@ pool, one GPU per actor on a cluster) -> Parquet part files, with quarantine and
 
 The pure pieces live beside their data: ``augment.decode_batch`` (decode + augment a batch of
 views) and ``backbones.FrozenExtractor`` (the models; one batch in, embeddings out). This module
-is the Ray Data wiring: the ``Embedder`` actor around the extractor (with the fault hook and the
-actor/node record), ``write_batch`` (part files and quarantine), resume and reconciliation.
+is the Ray Data wiring: the ``Embedder`` actor around the extractor (with the crash point
+``embed`` and the actor/node record), ``write_batch`` (part files and quarantine), resume and
+reconciliation.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import logging
 import os
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,14 +43,12 @@ logger = logging.getLogger(__name__)
 
 PLAN_COLUMNS = ["image_id", "lesion_id", "dx", "label", "split", "path", "age", "sex",
                 "localization", "aug_index"]
-# test hook: when set, the first Embedder call in the whole run kills its actor process once
-FAULT_ONCE_ENV = "DERMRAY_TEST_KILL_ACTOR_ONCE"
 
 
 class Embedder:
-    """The Ray Data actor: a ``FrozenExtractor`` built once per actor, the fault hook, and the
-    record of which actor on which node embedded each view; writes the part files itself when
-    given ``out``.
+    """The Ray Data actor: a ``FrozenExtractor`` built once per actor, the crash point ``embed``,
+    and the record of which actor on which node embedded each view; writes the part files itself
+    when given ``out``.
 
     TensorFlow is imported here, inside the actor, after its thread count is set.
     """
@@ -68,14 +66,8 @@ class Embedder:
         self.out = out  # where to write part files; None: return the embeddings instead
         self.where = _where()
 
-    def _maybe_fault(self) -> None:
-        marker = os.environ.get(FAULT_ONCE_ENV)
-        if marker and not os.path.exists(marker):
-            Path(marker).write_text(str(os.getpid()))
-            os._exit(1)  # simulate a crashed actor: Ray restarts it and retries the batch
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._maybe_fault()
+        faults.point("embed")  # a crashed actor (tests): Ray restarts it and retries the batch
         ok = np.asarray([not e for e in batch["error"]])
         out = {k: v for k, v in batch.items() if k != "image"}
         needed = {name: ok & np.asarray(batch.get(f"need_{name}", np.ones(len(ok), bool)),
