@@ -40,7 +40,7 @@ def test_temperature_scaling_lowers_validation_nll():
 def test_policies_reach_what_they_promise_on_validation_and_hold_on_test():
     val, y_val = overconfident_scores(4000, 1)
     test, y_test = overconfident_scores(4000, 2)
-    points = fit_operating_points(val, y_val, SHARES, melanoma_target=0.9)
+    points = fit_operating_points(val, y_val, SHARES, {"melanoma_target": 0.9})
     report = policy_report(val, y_val, points)
     acc, bal, mel = (report["policies"][p] for p in ("accuracy", "balanced", "melanoma"))
     assert bal["balanced_accuracy"] > acc["balanced_accuracy"] + 0.05
