@@ -18,11 +18,11 @@ from dermray.data.fetch import DATAVERSE, fetch
 from dermray.data.synth import parse_size, write_synth_dataset
 from dermray.errors import DermrayError
 from dermray.installed import check_run, check_stages, extract_needs, require_all
-from dermray.io import storage
+from dermray.io import faults, storage
 from dermray.io.lock import hold
 from dermray.io.storage import RedactingFilter, describe_failure, is_store_failure, join, redact
 from dermray.models.bundle import Limits, collect_images, load_bundle
-from dermray.models.policies import POLICIES
+from dermray.models.policies import POLICY_SPECS, policy_names
 from dermray.report.dashboard import write_dashboard
 from dermray.report.explain import explain_files
 from dermray.stages.extract import run_extract
@@ -377,10 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify image files with an exported model bundle")
     p.add_argument("--model", required=True,
                    help="OUT/model of a `dermray run` (a folder or an s3:// URI)")
-    p.add_argument("--policy", default="accuracy", choices=POLICIES,
-                   help="the operating point chosen on validation: accuracy (argmax, default), "
-                   "balanced (prior-corrected for balanced accuracy), melanoma (p(mel) threshold "
-                   "for the target sensitivity, search.melanoma_target)")
+    p.add_argument("--policy", default="accuracy", choices=policy_names(),
+                   help="the operating point chosen on validation: " + "; ".join(
+                       f"{name}: {spec.summary}" for name, spec in POLICY_SPECS.items()))
     p.add_argument("--weights-dir", action="append", metavar="DIR",
                    help="a folder holding the backbone weights files (found by their sha256; "
                    "repeatable; also $DERMRAY_WEIGHTS_DIR and the Keras cache)")
@@ -415,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="auto", choices=["auto", "gradcam", "occlusion"],
                    help="auto: Grad-CAM for differentiable heads (logistic, MLP, fine-tuned), "
                    "occlusion sensitivity for the others (XGBoost)")
-    p.add_argument("--policy", default="accuracy", choices=POLICIES,
+    p.add_argument("--policy", default="accuracy", choices=policy_names(),
                    help="the operating point whose decision is explained (as in predict)")
     p.add_argument("--weights-dir", action="append", metavar="DIR",
                    help="a folder holding the backbone weights files (as in predict)")
@@ -443,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:  # no s3://KEY:SECRET@ in a log line
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+    faults.warn_if_armed()  # a DERMRAY_FAULT left in the environment is never silent
     try:
         return args.func(args)
     except DermrayError as exc:

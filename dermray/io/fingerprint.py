@@ -3,8 +3,8 @@ it (the stage's settings, the content of its inputs, the weights, the library ve
 change numbers), and a rerun into the same folder with anything else is refused, naming what
 changed and the two ways out, instead of mixing old and new work.
 
-``claim(folder, stage, settings, inputs, fresh)`` writes the fingerprint on first use, passes
-when it matches, and with ``fresh`` deletes the folder's old output so the stage starts over.
+``claim(folder, stage, current, fresh)`` writes the fingerprint on first use, passes when it
+matches, and with ``fresh`` deletes the folder's old output so the stage starts over.
 """
 
 from __future__ import annotations
@@ -68,9 +68,10 @@ def claim(folder: str, stage: str, current: dict[str, Any], fresh: bool = False,
           flag: str = "--fresh") -> None:
     """Make ``folder`` the output of ``current``, or refuse.
 
-    No fingerprint yet (a new folder, or one from before fingerprints: then only if it is
-    empty): write it. The same key: a rerun, which resumes. Another key: with ``fresh``, delete
-    the folder and start over; otherwise raise, naming what changed.
+    No fingerprint yet: write it (a folder that holds files but no fingerprint is not a dermray
+    output: refused, and never deleted, even with ``fresh``). The same key: a rerun, which
+    resumes. Another key: with ``fresh``, delete the folder and start over; otherwise raise,
+    naming what changed.
     """
     path = storage.join(folder, FILE)
     if storage.is_file(path):
@@ -87,11 +88,9 @@ def claim(folder: str, stage: str, current: dict[str, Any], fresh: bool = False,
         logger.warning("%s: %s changed (%s); deleting the old output", storage.display(folder),
                        stage, "; ".join(changed))
         storage.delete(folder)
-    elif storage.list_files(folder) and not fresh:
+    elif storage.list_files(folder):
         raise StaleOutputError(
-            f"{storage.display(folder)} holds {stage} output without a fingerprint (made by an "
-            f"older dermray), so it cannot be checked against these settings. Write to a new "
-            f"--out, or pass {flag} to redo the {stage} stage there.")
-    elif fresh:
-        storage.delete(folder)
+            f"{storage.display(folder)} holds files but no {FILE}: it is not the output of a "
+            f"dermray {stage} stage, so it is neither reused nor deleted. Write to a new --out, "
+            "or move those files away.")
     storage.write_text(path, json.dumps(current, indent=2, sort_keys=True))

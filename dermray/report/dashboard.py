@@ -20,6 +20,7 @@ import pandas as pd
 from dermray.errors import DermrayError
 from dermray.io import storage
 from dermray.models.heads import FAMILY_SPECS, param_prefixes
+from dermray.models.policies import describe
 from dermray.report.embedding_map import html_section
 from dermray.report.evaluate import plot_confusion
 from dermray.report.trials import iso_time, trial_state
@@ -157,17 +158,13 @@ def _table(frame: pd.DataFrame, table_id: str, highlight: str | None = None) -> 
             f"</thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
-def policy_section(policies: dict[str, Any] | None,
-                   points: dict[str, Any] | None = None) -> str:
-    """The winner's operating points on test (chosen on validation), each with the rule it
-    applies (its fitted thresholds and targets), and the calibration."""
+def policy_section(policies: dict[str, Any] | None, points: dict[str, Any] | None = None) -> str:
+    """The winner's operating points on test (chosen on validation: ``points``), with
+    calibration."""
     if not policies:
         return ""
     test = policies["test"]
-    fitted = (points or {}).get("policies", {})
-    frame = pd.DataFrame([{"policy": name,
-                           "rule (fitted on validation)": format_params(fitted.get(name, {}))
-                           or "argmax of the calibrated probabilities",
+    frame = pd.DataFrame([{"policy": name, "rule (fitted on validation)": describe(points, name),
                            "accuracy": m["accuracy"],
                            "balanced_accuracy": m["balanced_accuracy"],
                            "melanoma_sensitivity": m["melanoma_sensitivity"],

@@ -19,6 +19,7 @@ from sklearn.metrics import (
 
 from dermray.domain import CLASSES
 from dermray.io import storage
+from dermray.models.policies import describe
 from dermray.report.embedding_map import markdown_section
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def write_report(out: str, summary: dict[str, Any]) -> str:
         auc = f"{m['roc_auc']:.3f}" if m["roc_auc"] is not None else "n/a"
         lines.append(f"| {cls} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {auc} "
                      f"| {m['support']} |")
-    lines += ["", *policy_lines(summary.get("policies")), ""]
+    lines += ["", *policy_lines(summary.get("policies"), summary.get("operating_points")), ""]
 
     lines += markdown_section(out, win["features"])
     lines += ["", "![confusion matrix](confusion_matrix.png)", "",
@@ -125,17 +126,20 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def policy_lines(policies: dict[str, Any] | None) -> list[str]:
-    """Markdown: every operating point's test metrics, and calibration before/after scaling."""
+def policy_lines(policies: dict[str, Any] | None,
+                 points: dict[str, Any] | None = None) -> list[str]:
+    """Markdown: every operating point's rule (from ``points``, the fitted parameters) and test
+    metrics, and calibration before/after scaling."""
     if not policies:
         return []
     test, val = policies["test"], policies["val"]
     lines = ["## Operating points of the winner (chosen on validation; test below)", "",
-             "| policy | accuracy | balanced accuracy | melanoma sensitivity | melanoma "
+             "| policy | rule | accuracy | balanced accuracy | melanoma sensitivity | melanoma "
              "specificity | " + " | ".join(f"recall {c}" for c in CLASSES) + " |",
-             "| --- " * (5 + len(CLASSES)) + "|"]
+             "| --- " * (6 + len(CLASSES)) + "|"]
     for name, m in test["policies"].items():
-        lines.append(f"| {name} | {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} | "
+        lines.append(f"| {name} | {describe(points, name)} | {_fmt(m['accuracy'])} | "
+                     f"{_fmt(m['balanced_accuracy'])} | "
                      f"{_fmt(m['melanoma_sensitivity'])} | {_fmt(m['melanoma_specificity'])} | "
                      + " | ".join(_fmt(m["recall"][c]) for c in CLASSES) + " |")
     lines += ["", (f"Expected calibration error (test): {test['ece_before']:.3f} before "
@@ -173,7 +177,7 @@ def model_card(bundle: dict[str, Any], extract_record: dict[str, Any]) -> str:
         "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |",
         *[f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
           for c, m in test["per_class"].items()], "",
-        *policy_lines(metrics.get("policies")), "",
+        *policy_lines(metrics.get("policies"), bundle.get("operating_points")), "",
         "## Known limits",
         ("- Skin types: HAM10000 is mostly fair-skinned European and Australian patients; "
         "performance on darker skin types is unknown."),

@@ -3,8 +3,9 @@ pool, one GPU per actor on a cluster) -> Parquet part files, with quarantine and
 
 The pure pieces live beside their data: ``augment.decode_batch`` (decode + augment a batch of
 views) and ``backbones.FrozenExtractor`` (the models; one batch in, embeddings out). This module
-is the Ray Data wiring: the ``Embedder`` actor around the extractor (with the fault hook and the
-actor/node record), ``write_batch`` (part files and quarantine), resume and reconciliation.
+is the Ray Data wiring: the ``Embedder`` actor around the extractor (with the crash point
+``embed`` and the actor/node record), ``write_batch`` (part files and quarantine), resume and
+reconciliation.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import logging
 import os
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,6 @@ from dermray.models.embeddings import (
     dataset,
     quarantine_dir,
     read_keys,
-    repair_duplicates,
     to_table,
 )
 from dermray.stages.progress import ExtractProgress
@@ -44,14 +43,12 @@ logger = logging.getLogger(__name__)
 
 PLAN_COLUMNS = ["image_id", "lesion_id", "dx", "label", "split", "path", "age", "sex",
                 "localization", "aug_index"]
-# test hook: when set, the first Embedder call in the whole run kills its actor process once
-FAULT_ONCE_ENV = "DERMRAY_TEST_KILL_ACTOR_ONCE"
 
 
 class Embedder:
-    """The Ray Data actor: a ``FrozenExtractor`` built once per actor, the fault hook, and the
-    record of which actor on which node embedded each view; writes the part files itself when
-    given ``out``.
+    """The Ray Data actor: a ``FrozenExtractor`` built once per actor, the crash point ``embed``,
+    and the record of which actor on which node embedded each view; writes the part files itself
+    when given ``out``.
 
     TensorFlow is imported here, inside the actor, after its thread count is set.
     """
@@ -69,14 +66,8 @@ class Embedder:
         self.out = out  # where to write part files; None: return the embeddings instead
         self.where = _where()
 
-    def _maybe_fault(self) -> None:
-        marker = os.environ.get(FAULT_ONCE_ENV)
-        if marker and not os.path.exists(marker):
-            Path(marker).write_text(str(os.getpid()))
-            os._exit(1)  # simulate a crashed actor: Ray restarts it and retries the batch
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._maybe_fault()
+        faults.point("embed")  # a crashed actor (tests): Ray restarts it and retries the batch
         ok = np.asarray([not e for e in batch["error"]])
         out = {k: v for k, v in batch.items() if k != "image"}
         needed = {name: ok & np.asarray(batch.get(f"need_{name}", np.ones(len(ok), bool)),
@@ -244,8 +235,9 @@ def reconcile(plan: pd.DataFrame, out: str, backbones: list[str],
         if dups or len(frame) + len(quarantine) != len(plan):
             raise DermrayError(
                 f"Counts do not reconcile for {name}: planned {len(plan)} views, written "
-                f"{len(frame)} ({dups} duplicates), quarantined {len(quarantine)}. Rerun "
-                "`dermray extract` to fill the gaps.")
+                f"{len(frame)} ({dups} duplicates), quarantined {len(quarantine)}. "
+                + ("Redo the extraction with `dermray extract --fresh`." if dups else
+                   "Rerun `dermray extract` to fill the gaps."))
         counts[name] = {
             "rows": len(frame),
             "per_split": {k: int(v) for k, v in frame["split"].value_counts().sort_index().items()},
@@ -291,11 +283,6 @@ def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
     backbones = list(cfg.backbones)
     identities = {b: weights_identity(cfg.weights_for(b), b) for b in backbones}  # fails early
     claim_outputs(cfg, manifest, identities, fresh)
-    # views written twice by two runs of an older version at once: keep one of each
-    repaired = {name: repair_duplicates(backbone_dir(cfg.out, name)) for name in backbones}
-    repaired = {name: n for name, n in repaired.items() if n}
-    if repaired:
-        logger.warning("extract: removed duplicate views %s", repaired)
     pending = pending_views(plan, cfg.out, backbones)
     logger.info("extract: %d views planned, %d pending", len(plan), len(pending))
     files_written = 0
@@ -349,7 +336,6 @@ def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
         "views_pending_at_start": len(pending),
         "rows": counts,
         "quarantined": len(quarantine),
-        "duplicates_removed": repaired,
         "quarantined_images": int(quarantine["image_id"].nunique()) if len(quarantine) else 0,
         "files_written": files_written,
         "actor_layout": layout,

@@ -81,7 +81,7 @@ def check_manifest(out: str, current: dict[str, Any], fresh: bool) -> bool:
     if old.get("key") == current["key"]:
         return True
     if not fresh:
-        changed = "; ".join(fingerprint.differences(old, current)) or "no fingerprint recorded"
+        changed = "; ".join(fingerprint.differences(old, current))
         raise fingerprint.StaleOutputError(
             f"{storage.display(path)} holds another split ({changed}). Everything after it was "
             "made from that split: write to a new --out, or pass --fresh to redo the stages.")

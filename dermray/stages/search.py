@@ -20,13 +20,13 @@ from dermray.config import SearchConfig, config_to_dict
 from dermray.data.catalog import frame_hash, read_manifest
 from dermray.domain import CLASSES
 from dermray.errors import DermrayError
-from dermray.io import storage
+from dermray.io import faults, storage
 from dermray.io.fingerprint import FILE, claim, make
 from dermray.models.embeddings import backbone_dir, load_activations
 from dermray.models.features import embedding_features, image_arrays, parse_features
 from dermray.models.heads import ACTIVATIONS, EMBEDDINGS, IMAGES, FamilySpec, get_family
 from dermray.report.evaluate import metrics
-from dermray.stages.progress import tune_callbacks
+from dermray.stages.progress import tune_callback_base, tune_callbacks
 from dermray.stages.raysession import ensure_ray
 
 logger = logging.getLogger(__name__)
@@ -198,8 +198,17 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
                                   storage_filesystem=filesystem,
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   # our progress lines (and MLflow) replace Tune's own output
-                                  callbacks=tune_callbacks(cfg), verbose=0),
+                                  callbacks=[*tune_callbacks(cfg), TrialFaults()], verbose=0),
     )
+
+
+class TrialFaults(tune_callback_base()):
+    """Where the search stage sees a trial finish: the fault-matrix crash point ``search``
+    (dermray.io.faults), after the progress line of that trial."""
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
+                          **info: Any) -> None:
+        faults.point("search")
 
 
 # search settings that change neither the trials nor their numbers

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dermray.config import SearchConfig
+from dermray.config import SearchConfig, config_to_dict
 from dermray.data.catalog import read_manifest
 from dermray.domain import CLASSES
 from dermray.errors import DermrayError
@@ -149,13 +149,13 @@ def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[
 
 def operating_points(scored: dict[str, tuple[np.ndarray, np.ndarray]], cfg: SearchConfig,
                      manifest_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The winner's temperature and policies, fitted on validation only, and every policy's
-    metrics on val and test (the prior: the training split's class shares)."""
+    """The winner's temperature and every registered policy, fitted on validation only, and
+    each policy's metrics on val and test (the prior: the training split's class shares)."""
 
     train = read_manifest(manifest_path).query("split == 'train'")
     prior = train["dx"].value_counts().reindex(list(CLASSES), fill_value=0).to_numpy(float)
     val_proba, y_val = scored["val"]
-    points = fit_operating_points(val_proba, y_val, prior, cfg.melanoma_target)
+    points = fit_operating_points(val_proba, y_val, prior, config_to_dict(cfg))
     return points, {split: policy_report(proba, y, points) for split, (proba, y) in scored.items()}
 
 
@@ -195,7 +195,7 @@ def finish(results, cfg: SearchConfig, manifest_path: str, out: str) -> dict[str
                "best_per_family": best_per_family}
     metrics_json = {k: winner_entry[k] for k in ("family", "features", "params", "val", "test",
                                                  "trial_id")}
-    summary["policies"] = policy_metrics
+    summary["policies"], summary["operating_points"] = policy_metrics, points
     storage.write_text(storage.join(out, "metrics.json"), json.dumps(
         {**metrics_json, "operating_points": points, "policies": policy_metrics,
          "best_per_family": best_per_family}, indent=2))

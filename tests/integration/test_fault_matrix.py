@@ -35,6 +35,7 @@ import yaml
 
 from dermray.cli import main
 from dermray.config import load_section
+from dermray.io import faults
 from dermray.io.fingerprint import StaleOutputError
 from dermray.io.lock import hold
 from dermray.models.bundle import load_bundle
@@ -181,7 +182,8 @@ def rerun(config: str, out: Path) -> dict:
 def killed_run(config: str, out: Path, point: str, pause: bool = False) -> subprocess.Popen:
     """`python -m dermray run` that kills itself at ``point`` (or pauses there); its output
     goes to OUT.log (a pipe nobody reads would block it)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    # this session's own settings (its Ray, its armed actor crash point) stay here
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *faults.VARIABLES)}
     env.update({"DERMRAY_FAULT": point, "DERMRAY_FAULT_READY": str(out) + ".ready",
                 "PYTHONPATH": str(REPO)})
     if pause:

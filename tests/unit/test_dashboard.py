@@ -66,7 +66,8 @@ def test_page_scrolls_wide_tables_marks_the_winner_and_shows_policy_rules(tmp_pa
     assert page.count('<div class="wide"><table') == page.count("<table") >= 4
     assert '<tr class="winner"><td>t2</td>' in page
     assert "logistic_C=0.1111" in page and "0.1111111" not in page
-    assert "target_sensitivity=0.9<br>threshold=0.1235" in page
+    assert "mel where p(mel) &gt;= 0.123 (validation sensitivity &gt;= 0.9), else argmax" in page
+    assert "temperature 1.5" in page
     assert "2001-09-09T01:46:42Z" in page  # ISO times, not epoch seconds
 
 
