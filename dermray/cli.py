@@ -259,7 +259,7 @@ class _Sink:
             if ok:
                 os.replace(self.tmp, self.out)
             else:
-                self.tmp.unlink(missing_ok=True)
+                storage.remove(self.tmp, self.tmp.parent, "unfinished", logging.DEBUG)
         elif self.out and ok:
 
             storage.write_text(self.out, "".join(self.parts))

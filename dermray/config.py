@@ -20,6 +20,7 @@ import yaml
 
 from dermray.domain import SYNTH_MIN_N
 from dermray.errors import ConfigError, check, check_unique
+from dermray.io.storage import is_component
 from dermray.models.backbones import BACKBONES, weights_layer_problem
 from dermray.models.features import parse_features
 from dermray.models.heads import EMBEDDINGS, FAMILIES, FAMILY_SPECS
@@ -209,6 +210,9 @@ class SearchConfig:
               "0 when search.deterministic is true (a time cap makes the trials depend on timing)")
         check(self.max_failures >= 0, "search", "max_failures", self.max_failures, ">= 0")
         check(self.cpus_per_trial > 0, "search", "cpus_per_trial", self.cpus_per_trial, "> 0")
+        check(is_component(self.experiment), "search", "experiment", self.experiment,
+              "one folder name (not empty, '.' or '..'; no '/' or '\\'): it is a folder inside "
+              "search.storage_path")
         check(0.0 < self.melanoma_target <= 1.0, "search", "melanoma_target",
               self.melanoma_target, "a sensitivity in (0, 1]")
         check(not self.mlflow_tracking_uri or "://" in self.mlflow_tracking_uri, "search",

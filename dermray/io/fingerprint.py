@@ -65,13 +65,17 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def claim(folder: str, stage: str, current: dict[str, Any], fresh: bool = False,
-          flag: str = "--fresh") -> None:
+          flag: str = "--fresh", *, root: str) -> None:
     """Make ``folder`` the output of ``current``, or refuse.
+
+    ``folder`` must lie inside ``root`` (OUT, or the configured storage root), checked before
+    anything is read, written or deleted.
 
     No fingerprint yet (a new folder, or one from before fingerprints: then only if it is
     empty): write it. The same key: a rerun, which resumes. Another key: with ``fresh``, delete
     the folder and start over; otherwise raise, naming what changed.
     """
+    storage.inside(folder, root)
     path = storage.join(folder, FILE)
     if storage.is_file(path):
         old = json.loads(storage.read_text(path))
@@ -84,14 +88,13 @@ def claim(folder: str, stage: str, current: dict[str, Any], fresh: bool = False,
                 f"inputs ({'; '.join(changed) or 'the fingerprint differs'}). Reusing it would mix "
                 f"two results. Write to a new --out, or pass {flag} to redo the {stage} stage "
                 "there (its old output is deleted).")
-        logger.warning("%s: %s changed (%s); deleting the old output", storage.display(folder),
-                       stage, "; ".join(changed))
-        storage.delete(folder)
+        storage.remove(folder, root, f"{flag}: the {stage} settings or inputs changed: "
+                       + "; ".join(changed))
     elif storage.list_files(folder) and not fresh:
         raise StaleOutputError(
             f"{storage.display(folder)} holds {stage} output without a fingerprint (made by an "
             f"older dermray), so it cannot be checked against these settings. Write to a new "
             f"--out, or pass {flag} to redo the {stage} stage there.")
     elif fresh:
-        storage.delete(folder)
+        storage.remove(folder, root, f"{flag}: redo the {stage} stage")
     storage.write_text(path, json.dumps(current, indent=2, sort_keys=True))

@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 from dermray.errors import StorageError
 from dermray.io import faults
 
+logger = logging.getLogger(__name__)
+
 # s3://KEY:SECRET@bucket/...: the user-info part of a URI (a secret may hold '/', never '@')
 CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^@\s/?#]*(?::[^@\s]*)?@")
 # a silent S3 endpoint fails after about attempts x (connect or request timeout), not the 100 s
@@ -142,11 +144,110 @@ class RedactingFilter(logging.Filter):
 
 
 def join(base: str | Path, *names: str) -> str:
-    """Append path segments to a path or URI, keeping a URI's query on the result."""
+    """Append path segments to a path or URI, keeping a URI's query on the result.
+
+    A segment is a name: an empty one, ``.`` or ``..`` is refused (StorageError), so that a
+    joined path never climbs out of ``base`` nor names ``base`` itself."""
     path, sep, query = str(base).partition("?")
     for name in names:
-        path = path.rstrip("/") + "/" + str(name).strip("/")
+        parts = str(name).strip("/").split("/")
+        if any(part in _NOT_NAMES for part in parts):
+            raise StorageError(f"Cannot use {str(name)!r} under {display(base)}: each part of a "
+                               "path must be a name (not empty, '.' or '..'), so that it stays "
+                               "inside that folder.")
+        path = path.rstrip("/") + "/" + "/".join(parts)
     return path + (sep + query if sep else "")
+
+
+_NOT_NAMES = ("", ".", "..")
+
+
+def parent(uri: str | Path) -> str:
+    """The folder holding a path or URI (a URI keeps its query)."""
+    if not is_remote(uri):
+        return str(Path(uri).parent)
+    path, sep, query = str(uri).partition("?")
+    return path.rstrip("/").rpartition("/")[0] + sep + query
+
+
+def is_component(name: str) -> bool:
+    """Whether ``name`` is one folder name: not empty, '.' or '..', without '/', '\\' or NUL."""
+    return (isinstance(name, str) and name not in _NOT_NAMES
+            and not any(c in name for c in "/\\\0"))
+
+
+def inside(target: str | Path, root: str | Path) -> str:
+    """``target`` resolved (a local absolute path, or ``s3://bucket/key``), after checking that
+    it lies strictly inside ``root`` (resolved the same way); StorageError otherwise.
+
+    Locally the parent folders are resolved (links, ``..``) and the last name kept as it is, so
+    that a link inside ``root`` is itself inside (deleting it never follows it)."""
+    if is_remote(target) != is_remote(root):
+        raise StorageError(f"{display(target)} is not inside {display(root)} (one is local, the "
+                           "other a URI); dermray deletes and creates only inside its output.")
+    if is_remote(target):
+        where, base = _remote_key(target), _remote_key(root)
+        ok = (where[0] == base[0] and where[1] != base[1]
+              and where[1].startswith(base[1] + "/" if base[1] else ""))
+        resolved = f"{where[0]}/{where[1]}"
+    else:
+        path = Path(target).expanduser()
+        if path.name in _NOT_NAMES:
+            resolved = str(path.resolve())
+        else:
+            resolved = str(path.parent.resolve() / path.name)
+        base_dir = Path(root).expanduser().resolve()
+        ok = Path(resolved).is_relative_to(base_dir) and Path(resolved) != base_dir
+    if not ok:
+        raise StorageError(f"Refusing to touch {display(target)}: it is not inside "
+                           f"{display(root)}, the folder this run writes to. Check the paths in "
+                           "the config (search.storage_path, search.experiment, --out).")
+    return resolved
+
+
+def _remote_key(uri: str | Path) -> tuple[str, str]:
+    """(``scheme://bucket`` with the URI's query, the key without '/' at its ends); '.' and
+    '..' parts are refused, never interpreted."""
+    text, _, query = str(uri).partition("?")
+    scheme, _, rest = redact(text).partition("://")
+    bucket, _, key = rest.partition("/")
+    parts = [p for p in key.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise StorageError(f"{display(uri)} has a '.' or '..' part; name the object directly.")
+    return f"{scheme}://{bucket}?{query}", "/".join(parts)
+
+
+def remove(target: str | Path, root: str | Path, why: str, level: int = logging.WARNING) -> bool:
+    """Delete a file or a whole folder, if it exists, after checking that it lies strictly
+    inside ``root`` (``inside``), logging what is deleted and why. Every deletion dermray makes
+    goes through here. A local link made by ``replace_dir`` goes with the versioned folders it
+    names. Returns whether anything was there."""
+    inside(target, root)
+    if not is_remote(target):
+        path = str(Path(target).expanduser())
+        if not os.path.lexists(path):
+            return False
+        logger.log(level, "deleting %s (%s)", path, why, extra={"deleted": path})
+        if os.path.islink(path):
+            os.unlink(path)
+            for folder in _versions(Path(path)):
+                shutil.rmtree(folder, ignore_errors=True)
+        elif os.path.isdir(path):  # rmtree removes the links below it, never their targets
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+        return True
+    fs, path = open_fs(target)
+    kind = fs.get_file_info(path).type
+    if kind not in (pafs.FileType.Directory, pafs.FileType.File):
+        return False
+    logger.log(level, "deleting %s (%s)", display(target), why,
+               extra={"deleted": display(target)})
+    if kind == pafs.FileType.File:
+        fs.delete_file(path)
+    else:
+        fs.delete_dir(path)
+    return True
 
 
 def display(uri: str | Path) -> str:
@@ -222,22 +323,6 @@ def list_files(uri: str | Path, suffix: str = "") -> list[str]:
     return sorted(files)
 
 
-def delete(uri: str | Path) -> None:
-    """Remove a file or a whole folder, if it exists (a local link made by ``replace_dir``: the
-    link and the folder it names)."""
-    if not is_remote(uri) and os.path.islink(uri):
-        os.unlink(uri)
-        for folder in _versions(Path(uri)):
-            shutil.rmtree(folder, ignore_errors=True)
-        return
-    fs, path = open_fs(uri)
-    kind = fs.get_file_info(path).type
-    if kind == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif kind == pafs.FileType.File:
-        fs.delete_file(path)
-
-
 def upload_dir(local: str | Path, uri: str | Path, last: str | None = None) -> None:
     """Copy a local folder's files to ``uri`` (a folder); ``last`` (a relative name) is written
     after every other file, so that a reader that waits for it sees the whole folder."""
@@ -276,7 +361,7 @@ def staged(uri: str | Path, last: str | None = None) -> Iterator[Path]:
         yield folder
         upload_dir(folder, uri, last=last)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove(folder, tempfile.gettempdir(), "staging folder", logging.DEBUG)
 
 
 # what a killed writer leaves behind: a file written under its temporary name (_tmp_name), a
@@ -291,17 +376,15 @@ def sweep_leftovers(out: str | Path) -> list[str]:
     model folders and unswapped links at its top. Returns what was deleted."""
     if is_remote(out) or not Path(out).is_dir():
         return []
+    why = "left by a run that was killed"
     gone = []
     for path in Path(out).rglob(".*.tmp"):
         if _LEFTOVER_FILE.fullmatch(path.name) and (path.is_file() or path.is_symlink()):
-            path.unlink(missing_ok=True)
+            remove(path, out, why)
             gone.append(str(path))
     for path in Path(out).iterdir():
         if _LEFTOVER_TOP.fullmatch(path.name):
-            if path.is_symlink() or path.is_file():
-                path.unlink(missing_ok=True)
-            else:
-                shutil.rmtree(path, ignore_errors=True)
+            remove(path, out, why)
             gone.append(str(path))
     return gone
 
@@ -313,7 +396,8 @@ def _versions(target: Path) -> list[Path]:
             if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
 
 
-def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = False) -> str:
+def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = False,
+                root: str | Path | None = None) -> str:
     """Put a locally built folder at ``uri``, replacing what was there.
 
     Locally, without ``link``: the old folder is renamed out and the new one in (never half of
@@ -322,16 +406,20 @@ def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = Fa
     the old folder or the new one, never none (a real folder left by an older dermray is moved
     aside once); the previous version is kept until the next replacement, so a file open that
     resolved the old link still finds its file (unless two replacements happen within it). On S3: upload every file with ``marker`` last, then delete objects of the old
-    folder that the new one lacks.
+    folder that the new one lacks. ``uri`` must lie inside ``root`` (default: its own folder),
+    checked before anything is moved; what is deleted is deleted through ``remove``.
     """
     local = Path(local)
+    if root is None:
+        root = parent(uri)
+    inside(uri, root)
     if not is_remote(uri) and not link:
         target = Path(uri)
         old = target.with_name(f".{target.name}.old.{uuid.uuid4().hex[:8]}")
         if target.exists():
             target.rename(old)
         local.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old, root, "the folder it replaced", logging.DEBUG)
         return str(target)
     if not is_remote(uri):
         target = Path(uri)
@@ -350,7 +438,7 @@ def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = Fa
         # before this one still finds its files; older versions go
         for folder in _versions(target):
             if folder not in (version, previous):
-                shutil.rmtree(folder, ignore_errors=True)
+                remove(folder, root, "an older version", logging.DEBUG)
         return str(target)
     keep = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     fs, path = open_fs(uri)
@@ -359,5 +447,6 @@ def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = Fa
              if info.type == pafs.FileType.File and info.path[len(path):].lstrip("/") not in keep]
     upload_dir(local, uri, last=marker)
     for item in stale:
-        fs.delete_file(item)
+        remove(join(uri, item[len(path):].lstrip("/")), uri, "not in the new folder",
+               logging.DEBUG)
     return str(uri)

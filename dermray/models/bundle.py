@@ -6,7 +6,6 @@ import atexit
 import json
 import logging
 import os
-import shutil
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -203,7 +202,8 @@ def load_bundle(model: str | Path, weights_dirs: Sequence[str | Path] = ()) -> B
     directory = Path(model)
     if storage.is_remote(model):
         directory = Path(tempfile.mkdtemp(prefix="dermray-model-"))
-        atexit.register(shutil.rmtree, directory, True)
+        atexit.register(storage.remove, directory, tempfile.gettempdir(), "downloaded bundle",
+                        logging.DEBUG)
         storage.download_dir(model, directory)
     spec_path = directory / "bundle.json"
     if not spec_path.is_file():

@@ -270,11 +270,11 @@ def claim_outputs(cfg: ExtractConfig, manifest: pd.DataFrame, identities: dict[s
     settings = {k: getattr(cfg, k) for k in OUTPUT_SETTINGS}
     inputs = {"manifest": frame_hash(manifest)}
     claim(quarantine_dir(cfg.out), "extract", make("extract", settings, inputs, OUTPUT_PACKAGES),
-          fresh)
+          fresh, root=cfg.out)
     for name in cfg.backbones:
         claim(backbone_dir(cfg.out, name), "extract",
               make("extract", {**settings, "backbone": name},
-                   {**inputs, "weights": identities[name]}, OUTPUT_PACKAGES), fresh)
+                   {**inputs, "weights": identities[name]}, OUTPUT_PACKAGES), fresh, root=cfg.out)
 
 
 def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:

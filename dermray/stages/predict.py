@@ -22,8 +22,8 @@ without Ray; ``run_predict_ray`` is the wiring.
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -200,7 +200,7 @@ class Predictor:
 
     def __del__(self) -> None:
         if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            storage.remove(self._tmp, tempfile.gettempdir(), "bundle copy", logging.DEBUG)
 
 
 # ---- output -----------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ class PredictionWriter:
                 else:
                     os.replace(self._tmp, self.out)
         finally:
-            self._tmp.unlink(missing_ok=True)
+            storage.remove(self._tmp, self._tmp.parent, "temporary output", logging.DEBUG)
 
     def __enter__(self) -> Self:
         return self

@@ -237,7 +237,7 @@ def run_search(cfg: SearchConfig, manifest_path: str, resume: bool = True, fresh
     ensure_ray()
     data = load_search_data(cfg, manifest_path)
     claim(storage.join(storage_path(cfg), cfg.experiment), "search",
-          search_fingerprint(cfg, manifest_path), fresh)
+          search_fingerprint(cfg, manifest_path), fresh, root=storage_path(cfg))
     tuner = build_tuner(cfg, data, resume=resume)
     return tuner.fit()
 

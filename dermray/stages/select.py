@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -138,9 +137,9 @@ def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[
         (tmp / "model_card.md").write_text(model_card(bundle, extract_record))
         (tmp / "bundle.json").write_text(json.dumps(bundle, indent=2))
         # locally OUT/model is a link swapped atomically: a reader never finds no model
-        return storage.replace_dir(tmp, target, marker="bundle.json", link=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return storage.replace_dir(tmp, target, marker="bundle.json", link=True, root=out)
+    finally:  # gone already when it was renamed into place
+        storage.remove(tmp, parent or tempfile.gettempdir(), "the build folder", logging.DEBUG)
 
 
 def operating_points(scored: dict[str, tuple[np.ndarray, np.ndarray]], cfg: SearchConfig,

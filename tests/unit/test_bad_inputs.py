@@ -166,3 +166,39 @@ def test_every_bad_command_is_a_message(tmp_path, capsys):
         clear += 1
     assert clear == len(BAD_COMMANDS) == 15
     assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
+
+
+# issue 22's probes, each a config section and the command run with it: the run must end in a
+# message (exit 2) before it creates or deletes anything, inside OUT or out of it
+PROBES = [
+    # --fresh with an experiment two levels up once deleted that folder, and Tune wrote there
+    ("search:\n  experiment: ../../x\n", "search.experiment must be one folder name"),
+    ("search:\n  experiment: ..\n", "search.experiment must be one folder name"),
+    ("search:\n  experiment: a/b\n", "search.experiment must be one folder name"),
+    # storage_path plus an empty name once deleted the whole folder of other experiments
+    ("search:\n  storage_path: {tmp}/x\n  experiment: ''\n",
+     "search.experiment must be one folder name"),
+    ("search:\n  storage_path: {tmp}/x\n  experiment: .\n",
+     "search.experiment must be one folder name"),
+]
+
+
+def test_every_probe_ends_in_a_message_and_touches_nothing(tmp_path, capsys):
+    """Tried, ended exactly, ended in a message: every probe here ends in a message, and the
+    tree around OUT (a folder of other experiments two levels up included) is unchanged."""
+    victim = tmp_path / "x"
+    (victim / "other_experiment").mkdir(parents=True)
+    (victim / "other_experiment" / "tuner.pkl").write_bytes(b"someone else's")
+    out = tmp_path / "a" / "out"
+    tried = messages = 0
+    for i, (text, fragment) in enumerate(PROBES):
+        config = tmp_path / f"probe{i}.yaml"
+        config.write_text(text.replace("{tmp}", str(tmp_path)))
+        before = sorted(tmp_path.rglob("*"))
+        code = main(["search", "--config", str(config), "--out", str(out), "--fresh"])
+        err = capsys.readouterr().err
+        tried += 1
+        assert code == 2 and fragment in err and "Traceback" not in err, (text, err)
+        messages += 1
+        assert sorted(tmp_path.rglob("*")) == before, text
+    assert (tried, messages) == (len(PROBES), len(PROBES))
