@@ -444,6 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
     try:
+        for key, value in vars(args).items():  # s3://KEY:SECRET@...: read once, then gone
+            setattr(args, key, storage.strip_credentials(value))
         return args.func(args)
     except DermrayError as exc:
         print(f"error: {redact(exc)}", file=sys.stderr)

@@ -20,7 +20,7 @@ import yaml
 
 from dermray.domain import SYNTH_MIN_N
 from dermray.errors import ConfigError, check, check_unique
-from dermray.io.storage import is_component
+from dermray.io.storage import is_component, strip_credentials
 from dermray.models.backbones import BACKBONES, weights_layer_problem
 from dermray.models.features import parse_features
 from dermray.models.heads import EMBEDDINGS, FAMILIES, FAMILY_SPECS
@@ -277,7 +277,7 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
 def build_section(name: str, values: Mapping[str, Any] | None) -> Any:
     """Build one stage's config from a mapping, rejecting unknown keys and bad values."""
     cls = SECTIONS[name]
-    values = dict(values or {})
+    values = strip_credentials(dict(values or {}))  # no URI's credentials in a config
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))

@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -52,15 +54,13 @@ def open_fs(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     uri = str(uri)
     if not is_remote(uri):
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    uri = strip_credentials(uri)  # the filesystem reads them from the credential chain
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, OSError) as exc:
-        hint = (" Credentials in a URI must be percent-encoded ('/' as %2F, '+' as %2B); "
-                "better, leave them out and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
-                if CREDENTIALS.search(uri) else "")
         raise StorageError(f"Cannot open {display(uri)}: {redact(exc)}. Use s3://bucket/prefix, "
                            "optionally with ?region=...&endpoint_override=host:port&scheme=http."
-                           + hint) from None
+                           ) from None
     if isinstance(fs, pafs.S3FileSystem):
         _, (options,) = fs.__reduce__()  # every option from_uri parsed (region, credentials...)
         timeouts, attempts = s3_settings()
@@ -69,6 +69,77 @@ def open_fs(uri: str | Path) -> tuple[pafs.FileSystem, str]:
         fs = pafs.S3FileSystem(**options,
                                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts))
     return fs, path
+
+
+# the user-info of a URI at its start: scheme, then KEY[:SECRET]@ (a secret may hold '/')
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<key>[^@\s/?#:]*)"
+                       r"(?::(?P<secret>[^@\s]*))?@")
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+_adopted: dict[str, str] = {}  # the credentials this process took from a URI, by variable
+
+
+def strip_credentials(value: Any) -> Any:
+    """``value`` (a string, or a list, tuple or dict of them) with the credentials of every
+    ``s3://KEY:SECRET@bucket/...`` URI taken out and adopted (``adopt_credentials``).
+
+    This is where a URI's credentials are read, once, at the edge (the CLI's arguments, every
+    config section, ``open_fs`` and ``join``), so that everything made from a URI after it (a
+    record, a log or stdout line, Tune's pickled state, a Ray task's arguments) holds none. The
+    credentials of another scheme's URI (an MLflow server's, say) are refused with a message:
+    they would be stored with the run.
+    """
+    if isinstance(value, str):
+        return _strip(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(strip_credentials(v) for v in value)
+    if isinstance(value, dict):
+        return {k: strip_credentials(v) for k, v in value.items()}
+    return value
+
+
+def _strip(text: str) -> str:
+    match = _USERINFO.match(text)
+    if not match:
+        return text
+    scheme = match["scheme"].lower()
+    if scheme != "s3":
+        raise StorageError(
+            f"{redact(text)} carries credentials, which would be stored with the run (records, "
+            "logs, Tune's state). Leave them out of the URI and give them in the environment "
+            "(an MLflow server: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD).")
+    adopt_credentials(unquote(match["key"]), unquote(match["secret"] or ""), text)
+    return f"{match['scheme']}://" + text[match.end():]
+
+
+def adopt_credentials(key: str, secret: str, uri: str = "") -> None:
+    """Make ``key`` and ``secret`` this process's AWS credentials: the environment's
+    AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, which every S3 filesystem reads through the
+    default credential chain, and which a local Ray started after this inherits.
+
+    Why the environment and not the filesystem object: an S3FileSystem given explicit keys
+    pickles them (Tune stores its storage filesystem in tuner.pkl and ships it to every trial);
+    one on the default chain pickles none. Two different pairs in one run are refused: every S3
+    access would use the last one.
+    """
+    pair = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+    if _adopted == pair:
+        return
+    if _adopted and all(os.environ.get(k) == v for k, v in _adopted.items()):
+        raise StorageError(
+            f"{redact(uri)} carries other credentials than an earlier s3:// URI of this run; "
+            "one run uses one pair. Leave them out of the URIs and set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) instead.")
+    if os.environ.get("AWS_ACCESS_KEY_ID", key) != key:
+        logger.info("using the credentials of %s in place of $AWS_ACCESS_KEY_ID", display(uri))
+    os.environ.update(pair)
+    os.environ.pop("AWS_SESSION_TOKEN", None)  # a token belongs to the keys it came with
+    _adopted.clear()
+    _adopted.update(pair)
+
+
+def adopted_credentials() -> bool:
+    """Whether this process took its S3 credentials from a URI (and they are still in force)."""
+    return bool(_adopted) and all(os.environ.get(k) == v for k, v in _adopted.items())
 
 
 def s3_settings() -> tuple[dict[str, float], int]:
@@ -148,7 +219,7 @@ def join(base: str | Path, *names: str) -> str:
 
     A segment is a name: an empty one, ``.`` or ``..`` is refused (StorageError), so that a
     joined path never climbs out of ``base`` nor names ``base`` itself."""
-    path, sep, query = str(base).partition("?")
+    path, sep, query = strip_credentials(str(base)).partition("?")
     for name in names:
         parts = str(name).strip("/").split("/")
         if any(part in _NOT_NAMES for part in parts):

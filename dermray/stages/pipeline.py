@@ -91,6 +91,7 @@ def check_manifest(out: str, current: dict[str, Any], fresh: bool) -> bool:
 def run_pipeline(config_path: str, out: str, fresh: bool = False) -> dict[str, Any]:
     """Run every stage the config has a section for, all writing under ``out`` (``fresh``:
     redo every stage whose output was made with other settings)."""
+    out = storage.strip_credentials(out)  # its credentials, if any, are read here, once
     sections = read_yaml(config_path)
     result: dict[str, Any] = {"out": out}
     data_cfg = load_section("data", config_path, {"out": out})
@@ -115,6 +116,7 @@ def run_search_stage(config_path: str | None, out: str, manifest_path: str,
                      fresh: bool = False) -> dict[str, Any]:
     """Search the heads on OUT's embeddings, then select, score on test once, export."""
 
+    out, manifest_path = storage.strip_credentials((out, manifest_path))
     cfg = load_section("search", config_path, {"out": out, **(overrides or {})})
     results = run_search(cfg, manifest_path, fresh=fresh)
     summary = finish(results, cfg, manifest_path, out)

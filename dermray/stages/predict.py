@@ -86,7 +86,7 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
                     continue
                 if not storage.is_remote(line) and not Path(line).is_absolute():
                     line = str(path.parent / line)
-                out.append(line)
+                out.append(storage.strip_credentials(line))
         else:
             out.append(item)
     return out
