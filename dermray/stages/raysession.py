@@ -51,6 +51,26 @@ def joined_cluster() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
+AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_SECURITY_TOKEN")
+
+
+def keep_credentials_out_of_tune() -> None:
+    """Tune copies the driver's AWS_* variables into every trial actor's runtime environment,
+    and Ray's runtime-env agent writes that environment into its log in the session folder:
+    the secret on disk (measured: runtime_env_agent.log). A local Ray's workers inherit the
+    driver's environment anyway, and credentials read from a URI are not to leave this machine,
+    so there Tune is told not to copy them. On a joined cluster with the user's own AWS_*
+    variables Ray's behaviour is kept: it is how the trials on other nodes get them."""
+    if joined_cluster() and not storage.adopted_credentials():
+        return
+    from ray.tune.execution import class_cache
+
+    names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(names, (set, frozenset)):
+        class_cache.ENV_VARS_TO_PROPAGATE = set(names) - set(AWS_VARIABLES)
+
+
 def token_path() -> Path:
     """Where Ray reads its token file: $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
     return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")

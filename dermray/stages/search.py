@@ -27,7 +27,7 @@ from dermray.models.features import embedding_features, image_arrays, parse_feat
 from dermray.models.heads import ACTIVATIONS, EMBEDDINGS, IMAGES, FamilySpec, get_family
 from dermray.report.evaluate import metrics
 from dermray.stages.progress import tune_callbacks
-from dermray.stages.raysession import ensure_ray
+from dermray.stages.raysession import ensure_ray, keep_credentials_out_of_tune
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
 
 
     has_gpus = bool(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else False
+    keep_credentials_out_of_tune()
     specs = {fam: get_family(fam) for fam in cfg.families}
 
     def resources(config: dict[str, Any]) -> dict[str, float]:

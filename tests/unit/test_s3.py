@@ -125,3 +125,13 @@ def test_an_s3_failure_in_any_stage_is_a_message(moto_s3, synth_dir, capsys):
     assert main(["data", "split", "--metadata", meta, "--out", out]) == 2
     err = capsys.readouterr().err
     assert "Cannot access S3" in err and "hush42" not in err
+
+
+def test_a_list_files_uris_lose_their_credentials(tmp_path):
+    """predict's inputs from a list file: the rows' path column never holds a secret."""
+    from dermray.stages.predict import expand_inputs
+
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("s3://AKIAEXAMPLE:hush42@ham/a.jpg?region=us-east-1\nb.jpg\n")
+    assert expand_inputs([str(listing)]) == ["s3://ham/a.jpg?region=us-east-1",
+                                             str(tmp_path / "b.jpg")]
