@@ -20,6 +20,7 @@ import yaml
 
 from dermray.domain import SYNTH_MIN_N
 from dermray.errors import ConfigError, check, check_unique
+from dermray.io import yamlfile
 from dermray.io.storage import is_component, strip_credentials
 from dermray.models.backbones import BACKBONES, weights_layer_problem
 from dermray.models.features import parse_features
@@ -295,7 +296,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yamlfile.load(path) or {}  # bounded: aliases, size, duplicate keys
     except yaml.YAMLError as exc:
         raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

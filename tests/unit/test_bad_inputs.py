@@ -180,6 +180,21 @@ PROBES = [
      "search.experiment must be one folder name"),
     ("search:\n  storage_path: {tmp}/x\n  experiment: .\n",
      "search.experiment must be one folder name"),
+    # an alias bomb of 314 bytes: 9**8 strings once expanded (33 s and 1.6 GB before, in the
+    # message that quoted the value)
+    ("search:\n  experiment: [" + ", ".join(
+        ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+        + [f"&{n} [" + ",".join([f"*{p}"] * 9) + "]" for p, n in zip("abcdefg", "bcdefgh")])
+     + "]\n", "{file}, line 2: this part of the file expands (through its aliases"),
+    ("search:\n  features: &loop [a, *loop]\n", "{file}, line 2: an alias refers to a node"),
+    # duplicate keys, which YAML resolves silently to the last one
+    ("search:\n  num_samples: 2\n  num_samples: 30\n",
+     "{file}, line 3: the key 'num_samples' is given twice (first on line 2)"),
+    ("search:\n  num_samples: 2\nsearch:\n  num_samples: 30\n",
+     "{file}, line 3: the key 'search' is given twice (first on line 1)"),
+    ("search: {num_samples: 2, num_samples: 30}\n", "{file}, line 1: the key 'num_samples'"),
+    (b"search:\n  experiment: \xff\xfe\n", "is not UTF-8 text"),
+    ("search:\n  num_samples: 2\n" + "#" * (1 << 20), "a config file is at most"),
 ]
 
 
@@ -193,12 +208,16 @@ def test_every_probe_ends_in_a_message_and_touches_nothing(tmp_path, capsys):
     tried = messages = 0
     for i, (text, fragment) in enumerate(PROBES):
         config = tmp_path / f"probe{i}.yaml"
-        config.write_text(text.replace("{tmp}", str(tmp_path)))
+        if isinstance(text, bytes):
+            config.write_bytes(text)
+        else:
+            config.write_text(text.replace("{tmp}", str(tmp_path)))
         before = sorted(tmp_path.rglob("*"))
         code = main(["search", "--config", str(config), "--out", str(out), "--fresh"])
         err = capsys.readouterr().err
         tried += 1
-        assert code == 2 and fragment in err and "Traceback" not in err, (text, err)
+        fragment = fragment.replace("{file}", str(config))
+        assert code == 2 and fragment in err and "Traceback" not in err, (text[:200], err)
         messages += 1
         assert sorted(tmp_path.rglob("*")) == before, text
     assert (tried, messages) == (len(PROBES), len(PROBES))
