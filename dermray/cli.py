@@ -182,6 +182,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
 
+    if args.out:  # an unwritable --out is a message now, not after predicting everything
+        storage.check_writable(args.out)
     limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels,
                     batch_size=args.batch_size)
     metadata = None

@@ -380,6 +380,35 @@ def write_parquet(table: pa.Table, uri: str | Path) -> str:
     return str(uri)
 
 
+def check_writable(uri: str | Path) -> None:
+    """Refuse, before any work, an output file that cannot be written: a folder in its place,
+    a parent folder that cannot be made or written to, a bucket that refuses a write. A probe
+    file is written beside it and deleted."""
+    if is_remote(uri):
+        folder = parent(uri)
+        probe = join(folder, f".dermray-probe.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with storage_errors(uri):
+                write_bytes(probe, b"")
+        except OSError as exc:
+            raise StorageError(f"Cannot write {display(uri)}: {redact(exc)[:300]}. Check the "
+                               "bucket, the URI and the credentials.") from None
+        remove(probe, folder, "write probe", logging.DEBUG)
+        return
+    target = Path(uri).expanduser()
+    if target.is_dir():
+        raise StorageError(f"Cannot write {target}: it is a folder; name a file.")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe",
+                                     dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise StorageError(f"Cannot write {target}: {exc.strerror or exc}. Choose a folder "
+                           "you can write to.") from None
+    remove(probe, target.parent, "write probe", logging.DEBUG)
+
+
 def list_files(uri: str | Path, suffix: str = "") -> list[str]:
     """Files below a folder (recursive, inner paths), skipping names that start with '.' or '_'
     (temporary files and private folders); empty if the folder does not exist."""

@@ -235,10 +235,12 @@ def run_search(cfg: SearchConfig, manifest_path: str, resume: bool = True, fresh
     or inputs is refused (``fresh``: the old experiment is deleted and the search starts over),
     never "resumed" into the old winner."""
 
-    ensure_ray()
-    data = load_search_data(cfg, manifest_path)
+    # the fingerprint first: changed settings are refused before Ray starts (30 s) or the data
+    # loads
     claim(storage.join(storage_path(cfg), cfg.experiment), "search",
           search_fingerprint(cfg, manifest_path), fresh, root=storage_path(cfg))
+    ensure_ray()
+    data = load_search_data(cfg, manifest_path)
     tuner = build_tuner(cfg, data, resume=resume)
     return tuner.fit()
 

@@ -221,3 +221,46 @@ def test_every_probe_ends_in_a_message_and_touches_nothing(tmp_path, capsys):
         messages += 1
         assert sorted(tmp_path.rglob("*")) == before, text
     assert (tried, messages) == (len(PROBES), len(PROBES))
+
+
+def test_a_changed_search_is_refused_before_ray_starts(synth_manifest, tmp_path, monkeypatch):
+    """The search's fingerprint is checked before Ray starts (30 s) and before the data loads."""
+    from dermray.config import SearchConfig
+    from dermray.io.fingerprint import StaleOutputError
+    from dermray.stages import search
+
+    started = []
+    monkeypatch.setattr(search, "ensure_ray", lambda: started.append("ray"))
+    monkeypatch.setattr(search, "load_search_data", lambda *a: started.append("data"))
+    out = tmp_path / "out"
+    old = SearchConfig(out=str(out), families=("logistic",), features=("resnet50",), seed=0)
+    new = SearchConfig(out=str(out), families=("logistic",), features=("resnet50",), seed=1)
+    root = search.storage_path(old)
+    search.claim(f"{root}/heads", "search", search.search_fingerprint(old, str(synth_manifest)),
+                 root=root)
+    with pytest.raises(StaleOutputError, match="settings.seed: 0 -> 1"):
+        search.run_search(new, str(synth_manifest))
+    assert started == []
+
+
+# an output that cannot be written: refused before the model is even read (the model named
+# here does not exist, so a check made after loading it would give another message)
+OUT_PROBES = [
+    ("{tmp}", "it is a folder"),
+    ("{tmp}/afile/preds.csv", "Cannot write {tmp}/afile/preds.csv"),
+    ("/proc/dermray-preds.csv", "Cannot write /proc/dermray-preds.csv"),
+]
+
+
+def test_an_unwritable_out_is_refused_before_predicting(tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    image = tmp_path / "i.jpg"
+    image.write_bytes(b"x")
+    for out, fragment in OUT_PROBES:
+        out, fragment = (x.replace("{tmp}", str(tmp_path)) for x in (out, fragment))
+        for ray_flag in ("--no-ray", "--ray"):
+            code = main(["predict", "--model", str(tmp_path / "no_model"), "--out", out,
+                         ray_flag, str(image)])
+            err = capsys.readouterr().err
+            assert code == 2 and fragment in err and "Traceback" not in err, (out, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "i.jpg"]  # no probe left

@@ -135,3 +135,20 @@ def test_a_list_files_uris_lose_their_credentials(tmp_path):
     listing.write_text("s3://AKIAEXAMPLE:hush42@ham/a.jpg?region=us-east-1\nb.jpg\n")
     assert expand_inputs([str(listing)]) == ["s3://ham/a.jpg?region=us-east-1",
                                              str(tmp_path / "b.jpg")]
+
+
+def test_an_s3_out_is_probed_before_predicting(moto_s3, tmp_path, capsys):
+    """A bucket that refuses the write is a message before the model is read; on a writable
+    one the probe is gone (pyarrow leaves an empty folder marker where the output goes)."""
+    from dermray.cli import main
+    from dermray.io import storage
+
+    bucket = moto_s3.bucket("writable")
+    storage.check_writable(moto_s3.uri(bucket, "preds/out.csv"))
+    assert moto_s3.keys(bucket) == ["preds/"]
+    image = tmp_path / "i.jpg"
+    image.write_bytes(b"x")
+    code = main(["predict", "--model", str(tmp_path / "no_model"), "--out",
+                 moto_s3.uri("no-such-bucket", "preds.csv"), str(image)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Cannot write s3://no-such-bucket/preds.csv" in err, err
