@@ -29,7 +29,7 @@ from dermray.stages.extract import run_extract
 from dermray.stages.pipeline import run_pipeline, run_search_stage, run_split
 from dermray.stages.predict import LIST_SUFFIXES, run_predict_ray
 from dermray.stages.progress import mode_from_flags, set_mode
-from dermray.stages.raysession import joined_cluster
+from dermray.stages.raysession import hide_credentials_in_cmdline, joined_cluster
 
 logger = logging.getLogger("dermray")
 
@@ -448,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for key, value in vars(args).items():  # s3://KEY:SECRET@...: read once, then gone
             setattr(args, key, storage.strip_credentials(value))
+        hide_credentials_in_cmdline()  # from `ps`, and from what Ray records as the entrypoint
         return args.func(args)
     except DermrayError as exc:
         print(f"error: {redact(exc)}", file=sys.stderr)
