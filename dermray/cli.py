@@ -261,7 +261,8 @@ class _Sink:
             if ok:
                 os.replace(self.tmp, self.out)
             else:
-                storage.remove(self.tmp, self.tmp.parent, "unfinished", logging.DEBUG)
+                storage.remove(self.tmp, self.tmp.parent, "unfinished", logging.DEBUG,
+                               best_effort=True)
         elif self.out and ok:
 
             storage.write_text(self.out, "".join(self.parts))

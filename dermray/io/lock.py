@@ -108,7 +108,7 @@ def _release(path: Path, fd: int) -> None:
     file sees that and tries again), then let the lock go."""
     try:
         if os.path.samestat(os.fstat(fd), os.stat(path)):
-            storage.remove(path, path.parent, "lock released", logging.DEBUG)
+            storage.remove(path, path.parent, "lock released", logging.DEBUG, best_effort=True)
     except FileNotFoundError:
         pass
     finally:

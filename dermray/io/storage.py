@@ -288,12 +288,25 @@ def _remote_key(uri: str | Path) -> tuple[str, str]:
     return f"{scheme}://{bucket}?{query}", "/".join(parts)
 
 
-def remove(target: str | Path, root: str | Path, why: str, level: int = logging.WARNING) -> bool:
+def remove(target: str | Path, root: str | Path, why: str, level: int = logging.WARNING,
+           best_effort: bool = False) -> bool:
     """Delete a file or a whole folder, if it exists, after checking that it lies strictly
     inside ``root`` (``inside``), logging what is deleted and why. Every deletion dermray makes
     goes through here. A local link made by ``replace_dir`` goes with the versioned folders it
-    names. Returns whether anything was there."""
+    names. Returns whether anything was deleted. ``best_effort`` (temporary files, leftovers):
+    a deletion that fails is a warning, not an error; a target outside ``root`` is always one.
+    """
     inside(target, root)
+    try:
+        return _delete(target, why, level)
+    except OSError as exc:
+        if not best_effort:
+            raise
+        logger.warning("could not delete %s (%s): %s", display(target), why, redact(exc)[:200])
+        return False
+
+
+def _delete(target: str | Path, why: str, level: int) -> bool:
     if not is_remote(target):
         path = str(Path(target).expanduser())
         if not os.path.lexists(path):
@@ -393,7 +406,7 @@ def check_writable(uri: str | Path) -> None:
         except OSError as exc:
             raise StorageError(f"Cannot write {display(uri)}: {redact(exc)[:300]}. Check the "
                                "bucket, the URI and the credentials.") from None
-        remove(probe, folder, "write probe", logging.DEBUG)
+        remove(probe, folder, "write probe", logging.DEBUG, best_effort=True)
         return
     target = Path(uri).expanduser()
     if target.is_dir():
@@ -406,7 +419,7 @@ def check_writable(uri: str | Path) -> None:
     except OSError as exc:
         raise StorageError(f"Cannot write {target}: {exc.strerror or exc}. Choose a folder "
                            "you can write to.") from None
-    remove(probe, target.parent, "write probe", logging.DEBUG)
+    remove(probe, target.parent, "write probe", logging.DEBUG, best_effort=True)
 
 
 def list_files(uri: str | Path, suffix: str = "") -> list[str]:
@@ -461,7 +474,7 @@ def staged(uri: str | Path, last: str | None = None) -> Iterator[Path]:
         yield folder
         upload_dir(folder, uri, last=last)
     finally:
-        remove(folder, tempfile.gettempdir(), "staging folder", logging.DEBUG)
+        remove(folder, tempfile.gettempdir(), "staging folder", logging.DEBUG, best_effort=True)
 
 
 # what a killed writer leaves behind: a file written under its temporary name (_tmp_name), a
@@ -478,13 +491,11 @@ def sweep_leftovers(out: str | Path) -> list[str]:
         return []
     why = "left by a run that was killed"
     gone = []
-    for path in Path(out).rglob(".*.tmp"):
-        if _LEFTOVER_FILE.fullmatch(path.name) and (path.is_file() or path.is_symlink()):
-            remove(path, out, why)
-            gone.append(str(path))
-    for path in Path(out).iterdir():
-        if _LEFTOVER_TOP.fullmatch(path.name):
-            remove(path, out, why)
+    left = [p for p in Path(out).rglob(".*.tmp")
+            if _LEFTOVER_FILE.fullmatch(p.name) and (p.is_file() or p.is_symlink())]
+    left += [p for p in Path(out).iterdir() if _LEFTOVER_TOP.fullmatch(p.name)]
+    for path in left:
+        if remove(path, out, why, best_effort=True):
             gone.append(str(path))
     return gone
 
@@ -519,7 +530,7 @@ def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = Fa
         if target.exists():
             target.rename(old)
         local.rename(target)
-        remove(old, root, "the folder it replaced", logging.DEBUG)
+        remove(old, root, "the folder it replaced", logging.DEBUG, best_effort=True)
         return str(target)
     if not is_remote(uri):
         target = Path(uri)
@@ -538,7 +549,7 @@ def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = Fa
         # before this one still finds its files; older versions go
         for folder in _versions(target):
             if folder not in (version, previous):
-                remove(folder, root, "an older version", logging.DEBUG)
+                remove(folder, root, "an older version", logging.DEBUG, best_effort=True)
         return str(target)
     keep = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     fs, path = open_fs(uri)

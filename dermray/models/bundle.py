@@ -203,7 +203,7 @@ def load_bundle(model: str | Path, weights_dirs: Sequence[str | Path] = ()) -> B
     if storage.is_remote(model):
         directory = Path(tempfile.mkdtemp(prefix="dermray-model-"))
         atexit.register(storage.remove, directory, tempfile.gettempdir(), "downloaded bundle",
-                        logging.DEBUG)
+                        logging.DEBUG, best_effort=True)
         storage.download_dir(model, directory)
     spec_path = directory / "bundle.json"
     if not spec_path.is_file():

@@ -200,7 +200,8 @@ class Predictor:
 
     def __del__(self) -> None:
         if self._tmp:
-            storage.remove(self._tmp, tempfile.gettempdir(), "bundle copy", logging.DEBUG)
+            storage.remove(self._tmp, tempfile.gettempdir(), "bundle copy", logging.DEBUG,
+                           best_effort=True)
 
 
 # ---- output -----------------------------------------------------------------------------------
@@ -278,7 +279,8 @@ class PredictionWriter:
                 else:
                     os.replace(self._tmp, self.out)
         finally:
-            storage.remove(self._tmp, self._tmp.parent, "temporary output", logging.DEBUG)
+            storage.remove(self._tmp, self._tmp.parent, "temporary output", logging.DEBUG,
+                           best_effort=True)
 
     def __enter__(self) -> Self:
         return self

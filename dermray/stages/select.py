@@ -139,7 +139,8 @@ def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[
         # locally OUT/model is a link swapped atomically: a reader never finds no model
         return storage.replace_dir(tmp, target, marker="bundle.json", link=True, root=out)
     finally:  # gone already when it was renamed into place
-        storage.remove(tmp, parent or tempfile.gettempdir(), "the build folder", logging.DEBUG)
+        storage.remove(tmp, parent or tempfile.gettempdir(), "the build folder", logging.DEBUG,
+                       best_effort=True)
 
 
 def operating_points(scored: dict[str, tuple[np.ndarray, np.ndarray]], cfg: SearchConfig,

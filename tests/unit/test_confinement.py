@@ -147,3 +147,17 @@ def test_sweep_deletes_only_inside_out_even_through_a_link(tmp_path, victim):
     os.symlink(victim, out / ".model.build.abc_12")
     assert storage.sweep_leftovers(out) == [str(out / ".model.build.abc_12")]
     assert tree(victim) == {"keep", "keep/result.json"}
+
+
+def test_a_failed_cleanup_is_a_warning_a_failed_fresh_is_an_error(tmp_path, monkeypatch):
+    (tmp_path / "tmpdir").mkdir()
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(storage.shutil, "rmtree", refuse)
+    assert storage.remove(tmp_path / "tmpdir", tmp_path, "test", best_effort=True) is False
+    with pytest.raises(PermissionError):
+        storage.remove(tmp_path / "tmpdir", tmp_path, "test")
+    with pytest.raises(StorageError):  # outside the root: refused even when best effort
+        storage.remove(tmp_path, tmp_path, "test", best_effort=True)
