@@ -202,6 +202,8 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
     )
 
 
+# the libraries whose versions change the search's numbers; each searched family's own packages
+# are added (dermray.models.heads.FamilySpec.packages)
 SEARCH_PACKAGES = ("scikit-learn", "xgboost", "keras", "tensorflow", "tensorflow-cpu", "optuna",
                    "numpy", "ray")
 
@@ -220,7 +222,9 @@ def search_fingerprint(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
         embeddings[name] = (json.loads(storage.read_text(path)).get("key")
                             if storage.is_file(path) else None)
     inputs = {"manifest": frame_hash(read_manifest(manifest_path)), "embeddings": embeddings}
-    return make("search", settings, inputs, SEARCH_PACKAGES)
+    packages = dict.fromkeys([*SEARCH_PACKAGES,
+                              *(p for fam in cfg.families for p in get_family(fam).packages)])
+    return make("search", settings, inputs, packages)
 
 
 def run_search(cfg: SearchConfig, manifest_path: str, resume: bool = True, fresh: bool = False):
