@@ -5,7 +5,8 @@ A spec holds everything about a family: its head class, the input it takes, its 
 first point, its own config keys (``Setting``: declared, validated and read here, not by
 ``SearchConfig`` fields), the packages it needs, its resources per trial, its device parameter,
 and whether it reports per iteration (so that ASHA can stop it early). How a fitted head is
-explained is the head's own answer (``Head.explain_form``): it depends on the fitted state.
+explained is the head's own answer (``Head.differentiable_scores``): it depends on the fitted
+state, and a head loaded from a bundle answers without its spec.
 """
 
 from __future__ import annotations
