@@ -5,6 +5,12 @@ changed and the two ways out, instead of mixing old and new work.
 
 ``claim(folder, stage, current, fresh)`` writes the fingerprint on first use, passes when it
 matches, and with ``fresh`` deletes the folder's old output so the stage starts over.
+
+Which settings a fingerprint holds is declared once, where each setting is declared: a config
+field (``dermray.config.setting``) or a head family's own setting
+(``dermray.models.heads.registry.Setting``) says its ``effect``, one of ``EFFECTS``; a stage's
+fingerprint holds the values of its ``OUTPUT`` settings. No list to extend: a setting without a
+declaration fails a test (tests/unit/test_fingerprint_declared.py) and the stage that reads it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,16 @@ from dermray.io import storage
 logger = logging.getLogger(__name__)
 
 FILE = "_fingerprint.json"  # "_": every reader of part files skips it
+
+# what a setting does to its stage's output (see the module docstring)
+OUTPUT = "output"  # changes the numbers: its value is in the stage's fingerprint
+# names what the stage reads or which outputs it makes (a manifest, a weights file, the images,
+# the backbones): the stage fingerprints what it names, by content (a hash, a sha256, each
+# backbone's own folder), so the name itself is not in the fingerprint
+INPUT = "input"
+NEUTRAL = "neutral"  # where or how fast the stage runs (paths, resources, logging), never what
+EFFECTS = (OUTPUT, INPUT, NEUTRAL)
+EFFECT = "effect"  # the key of the declaration in a dataclass field's metadata
 
 
 class StaleOutputError(DermrayError):

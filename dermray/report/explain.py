@@ -2,13 +2,14 @@
 
 Two methods, chosen from what the head is:
 
-**Grad-CAM** (Selvaraju et al. 2017) where the whole model is differentiable: heads that are a
-linear map of the features (``coef_``/``intercept_``: the logistic head) or a Keras model
-(``model_``: the MLP and the fine-tuned CNN). The frozen backbone and the head are composed into
-one TensorFlow function, image -> class score, so gradients flow from the score back to the
-backbone's last convolutional map ``A`` (the last 4-D, non-pooling layer: ``conv5_block3_out``
-of ResNet50, ``block5_conv4`` of VGG19). Per channel ``k`` the weight is the spatial mean of the
-gradient, ``alpha_k = mean_ij dS/dA_ijk``, and the map is ``ReLU(sum_k alpha_k A_ijk)``.
+**Grad-CAM** (Selvaraju et al. 2017) where the whole model is differentiable, as the head's
+``differentiable_scores()`` says: a linear map of the features (``LinearScores``: the logistic
+head) or a Keras model (``KerasScores``: the MLP and the fine-tuned CNN). The frozen backbone
+and the head are composed into one TensorFlow function, image -> class score, so gradients flow
+from the score back to the backbone's last convolutional map ``A`` (the last 4-D, non-pooling
+layer: ``conv5_block3_out`` of ResNet50, ``block5_conv4`` of VGG19). Per channel ``k`` the weight
+is the spatial mean of the gradient, ``alpha_k = mean_ij dS/dA_ijk``, and the map is
+``ReLU(sum_k alpha_k A_ijk)``.
 
 - The score ``S`` is the *pre-softmax* score of the class: the logistic head's logit, the last
   Dense layer's input times its kernel plus bias for Keras heads. The softmax would mix in the
@@ -26,11 +27,11 @@ gradient, ``alpha_k = mean_ij dS/dA_ijk``, and the map is ``ReLU(sum_k alpha_k A
   orientation before the maps are averaged.
 
 **Occlusion sensitivity** (Zeiler & Fergus 2014) for everything else (XGBoost, whose trees
-have no gradient, and any head of unknown form), or when asked: a patch of the image's mean
-colour slides over it (a quarter of the side, stride an eighth) and each pixel gets the mean
-drop of the class probability over the patches that cover it. It costs one forward pass per
-patch position (49), and it uses the bundle's own ``features`` and head, so it explains exactly
-what ``dermray predict`` computes.
+have no gradient, and any head whose ``differentiable_scores()`` is None), or when asked: a
+patch of the image's mean colour slides over it (a quarter of the side, stride an eighth) and
+each pixel gets the mean drop of the class probability over the patches that cover it. It costs
+one forward pass per patch position (49), and it uses the bundle's own ``features`` and head, so
+it explains exactly what ``dermray predict`` computes.
 
 The class explained is the one ``dermray predict`` decides under ``policy``; the probability
 shown is the head's, as in predict's ``p_<class>`` column.
@@ -55,6 +56,7 @@ from dermray.models.backbones import build_extractor, get_spec, preprocess
 from dermray.models.bundle import Bundle, read_image_file
 from dermray.models.features import metadata_matrix
 from dermray.models.heads import IMAGES, get_family
+from dermray.models.heads.base import LinearScores
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +78,7 @@ class Explanation:
 def gradcam_supported(bundle: Bundle) -> bool:
     """Whether the head is a differentiable function Grad-CAM can go through (see the module
     docstring): a linear head or a Keras head, on pooled backbone features or on images."""
-    import keras
-
-
-    head = bundle.head
-    linear = all(hasattr(head, a) for a in ("coef_", "intercept_", "mean_", "scale_"))
-    if not (linear or isinstance(getattr(head, "model_", None), keras.Model)):
+    if bundle.head.differentiable_scores() is None:
         return False
     return not any(getattr(get_spec(b["name"]), "is_map", False)
                    for b in bundle.spec["backbones"])
@@ -182,10 +179,10 @@ class GradCam:
         self.bundle = bundle
         self.size = bundle.spec["image_size"]
         self.on_images = get_family(bundle.spec["family"]).input == IMAGES
-        head = bundle.head
+        scores = bundle.head.differentiable_scores()
         self.nets = []
         if self.on_images:
-            self._finetune_parts(head.model_)
+            self._finetune_parts(scores.model)
         else:
             for b in bundle.spec["backbones"]:
                 # seeded as the bundle's embedder builds it: random weights are the same weights
@@ -193,10 +190,11 @@ class GradCam:
                 net = build_extractor(b["name"], bundle.weights[b["name"]], self.size)
                 layer = conv_map_layer(net)
                 self.nets.append((b["name"], keras.Model(net.inputs, [layer.output, net.output])))
-            if not hasattr(head, "coef_"):
-                self.head_sub, self.kernel, self.bias = _keras_logits(head.model_)
-            else:
+            if isinstance(scores, LinearScores):
                 self.head_sub = None
+                self.kernel, self.bias = scores.weights, scores.bias
+            else:
+                self.head_sub, self.kernel, self.bias = _keras_logits(scores.model)
 
     def _finetune_parts(self, model: Any) -> None:
         """The fine-tuned CNN: its outer layers around the nested backbone model."""
@@ -216,12 +214,9 @@ class GradCam:
     def _logits(self, X: Any) -> Any:
         import tensorflow as tf
 
-        head = self.bundle.head
-        if self.head_sub is None:  # linear: the logistic head's standardised logits
-            coef = tf.constant((head.coef_ / head.scale_[None, :]).T, tf.float32)
-            bias = tf.constant(head.intercept_ - (head.mean_ / head.scale_) @ head.coef_.T,
-                               tf.float32)
-            return tf.matmul(X, coef) + bias
+        if self.head_sub is None:  # linear: X @ weights + bias (the logistic head's logits)
+            return (tf.matmul(X, tf.constant(self.kernel, tf.float32))
+                    + tf.constant(self.bias, tf.float32))
         return tf.matmul(self.head_sub(X, training=False), self.kernel) + self.bias
 
     def heat(self, image: np.ndarray, target: int, meta: np.ndarray | None = None) -> np.ndarray:

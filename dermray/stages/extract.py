@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dermray.config import ExtractConfig, config_to_dict
+from dermray.config import ExtractConfig, config_to_dict, output_settings
 from dermray.data.augment import decode_batch, plan_views
 from dermray.data.catalog import frame_hash, read_manifest
 from dermray.errors import DermrayError
@@ -246,9 +246,6 @@ def reconcile(plan: pd.DataFrame, out: str, backbones: list[str],
     return counts
 
 
-# the settings that change which views are made and what their rows hold (not the Ray layout)
-OUTPUT_SETTINGS = ("image_size", "augment", "target_per_class", "max_views_per_image",
-                   "tta_views", "seed", "mixed_precision")
 # the libraries whose versions change the numbers (decoding, resizing, the networks)
 OUTPUT_PACKAGES = ("keras", "tensorflow", "tensorflow-cpu", "numpy", "pillow")
 
@@ -259,7 +256,9 @@ def claim_outputs(cfg: ExtractConfig, manifest: pd.DataFrame, identities: dict[s
     manifest and that backbone's weights: a rerun with anything else is refused, or with
     ``fresh`` starts that folder over (see dermray.io.fingerprint)."""
 
-    settings = {k: getattr(cfg, k) for k in OUTPUT_SETTINGS}
+    # the settings declared to change which views are made and what their rows hold (not the
+    # Ray layout: dermray.config declares each field's effect)
+    settings = output_settings(cfg)
     inputs = {"manifest": frame_hash(manifest)}
     claim(quarantine_dir(cfg.out), "extract", make("extract", settings, inputs, OUTPUT_PACKAGES),
           fresh)
