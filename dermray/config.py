@@ -20,7 +20,13 @@ import yaml
 
 from dermray.domain import SYNTH_MIN_N
 from dermray.errors import ConfigError, check, check_unique
-from dermray.models.backbones import BACKBONES, weights_layer_problem
+from dermray.models.backbones import (
+    BACKBONES,
+    IMAGE_SIZE,
+    IMAGE_SIZE_RULE,
+    valid_image_size,
+    weights_layer_problem,
+)
 from dermray.models.features import parse_features
 from dermray.models.heads import EMBEDDINGS, FAMILIES, FAMILY_SPECS
 
@@ -62,7 +68,7 @@ class ExtractConfig:
     backbones: tuple[str, ...] = ("resnet50", "vgg19")
     # backbone name -> "imagenet" | "none" | a weights file path
     weights: dict[str, str] = field(default_factory=dict)
-    image_size: int = 224
+    image_size: int = IMAGE_SIZE
     batch_size: int = 32
     augment: bool = True
     # views per class the train split is brought up to (0: the largest class's image count)
@@ -98,8 +104,8 @@ class ExtractConfig:
             check(name in BACKBONES, "extract", "weights", name, f"keyed by one of {sorted(BACKBONES)}")
             check(isinstance(value, str) and value != "", "extract", f"weights.{name}", value,
                    "'imagenet', 'none' or a weights file path")
-        check(32 <= self.image_size <= 1024, "extract", "image_size", self.image_size,
-               "an integer in [32, 1024]")
+        check(valid_image_size(self.image_size), "extract", "image_size", self.image_size,
+              IMAGE_SIZE_RULE)
         for key in ("batch_size", "max_views_per_image", "decode_batch_size"):
             check(getattr(self, key) >= 1, "extract", key, getattr(self, key), ">= 1")
         for key in ("target_per_class", "tta_views", "seed", "num_actors", "max_actors",

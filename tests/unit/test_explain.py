@@ -5,6 +5,7 @@ random (seeded) VGG19 weights, one backbone build for the module."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from dermray.cli import main
 from dermray.data.synth import render_lesion
 from dermray.domain import CLASSES
 from dermray.models.backbones import FrozenExtractor
-from dermray.models.bundle import load_bundle
+from dermray.models.bundle import BackboneRecord, Bundle, BundleSpec, load_bundle
 
 SIZE = 32
 
@@ -36,17 +37,15 @@ def skin_with_spot(covered: bool = False) -> np.ndarray:
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """A logistic and an XGBoost bundle on the same embeddings, saved and loaded as exported."""
-    from dermray.models.bundle import Bundle
     from dermray.models.heads import make_head
 
     root = tmp_path_factory.mktemp("bundles")
     images = np.stack([lesion(dx, 10 * i + j) for i, dx in enumerate(CLASSES) for j in range(2)])
     y = np.repeat(np.arange(len(CLASSES)), 2)
-    spec = {"format": 2, "features": "vgg19", "image_size": SIZE, "tta_views": 0, "seed": 0,
-            "labels": list(CLASSES), "preprocessing": "caffe",
-            "backbones": [{"name": "vgg19", "weights_identity": "none", "weights_name": ""}]}
-    embedding = Bundle(spec={**spec, "family": "logistic"}, head=None, directory=root,
-                       weights={"vgg19": "none"})
+    spec = BundleSpec(family="logistic", features="vgg19", image_size=SIZE, tta_views=0, seed=0,
+                      backbones=(BackboneRecord.of("vgg19", "none"),), params={}, trial_id="t",
+                      metrics={})
+    embedding = Bundle(spec=spec, head=None, directory=root, weights={"vgg19": "none"})
     # the bundle's own embedder without XLA (its compile would cost more than the test)
     embedding._embedder = FrozenExtractor(["vgg19"], {"vgg19": "none"}, SIZE, batch_size=16,
                                           jit_compile=False, seed=0)
@@ -57,7 +56,7 @@ def bundles(tmp_path_factory):
                                         "early_stopping_rounds": 0})):
         directory = root / family
         make_head(family, params).fit(X, y).save(directory / "head")
-        (directory / "bundle.json").write_text(json.dumps({**spec, "family": family}))
+        replace(spec, family=family).write(directory)
         out[family] = load_bundle(directory)
         out[family]._embedder = embedding.embedder()  # one network for the module
     return out
