@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from dermray.cli import main
 from dermray.data.synth import render_lesion
 from dermray.domain import CLASSES
-from dermray.models.backbones import FrozenExtractor
+from dermray.models.backbones import PREPROCESSING, FrozenExtractor, caffe_preprocess
 from dermray.models.bundle import BackboneRecord, Bundle, BundleSpec, load_bundle
 
 SIZE = 32
@@ -127,3 +127,25 @@ def test_explain_writes_a_png_per_image(bundles, gradcam, tmp_path, capsys, monk
     assert (tmp_path / "cli" / "spot.png").is_file()
     captured = capsys.readouterr()
     assert "occlusion" in captured.out and "bad.jpg" in captured.err
+
+
+def test_the_embedder_runs_the_preprocessing_the_bundle_records(bundles, monkeypatch):
+    """A bundle that records another preprocessing mode embeds in that mode (here one that
+    counts its calls and then does what caffe does, so the features must equal the caffe
+    bundle's, which never calls it)."""
+    caffe = bundles["logistic"]
+    calls = []
+
+    def probe(images):
+        calls.append(len(images))
+        return caffe_preprocess(images)
+
+    monkeypatch.setitem(PREPROCESSING, "probe", probe)
+    record = replace(caffe.spec.backbones[0], preprocessing="probe")
+    probed = Bundle(spec=replace(caffe.spec, backbones=(record,)), head=caffe.head,
+                    directory=caffe.directory, weights=caffe.weights)
+    images = np.stack([lesion("mel", 1), lesion("nv", 2)])
+    got = probed.features(images)  # its own network, built from the spec
+    assert calls and probed.embedder().preprocessing == {"vgg19": "probe"}
+    np.testing.assert_array_equal(caffe.features(images), got)
+    assert len(calls) == 1
