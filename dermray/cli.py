@@ -337,12 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "with its path)")
     p.add_argument("--metadata", help="HAM10000-style CSV with age, sex, localization per "
                    "image_id, for models trained with patient metadata")
-    p.add_argument("--max-bytes", dest="max_bytes", type=int, default=50_000_000,
+    p.add_argument("--max-bytes", dest="max_bytes", type=int, default=Limits.max_bytes,
                    help="skip (with a warning) files larger than this (default 50 MB)")
-    p.add_argument("--max-pixels", dest="max_pixels", type=int, default=40_000_000,
+    p.add_argument("--max-pixels", dest="max_pixels", type=int, default=Limits.max_pixels,
                    help="skip images with more pixels than this, read from the header "
                    "(default 40 million)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=64,
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=Limits.batch_size,
                    help="images decoded and predicted at a time: memory stays bounded")
     p.add_argument("--ray", action=argparse.BooleanOptionalAction, default=None,
                    help="run as a Ray Data job: decode tasks and predictor actors (a GPU each "

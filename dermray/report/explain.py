@@ -54,7 +54,7 @@ from dermray.errors import DermrayError
 from dermray.models.backbones import build_extractor, get_spec, preprocess
 from dermray.models.bundle import Bundle
 from dermray.models.features import metadata_matrix
-from dermray.models.predict_io import read_limited
+from dermray.models.predict_io import Limits, read_limited
 
 logger = logging.getLogger(__name__)
 
@@ -357,20 +357,21 @@ def display_image(data: bytes, width: int = 600) -> Image.Image:
 
 
 def explain_files(bundle: Bundle, paths: list[str | Path], out: str | Path, method: str = "auto",
-                  policy: str = "accuracy", max_bytes: int = 50_000_000,
-                  max_pixels: int = 40_000_000, explainer: Explainer | None = None
+                  policy: str = "accuracy", limits: Limits | None = None,
+                  explainer: Explainer | None = None
                   ) -> tuple[list[dict[str, Any]], list[str]]:
     """A PNG per image in ``out`` (``<image name>.png``) and ``explanations.json``; returns the
-    records and a problem per file that could not be read. ``explainer``: one already built for
-    ``bundle`` (its method and policy are used)."""
+    records and a problem per file that could not be read (within ``limits``, as predict reads).
+    ``explainer``: one already built for ``bundle`` (its method and policy are used)."""
 
     explainer = explainer or Explainer(bundle, method, policy)
+    limits = limits or Limits()
     out = Path(out)
     records, problems = [], []
     for path in paths:
         try:
-            data = read_limited(path, max_bytes)
-            image = decode_image(data, bundle.spec.image_size, max_pixels=max_pixels)
+            data = read_limited(path, limits.max_bytes)
+            image = decode_image(data, bundle.spec.image_size, max_pixels=limits.max_pixels)
             original = display_image(data)
         except (DecodeError, OSError) as exc:
             problems.append(f"{path}: {exc}; skipped")

@@ -109,7 +109,7 @@ def run_predict_ray(model: str, inputs: Sequence[str], out: str | None = None,
         raise DermrayError(f"No images found in {', '.join(map(str, inputs))}.")
     # the weights the driver found, by folder: an actor on this machine finds the same files
     dirs = [*map(str, weights_dirs), *{str(Path(w).parent) for w in bundle.weights.values()
-                                       if w not in ("none", "imagenet")}]
+                                       if w != "none"}]
     files = None if storage.is_remote(model) else bundle_files(bundle.directory)
     writer = PredictionWriter(out, fmt)
     ensure_ray()
