@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 BUNDLE_FILE = "bundle.json"
 FORMAT = 3  # bundle.json's layout; another one is refused (export the bundle again)
 VIEWS = 8  # the dihedral group's views (augment.dihedral): tta_views counts the extra ones
+HEX = "0123456789abcdef"
 
 
 class BundleError(DermrayError):
@@ -86,8 +87,8 @@ class BackboneRecord:
         if self.name not in BACKBONES:
             raise _problem(where, f"{key}.name", f"one of {sorted(BACKBONES)}", self.name)
         identity = self.weights_identity
-        if not (identity == "none" or (isinstance(identity, str) and identity.startswith("sha256:")
-                                       and len(identity) == 71)):
+        digest = identity[7:] if isinstance(identity, str) and identity[:7] == "sha256:" else ""
+        if not (identity == "none" or (len(digest) == 64 and set(digest) <= set(HEX))):
             raise _problem(where, f"{key}.weights_identity", "'none' or 'sha256:<64 hex digits>'",
                            identity)
         if not isinstance(self.weights_name, str):
