@@ -29,7 +29,13 @@ import yaml
 from dermray.domain import SYNTH_MIN_N
 from dermray.errors import ConfigError, check, check_unique
 from dermray.io.fingerprint import EFFECT, EFFECTS, INPUT, NEUTRAL, OUTPUT
-from dermray.models.backbones import BACKBONES, weights_layer_problem
+from dermray.models.backbones import (
+    BACKBONES,
+    IMAGE_SIZE,
+    IMAGE_SIZE_RULE,
+    valid_image_size,
+    weights_layer_problem,
+)
 from dermray.models.features import parse_features
 from dermray.models.heads import EMBEDDINGS, FAMILIES, FAMILY_SPECS
 from dermray.models.heads.registry import family_settings
@@ -92,7 +98,7 @@ class ExtractConfig:
     backbones: tuple[str, ...] = setting(("resnet50", "vgg19"), INPUT)
     # backbone name -> "imagenet" | "none" | a weights file path (fingerprinted by sha256)
     weights: dict[str, str] = setting(factory=dict, effect=INPUT)
-    image_size: int = setting(224, OUTPUT)
+    image_size: int = setting(IMAGE_SIZE, OUTPUT)
     batch_size: int = setting(32, NEUTRAL)
     augment: bool = setting(True, OUTPUT)
     # views per class the train split is brought up to (0: the largest class's image count)
@@ -128,8 +134,8 @@ class ExtractConfig:
             check(name in BACKBONES, "extract", "weights", name, f"keyed by one of {sorted(BACKBONES)}")
             check(isinstance(value, str) and value != "", "extract", f"weights.{name}", value,
                    "'imagenet', 'none' or a weights file path")
-        check(32 <= self.image_size <= 1024, "extract", "image_size", self.image_size,
-               "an integer in [32, 1024]")
+        check(valid_image_size(self.image_size), "extract", "image_size", self.image_size,
+              IMAGE_SIZE_RULE)
         for key in ("batch_size", "max_views_per_image", "decode_batch_size"):
             check(getattr(self, key) >= 1, "extract", key, getattr(self, key), ">= 1")
         for key in ("target_per_class", "tta_views", "seed", "num_actors", "max_actors",

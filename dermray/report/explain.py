@@ -53,10 +53,10 @@ from PIL import Image
 from dermray.data.augment import DecodeError, decode_image, dihedral
 from dermray.errors import DermrayError
 from dermray.models.backbones import build_extractor, get_spec, preprocess
-from dermray.models.bundle import Bundle, read_image_file
+from dermray.models.bundle import Bundle
 from dermray.models.features import metadata_matrix
-from dermray.models.heads import IMAGES, get_family
 from dermray.models.heads.base import LinearScores
+from dermray.models.predict_io import Limits, read_limited
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ def gradcam_supported(bundle: Bundle) -> bool:
     docstring): a linear head or a Keras head, on pooled backbone features or on images."""
     if bundle.head.differentiable_scores() is None:
         return False
-    return not any(getattr(get_spec(b["name"]), "is_map", False)
-                   for b in bundle.spec["backbones"])
+    return not any(get_spec(b.name).is_map for b in bundle.spec.backbones)
 
 
 def choose_method(bundle: Bundle, method: str = "auto") -> str:
@@ -90,7 +89,7 @@ def choose_method(bundle: Bundle, method: str = "auto") -> str:
     if method == "auto":
         return "gradcam" if gradcam_supported(bundle) else "occlusion"
     if method == "gradcam" and not gradcam_supported(bundle):
-        raise DermrayError(f"The {bundle.spec['family']} head has no gradient (trees, or an "
+        raise DermrayError(f"The {bundle.spec.family} head has no gradient (trees, or an "
                            "unknown form): use --method occlusion (or auto).")
     return method
 
@@ -177,19 +176,19 @@ class GradCam:
 
 
         self.bundle = bundle
-        self.size = bundle.spec["image_size"]
-        self.on_images = get_family(bundle.spec["family"]).input == IMAGES
+        self.size = bundle.spec.image_size
+        self.on_images = bundle.spec.takes_images
         scores = bundle.head.differentiable_scores()
         self.nets = []
         if self.on_images:
             self._finetune_parts(scores.model)
         else:
-            for b in bundle.spec["backbones"]:
+            for b in bundle.spec.backbones:
                 # seeded as the bundle's embedder builds it: random weights are the same weights
-                keras.utils.set_random_seed(bundle.spec.get("seed", 0))
-                net = build_extractor(b["name"], bundle.weights[b["name"]], self.size)
+                keras.utils.set_random_seed(bundle.spec.seed)
+                net = build_extractor(b.name, bundle.weights[b.name], self.size)
                 layer = conv_map_layer(net)
-                self.nets.append((b["name"], keras.Model(net.inputs, [layer.output, net.output])))
+                self.nets.append((b, keras.Model(net.inputs, [layer.output, net.output])))
             if isinstance(scores, LinearScores):
                 self.head_sub = None
                 self.kernel, self.bias = scores.weights, scores.bias
@@ -226,12 +225,13 @@ class GradCam:
         if self.on_images:
             return self._heat_images(image, target)
 
-        views = list(range(self.bundle.spec.get("tta_views", 0) + 1))
+        views = list(range(self.bundle.spec.tta_views + 1))
         total = np.zeros((self.size, self.size), dtype=np.float32)
         with tf.GradientTape() as tape:
             maps, feats = [], []
-            for name, net in self.nets:
-                x = preprocess(name, np.stack([dihedral(image, k) for k in views]))
+            for b, net in self.nets:  # in the preprocessing the bundle records
+                x = preprocess(b.name, np.stack([dihedral(image, k) for k in views]),
+                               b.preprocessing)
                 fmap, pooled = net(tf.constant(x), training=False)
                 maps.append(fmap)
                 feats.append(tf.reduce_mean(pooled, axis=0, keepdims=True))  # the TTA average
@@ -351,21 +351,22 @@ def display_image(data: bytes, width: int = 600) -> Image.Image:
     return img.convert("RGB")
 
 
-def explain_files(bundle: Bundle, paths: list[Path], out: str | Path, method: str = "auto",
-                  policy: str = "accuracy", max_bytes: int = 50_000_000,
-                  max_pixels: int = 40_000_000, explainer: Explainer | None = None
+def explain_files(bundle: Bundle, paths: list[str | Path], out: str | Path, method: str = "auto",
+                  policy: str = "accuracy", limits: Limits | None = None,
+                  explainer: Explainer | None = None
                   ) -> tuple[list[dict[str, Any]], list[str]]:
     """A PNG per image in ``out`` (``<image name>.png``) and ``explanations.json``; returns the
-    records and a problem per file that could not be read. ``explainer``: one already built for
-    ``bundle`` (its method and policy are used)."""
+    records and a problem per file that could not be read (within ``limits``, as predict reads).
+    ``explainer``: one already built for ``bundle`` (its method and policy are used)."""
 
     explainer = explainer or Explainer(bundle, method, policy)
+    limits = limits or Limits()
     out = Path(out)
     records, problems = [], []
     for path in paths:
         try:
-            data = read_image_file(Path(path), max_bytes)
-            image = decode_image(data, bundle.spec["image_size"], max_pixels=max_pixels)
+            data = read_limited(path, limits.max_bytes)
+            image = decode_image(data, bundle.spec.image_size, max_pixels=limits.max_pixels)
             original = display_image(data)
         except (DecodeError, OSError) as exc:
             problems.append(f"{path}: {exc}; skipped")

@@ -37,7 +37,7 @@ from dermray.models.embeddings import (
     to_table,
 )
 from dermray.stages.progress import ExtractProgress
-from dermray.stages.raysession import ensure_ray, joined_cluster
+from dermray.stages.raysession import cluster_shape, ensure_ray, joined_cluster, pool_layout
 
 logger = logging.getLogger(__name__)
 
@@ -164,35 +164,20 @@ def actor_layout(cfg: ExtractConfig) -> dict[str, Any]:
     instead, Ray Data asks for the next GPU only once it has throughput figures: measured on the
     fake multi-node cluster, a run of a few hundred views ended before a second node came.)
     """
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    num_gpus = cfg.num_gpus_per_actor or (1.0 if gpus else 0.0)
-    if num_gpus and not gpus and not joined_cluster():
+    gpus, nodes = cluster_shape()
+    if cfg.num_gpus_per_actor and not gpus and not joined_cluster():
         # nothing would ever bring a GPU: the actors would wait forever
         raise DermrayError(
             f"extract.num_gpus_per_actor is {cfg.num_gpus_per_actor} but this local Ray has no "
             "GPU and no autoscaler to add one. Set extract.num_gpus_per_actor: 0 to embed on "
             "the CPU, or submit the job to a GPU cluster (`ray job submit`, RAY_ADDRESS).")
-    if cfg.num_actors:
-        min_size = max_size = initial = cfg.num_actors
-    elif num_gpus:
-        min_size = max(1, int(gpus / num_gpus))
-        max_size = initial = max(min_size, cfg.max_actors)
-    else:
-        # CPU only: one actor per node, leaving the rest of the CPUs to decode tasks
-        min_size = initial = max(1, nodes)
-        max_size = max(min_size, cfg.max_actors)
-    threads = cfg.threads_per_actor or (0 if num_gpus else (os.cpu_count() or 1))
+    layout = pool_layout(gpus, nodes, os.cpu_count() or 1, cfg.num_actors, cfg.max_actors,
+                         cfg.num_gpus_per_actor, cfg.threads_per_actor)
     if cfg.write_from != "auto":
         writer = cfg.write_from
     else:  # a local OUT on a multi-node cluster exists only on the head: the driver writes it
         writer = "driver" if nodes > 1 and not storage.is_remote(cfg.out) else "actors"
-    return {"min_size": min_size, "max_size": max_size, "initial_size": initial,
-            "num_gpus": num_gpus,
-            "num_cpus": cfg.cpus_per_actor, "threads": threads, "writer": writer}
+    return {**layout, "num_cpus": cfg.cpus_per_actor, "writer": writer}
 
 
 def actor_summary(rows: pd.DataFrame) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ from dermray.io.fingerprint import StaleOutputError
 from dermray.io.lock import hold
 from dermray.models.bundle import load_bundle
 from dermray.models.embeddings import read_frame
+from dermray.models.predict_io import predict_files
 from dermray.stages.pipeline import run_pipeline, run_split
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +95,7 @@ def outputs(out: Path, result: dict) -> dict:
 
 
 def proba(bundle, paths: list[str]) -> np.ndarray:
-    frame, problems = bundle.predict_files([Path(p) for p in paths])
+    frame, problems = predict_files(bundle, paths)
     assert not problems and len(frame) == len(paths)
     return frame[[c for c in frame.columns if c.startswith("p_")]].to_numpy()
 

@@ -148,6 +148,7 @@ def test_a_family_registered_here_is_searched_selected_exported_and_predicts(
     from dermray.config import build_section
     from dermray.models.bundle import load_bundle
     from dermray.models.features import embedding_features
+    from dermray.models.predict_io import predict_files
     from dermray.report.evaluate import metrics
     from dermray.stages.search import run_search
     from dermray.stages.select import finish
@@ -172,7 +173,7 @@ def test_a_family_registered_here_is_searched_selected_exported_and_predicts(
     assert reported["family"] == "centroid" and reported["features"] == "resnet50"
 
     bundle = load_bundle(results_dir / "model")
-    assert bundle.spec["family"] == "centroid"
+    assert bundle.spec.family == "centroid"
     assert isinstance(bundle.head, NearestCentroidHead)
     X, y, frame = embedding_features(out, "resnet50", "test")
     recomputed = metrics(y, bundle.head.predict_proba(X))
@@ -180,7 +181,7 @@ def test_a_family_registered_here_is_searched_selected_exported_and_predicts(
     # from the image files, through decode + embed, as `dermray predict` does
     manifest = pd.read_parquet(out / "manifest.parquet").set_index("image_id")
     paths = [Path(manifest.loc[i, "path"]) for i in frame["image_id"][:8]]
-    preds, problems = bundle.predict_files(paths)
+    preds, problems = predict_files(bundle, paths)
     assert problems == [] and len(preds) == len(paths)
     got = preds[[f"p_{c}" for c in bundle.labels]].to_numpy()
     np.testing.assert_allclose(got, bundle.head.predict_proba(X[:8]), atol=2e-3)
