@@ -3,8 +3,14 @@ it (the stage's settings, the content of its inputs, the weights, the library ve
 change numbers), and a rerun into the same folder with anything else is refused, naming what
 changed and the two ways out, instead of mixing old and new work.
 
-``claim(folder, stage, settings, inputs, fresh)`` writes the fingerprint on first use, passes
-when it matches, and with ``fresh`` deletes the folder's old output so the stage starts over.
+``claim(folder, stage, current, fresh)`` writes the fingerprint on first use, passes when it
+matches, and with ``fresh`` deletes the folder's old output so the stage starts over.
+
+Which settings a fingerprint holds is declared once, where each setting is declared: a config
+field (``dermray.config.setting``) or a head family's own setting
+(``dermray.models.heads.registry.Setting``) says its ``effect``, one of ``EFFECTS``; a stage's
+fingerprint holds the values of its ``OUTPUT`` settings. No list to extend: a setting without a
+declaration fails a test (tests/unit/test_fingerprint_declared.py) and the stage that reads it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,16 @@ from dermray.io import storage
 logger = logging.getLogger(__name__)
 
 FILE = "_fingerprint.json"  # "_": every reader of part files skips it
+
+# what a setting does to its stage's output (see the module docstring)
+OUTPUT = "output"  # changes the numbers: its value is in the stage's fingerprint
+# names what the stage reads or which outputs it makes (a manifest, a weights file, the images,
+# the backbones): the stage fingerprints what it names, by content (a hash, a sha256, each
+# backbone's own folder), so the name itself is not in the fingerprint
+INPUT = "input"
+NEUTRAL = "neutral"  # where or how fast the stage runs (paths, resources, logging), never what
+EFFECTS = (OUTPUT, INPUT, NEUTRAL)
+EFFECT = "effect"  # the key of the declaration in a dataclass field's metadata
 
 
 class StaleOutputError(DermrayError):
@@ -71,9 +87,10 @@ def claim(folder: str, stage: str, current: dict[str, Any], fresh: bool = False,
     ``folder`` must lie inside ``root`` (OUT, or the configured storage root), checked before
     anything is read, written or deleted.
 
-    No fingerprint yet (a new folder, or one from before fingerprints: then only if it is
-    empty): write it. The same key: a rerun, which resumes. Another key: with ``fresh``, delete
-    the folder and start over; otherwise raise, naming what changed.
+    No fingerprint yet: write it (a folder that holds files but no fingerprint is not a dermray
+    output: refused, and never deleted, even with ``fresh``). The same key: a rerun, which
+    resumes. Another key: with ``fresh``, delete the folder and start over; otherwise raise,
+    naming what changed.
     """
     storage.inside(folder, root)
     path = storage.join(folder, FILE)
@@ -90,11 +107,9 @@ def claim(folder: str, stage: str, current: dict[str, Any], fresh: bool = False,
                 "there (its old output is deleted).")
         storage.remove(folder, root, f"{flag}: the {stage} settings or inputs changed: "
                        + "; ".join(changed))
-    elif storage.list_files(folder) and not fresh:
+    elif storage.list_files(folder):
         raise StaleOutputError(
-            f"{storage.display(folder)} holds {stage} output without a fingerprint (made by an "
-            f"older dermray), so it cannot be checked against these settings. Write to a new "
-            f"--out, or pass {flag} to redo the {stage} stage there.")
-    elif fresh:
-        storage.remove(folder, root, f"{flag}: redo the {stage} stage")
+            f"{storage.display(folder)} holds files but no {FILE}: it is not the output of a "
+            f"dermray {stage} stage, so it is neither reused nor deleted. Write to a new --out, "
+            "or move those files away.")
     storage.write_text(path, json.dumps(current, indent=2, sort_keys=True))

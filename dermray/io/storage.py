@@ -502,7 +502,7 @@ def sweep_leftovers(out: str | Path) -> list[str]:
 
 def _versions(target: Path) -> list[Path]:
     """The hidden versioned folders ``replace_dir(..., link=True)`` made beside ``target``."""
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(old\.)?[0-9a-f]{{8}}")
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{8}}")
     return [p for p in target.parent.iterdir()
             if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
 
@@ -514,8 +514,8 @@ def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = Fa
     Locally, without ``link``: the old folder is renamed out and the new one in (never half of
     each, but for a moment neither). With ``link``: ``uri`` is a symbolic link to a hidden versioned folder beside it; the new folder
     is renamed to its own version and the link replaced in one atomic rename, so a reader finds
-    the old folder or the new one, never none (a real folder left by an older dermray is moved
-    aside once); the previous version is kept until the next replacement, so a file open that
+    the old folder or the new one, never none (a real folder at ``uri`` is not one of ours:
+    refused, untouched); the previous version is kept until the next replacement, so a file open that
     resolved the old link still finds its file (unless two replacements happen within it). On S3: upload every file with ``marker`` last, then delete objects of the old
     folder that the new one lacks. ``uri`` must lie inside ``root`` (default: its own folder),
     checked before anything is moved; what is deleted is deleted through ``remove``.
@@ -534,13 +534,13 @@ def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = Fa
         return str(target)
     if not is_remote(uri):
         target = Path(uri)
+        if target.exists() and not target.is_symlink():
+            raise StorageError(f"{target} is a folder that dermray did not make (it keeps "
+                               f"{target.name} as a link): move it away, or use another --out.")
         tag = uuid.uuid4().hex[:8]
         version = target.with_name(f".{target.name}.{tag}")
         local.rename(version)
         previous = target.resolve() if target.is_symlink() else None
-        if target.exists() and not target.is_symlink():  # an older dermray's real folder
-            previous = target.with_name(f".{target.name}.old.{tag}")
-            target.rename(previous)
         link = target.with_name(f".{target.name}.link.{tag}")
         link.symlink_to(version.name)  # relative: OUT can be moved or copied whole
         faults.point("replace:" + target.name)

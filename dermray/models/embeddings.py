@@ -126,7 +126,7 @@ def read_frame(out: str | Path, backbone: str, split: str | Sequence[str] | None
     dups = frame.duplicated(KEY)
     if dups.any():
         raise DermrayError(f"{int(dups.sum())} duplicate view(s) in {backbone_dir(out, backbone)}; "
-                           "rerun `dermray extract` to reconcile.")
+                           "redo the extraction with `dermray extract --fresh`.")
     return frame.sort_values(["split", "image_id", "aug_index"]).reset_index(drop=True)
 
 
@@ -182,7 +182,8 @@ def load_activations(out: str | Path, backbone: str, split: str,
         frame[col] = frame[col].astype(str)
     if frame.duplicated(KEY).any():
         raise DermrayError(f"{int(frame.duplicated(KEY).sum())} duplicate view(s) in "
-                           f"{backbone_dir(out, backbone)}; rerun `dermray extract` to reconcile.")
+                           f"{backbone_dir(out, backbone)}; redo the extraction with `dermray "
+                           "extract --fresh`.")
     column = table.column("embedding").combine_chunks()
     dim = column.type.list_size
     values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float16, copy=False)
@@ -196,33 +197,3 @@ def load_activations(out: str | Path, backbone: str, split: str,
     frame = frame.iloc[order].reset_index(drop=True)
     return X, frame["label"].to_numpy(), frame
 
-
-def repair_duplicates(folder: str | Path) -> int:
-    """Remove views written more than once (two runs of an older dermray at once wrote the same
-    views under different part names): the first part file (by name) keeps its row, every later
-    file is rewritten without it (under its new content name) or deleted if nothing is left.
-    Returns the number of rows removed. Each rewrite lands before the old file goes, so a crash
-    between the two leaves a duplicate (repaired by the next run), never a lost view."""
-    ds = dataset(folder)
-    if ds is None or not ds.to_table(columns=KEY).to_pandas().duplicated(KEY).any():
-        return 0  # the usual case: one scan of the keys, not one read per part file
-    fs, base = storage.open_fs(folder)
-    seen: set[tuple[str, int]] = set()
-    removed = 0
-    for fragment in sorted(ds.get_fragments(), key=lambda f: f.path):
-        keys = fragment.to_table(columns=KEY).to_pandas()
-        pairs = list(zip(keys["image_id"], keys["aug_index"].astype(int)))
-        dup = np.zeros(len(pairs), bool)
-        for i, pair in enumerate(pairs):
-            dup[i] = pair in seen
-            seen.add(pair)
-        if not dup.any():
-            continue
-        rel = fragment.path[len(base):].lstrip("/").split("/")
-        kept = fragment.to_table().filter(pa.array(~dup))
-        if kept.num_rows:  # fewer views: another content name than the file it replaces
-            storage.write_parquet(kept, storage.join(
-                folder, *rel[:-1], content_name(kept.select(KEY).to_pandas())))
-        fs.delete_file(fragment.path)
-        removed += int(dup.sum())
-    return removed

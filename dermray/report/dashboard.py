@@ -20,6 +20,7 @@ import pandas as pd
 from dermray.errors import DermrayError
 from dermray.io import storage
 from dermray.models.heads import FAMILY_SPECS, param_prefixes
+from dermray.models.policies import describe
 from dermray.report.embedding_map import html_section
 from dermray.report.evaluate import plot_confusion
 
@@ -109,12 +110,14 @@ def _table(frame: pd.DataFrame, table_id: str, highlight: str | None = None) -> 
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
-def policy_section(policies: dict[str, Any] | None) -> str:
-    """The winner's operating points on test (chosen on validation), with calibration."""
+def policy_section(policies: dict[str, Any] | None, points: dict[str, Any] | None = None) -> str:
+    """The winner's operating points on test (chosen on validation: ``points``), with
+    calibration."""
     if not policies:
         return ""
     test = policies["test"]
-    frame = pd.DataFrame([{"policy": name, "accuracy": m["accuracy"],
+    frame = pd.DataFrame([{"policy": name, "rule": describe(points, name),
+                           "accuracy": m["accuracy"],
                            "balanced_accuracy": m["balanced_accuracy"],
                            "melanoma_sensitivity": m["melanoma_sensitivity"],
                            "melanoma_specificity": m["melanoma_specificity"],
@@ -289,7 +292,7 @@ Test (scored once, after selection): accuracy {test['accuracy']:.4f}, balanced a
 {_table(best, "best")}
 <h2>Winner: test metrics per class</h2>
 {_table(per_class, "per-class")}
-{policy_section(result.get("policies"))}
+{policy_section(result.get("policies"), result.get("operating_points"))}
 <img alt="confusion matrix" src="{cm}">
 {html_section(out, result['features'])}
 <h2>All trials (click a header to sort)</h2>

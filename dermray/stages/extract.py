@@ -3,8 +3,9 @@ pool, one GPU per actor on a cluster) -> Parquet part files, with quarantine and
 
 The pure pieces live beside their data: ``augment.decode_batch`` (decode + augment a batch of
 views) and ``backbones.FrozenExtractor`` (the models; one batch in, embeddings out). This module
-is the Ray Data wiring: the ``Embedder`` actor around the extractor (with the fault hook and the
-actor/node record), ``write_batch`` (part files and quarantine), resume and reconciliation.
+is the Ray Data wiring: the ``Embedder`` actor around the extractor (with the crash point
+``embed`` and the actor/node record), ``write_batch`` (part files and quarantine), resume and
+reconciliation.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ import logging
 import os
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dermray.config import ExtractConfig, config_to_dict
+from dermray.config import ExtractConfig, config_to_dict, output_settings
 from dermray.data.augment import decode_batch, plan_views
 from dermray.data.catalog import frame_hash, read_manifest
 from dermray.errors import DermrayError
@@ -34,24 +34,21 @@ from dermray.models.embeddings import (
     dataset,
     quarantine_dir,
     read_keys,
-    repair_duplicates,
     to_table,
 )
 from dermray.stages.progress import ExtractProgress
-from dermray.stages.raysession import ensure_ray, joined_cluster
+from dermray.stages.raysession import cluster_shape, ensure_ray, joined_cluster, pool_layout
 
 logger = logging.getLogger(__name__)
 
 PLAN_COLUMNS = ["image_id", "lesion_id", "dx", "label", "split", "path", "age", "sex",
                 "localization", "aug_index"]
-# test hook: when set, the first Embedder call in the whole run kills its actor process once
-FAULT_ONCE_ENV = "DERMRAY_TEST_KILL_ACTOR_ONCE"
 
 
 class Embedder:
-    """The Ray Data actor: a ``FrozenExtractor`` built once per actor, the fault hook, and the
-    record of which actor on which node embedded each view; writes the part files itself when
-    given ``out``.
+    """The Ray Data actor: a ``FrozenExtractor`` built once per actor, the crash point ``embed``,
+    and the record of which actor on which node embedded each view; writes the part files itself
+    when given ``out``.
 
     TensorFlow is imported here, inside the actor, after its thread count is set.
     """
@@ -69,14 +66,8 @@ class Embedder:
         self.out = out  # where to write part files; None: return the embeddings instead
         self.where = _where()
 
-    def _maybe_fault(self) -> None:
-        marker = os.environ.get(FAULT_ONCE_ENV)
-        if marker and not os.path.exists(marker):
-            Path(marker).write_text(str(os.getpid()))
-            os._exit(1)  # simulate a crashed actor: Ray restarts it and retries the batch
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._maybe_fault()
+        faults.point("embed")  # a crashed actor (tests): Ray restarts it and retries the batch
         ok = np.asarray([not e for e in batch["error"]])
         out = {k: v for k, v in batch.items() if k != "image"}
         needed = {name: ok & np.asarray(batch.get(f"need_{name}", np.ones(len(ok), bool)),
@@ -173,35 +164,20 @@ def actor_layout(cfg: ExtractConfig) -> dict[str, Any]:
     instead, Ray Data asks for the next GPU only once it has throughput figures: measured on the
     fake multi-node cluster, a run of a few hundred views ended before a second node came.)
     """
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    num_gpus = cfg.num_gpus_per_actor or (1.0 if gpus else 0.0)
-    if num_gpus and not gpus and not joined_cluster():
+    gpus, nodes = cluster_shape()
+    if cfg.num_gpus_per_actor and not gpus and not joined_cluster():
         # nothing would ever bring a GPU: the actors would wait forever
         raise DermrayError(
             f"extract.num_gpus_per_actor is {cfg.num_gpus_per_actor} but this local Ray has no "
             "GPU and no autoscaler to add one. Set extract.num_gpus_per_actor: 0 to embed on "
             "the CPU, or submit the job to a GPU cluster (`ray job submit`, RAY_ADDRESS).")
-    if cfg.num_actors:
-        min_size = max_size = initial = cfg.num_actors
-    elif num_gpus:
-        min_size = max(1, int(gpus / num_gpus))
-        max_size = initial = max(min_size, cfg.max_actors)
-    else:
-        # CPU only: one actor per node, leaving the rest of the CPUs to decode tasks
-        min_size = initial = max(1, nodes)
-        max_size = max(min_size, cfg.max_actors)
-    threads = cfg.threads_per_actor or (0 if num_gpus else (os.cpu_count() or 1))
+    layout = pool_layout(gpus, nodes, os.cpu_count() or 1, cfg.num_actors, cfg.max_actors,
+                         cfg.num_gpus_per_actor, cfg.threads_per_actor)
     if cfg.write_from != "auto":
         writer = cfg.write_from
     else:  # a local OUT on a multi-node cluster exists only on the head: the driver writes it
         writer = "driver" if nodes > 1 and not storage.is_remote(cfg.out) else "actors"
-    return {"min_size": min_size, "max_size": max_size, "initial_size": initial,
-            "num_gpus": num_gpus,
-            "num_cpus": cfg.cpus_per_actor, "threads": threads, "writer": writer}
+    return {**layout, "num_cpus": cfg.cpus_per_actor, "writer": writer}
 
 
 def actor_summary(rows: pd.DataFrame) -> list[dict[str, Any]]:
@@ -244,8 +220,9 @@ def reconcile(plan: pd.DataFrame, out: str, backbones: list[str],
         if dups or len(frame) + len(quarantine) != len(plan):
             raise DermrayError(
                 f"Counts do not reconcile for {name}: planned {len(plan)} views, written "
-                f"{len(frame)} ({dups} duplicates), quarantined {len(quarantine)}. Rerun "
-                "`dermray extract` to fill the gaps.")
+                f"{len(frame)} ({dups} duplicates), quarantined {len(quarantine)}. "
+                + ("Redo the extraction with `dermray extract --fresh`." if dups else
+                   "Rerun `dermray extract` to fill the gaps."))
         counts[name] = {
             "rows": len(frame),
             "per_split": {k: int(v) for k, v in frame["split"].value_counts().sort_index().items()},
@@ -254,9 +231,6 @@ def reconcile(plan: pd.DataFrame, out: str, backbones: list[str],
     return counts
 
 
-# the settings that change which views are made and what their rows hold (not the Ray layout)
-OUTPUT_SETTINGS = ("image_size", "augment", "target_per_class", "max_views_per_image",
-                   "tta_views", "seed", "mixed_precision")
 # the libraries whose versions change the numbers (decoding, resizing, the networks)
 OUTPUT_PACKAGES = ("keras", "tensorflow", "tensorflow-cpu", "numpy", "pillow")
 
@@ -267,7 +241,9 @@ def claim_outputs(cfg: ExtractConfig, manifest: pd.DataFrame, identities: dict[s
     manifest and that backbone's weights: a rerun with anything else is refused, or with
     ``fresh`` starts that folder over (see dermray.io.fingerprint)."""
 
-    settings = {k: getattr(cfg, k) for k in OUTPUT_SETTINGS}
+    # the settings declared to change which views are made and what their rows hold (not the
+    # Ray layout: dermray.config declares each field's effect)
+    settings = output_settings(cfg)
     inputs = {"manifest": frame_hash(manifest)}
     claim(quarantine_dir(cfg.out), "extract", make("extract", settings, inputs, OUTPUT_PACKAGES),
           fresh, root=cfg.out)
@@ -291,11 +267,6 @@ def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
     backbones = list(cfg.backbones)
     identities = {b: weights_identity(cfg.weights_for(b), b) for b in backbones}  # fails early
     claim_outputs(cfg, manifest, identities, fresh)
-    # views written twice by two runs of an older version at once: keep one of each
-    repaired = {name: repair_duplicates(backbone_dir(cfg.out, name)) for name in backbones}
-    repaired = {name: n for name, n in repaired.items() if n}
-    if repaired:
-        logger.warning("extract: removed duplicate views %s", repaired)
     pending = pending_views(plan, cfg.out, backbones)
     logger.info("extract: %d views planned, %d pending", len(plan), len(pending))
     files_written = 0
@@ -349,7 +320,6 @@ def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
         "views_pending_at_start": len(pending),
         "rows": counts,
         "quarantined": len(quarantine),
-        "duplicates_removed": repaired,
         "quarantined_images": int(quarantine["image_id"].nunique()) if len(quarantine) else 0,
         "files_written": files_written,
         "actor_layout": layout,

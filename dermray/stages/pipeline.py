@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from dermray.config import DataConfig, config_to_dict, load_section, read_yaml
+from dermray.config import DataConfig, config_to_dict, load_section, output_settings, read_yaml
 from dermray.data.catalog import (
     build_catalog,
     build_manifest,
@@ -57,7 +57,7 @@ def run_split(cfg: DataConfig, fresh: bool = False) -> tuple[str, pd.DataFrame]:
     cfg = resolve_data(cfg)
     catalog = build_catalog(cfg.metadata, cfg.images)
     current = fingerprint.make(
-        "split", {k: getattr(cfg, k) for k in ("seed", "train_frac", "val_frac", "test_frac")},
+        "split", output_settings(cfg),
         {"catalog": frame_hash(catalog.frame.sort_values("image_id"))}, ("pandas", "numpy"))
     if check_manifest(cfg.out, current, fresh):  # the same split is there: keep it untouched
 
@@ -81,7 +81,7 @@ def check_manifest(out: str, current: dict[str, Any], fresh: bool) -> bool:
     if old.get("key") == current["key"]:
         return True
     if not fresh:
-        changed = "; ".join(fingerprint.differences(old, current)) or "no fingerprint recorded"
+        changed = "; ".join(fingerprint.differences(old, current))
         raise fingerprint.StaleOutputError(
             f"{storage.display(path)} holds another split ({changed}). Everything after it was "
             "made from that split: write to a new --out, or pass --fresh to redo the stages.")

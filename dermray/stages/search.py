@@ -16,17 +16,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dermray.config import SearchConfig, config_to_dict
+from dermray.config import SearchConfig, output_settings
 from dermray.data.catalog import frame_hash, read_manifest
 from dermray.domain import CLASSES
 from dermray.errors import DermrayError
-from dermray.io import storage
+from dermray.io import faults, storage
 from dermray.io.fingerprint import FILE, claim, make
 from dermray.models.embeddings import backbone_dir, load_activations
 from dermray.models.features import embedding_features, image_arrays, parse_features
 from dermray.models.heads import ACTIVATIONS, EMBEDDINGS, IMAGES, FamilySpec, get_family
 from dermray.report.evaluate import metrics
-from dermray.stages.progress import tune_callbacks
+from dermray.stages.progress import tune_callback_base, tune_callbacks
 from dermray.stages.raysession import ensure_ray, keep_credentials_out_of_tune
 
 logger = logging.getLogger(__name__)
@@ -199,22 +199,29 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
                                   storage_filesystem=filesystem,
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   # our progress lines (and MLflow) replace Tune's own output
-                                  callbacks=tune_callbacks(cfg), verbose=0),
+                                  callbacks=[*tune_callbacks(cfg), TrialFaults()], verbose=0),
     )
 
 
-# search settings that change neither the trials nor their numbers
-NEUTRAL_SETTINGS = ("out", "storage_path", "experiment", "cpus_per_trial", "max_failures",
-                    "mlflow_tracking_uri")
+class TrialFaults(tune_callback_base()):
+    """Where the search stage sees a trial finish: the fault-matrix crash point ``search``
+    (dermray.io.faults), after the progress line of that trial."""
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
+                          **info: Any) -> None:
+        faults.point("search")
+
+
+# the libraries whose versions change the search's numbers; each searched family's own packages
+# are added (dermray.models.heads.FamilySpec.packages)
 SEARCH_PACKAGES = ("scikit-learn", "xgboost", "keras", "tensorflow", "tensorflow-cpu", "optuna",
                    "numpy", "ray")
 
 
 def search_fingerprint(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
-    """What a Tune experiment is made of: the search settings, the manifest's content and the
-    fingerprints of the embeddings it reads."""
-
-    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in NEUTRAL_SETTINGS}
+    """What a Tune experiment is made of: the search settings declared to change its output,
+    the manifest's content and the fingerprints of the embeddings it reads."""
+    settings = output_settings(cfg)  # each family's own keys as their families declare them
     embeddings = {}
     read = {b for spec in cfg.features for b in parse_features(spec)[0]}
     for fam in cfg.families:  # and the activation maps an activations family trains on
@@ -225,7 +232,9 @@ def search_fingerprint(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
         embeddings[name] = (json.loads(storage.read_text(path)).get("key")
                             if storage.is_file(path) else None)
     inputs = {"manifest": frame_hash(read_manifest(manifest_path)), "embeddings": embeddings}
-    return make("search", settings, inputs, SEARCH_PACKAGES)
+    packages = dict.fromkeys([*SEARCH_PACKAGES,
+                              *(p for fam in cfg.families for p in get_family(fam).packages)])
+    return make("search", settings, inputs, packages)
 
 
 def run_search(cfg: SearchConfig, manifest_path: str, resume: bool = True, fresh: bool = False):

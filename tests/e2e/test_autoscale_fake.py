@@ -42,6 +42,8 @@ from raytools import (
     wait_for_job_api,
 )
 
+from dermray.io import faults
+
 CLUSTER_YAML = Path(__file__).with_name("fake_cluster") / "cluster.yaml"
 JOB_CONFIG = REPO / "ray_jobs" / "configs" / "fake_cluster.yaml"
 HEAD_NODE_ID = "f" * 51 + "00000"  # the id the fake provider gives the head (RAY_FAKE_CLUSTER=1)
@@ -155,7 +157,7 @@ def fake_cluster(tmp_path_factory):
            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "CUDA_VISIBLE_DEVICES",
-                "AWS_PROFILE", "DERMRAY_TEST_KILL_ACTOR_ONCE"):
+                "AWS_PROFILE", *faults.VARIABLES):
         env.pop(key, None)  # the cluster's own settings, not this test session's
     generated = ray_cli("get-auth-token", "--generate", env=env)
     assert generated.returncode == 0, generated.stderr[-2000:]

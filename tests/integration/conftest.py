@@ -1,4 +1,4 @@
-"""A local Ray started once per session (num_cpus=2), with the actor fault hook armed once."""
+"""A local Ray started once per session (num_cpus=2), with the actor crash point armed once."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from dermray.config import DataConfig, ExtractConfig
+from dermray.io import faults
 from dermray.stages.extract import run_extract
 from dermray.stages.pipeline import run_split
 
@@ -22,16 +23,17 @@ BACKBONES = ("resnet50", "vgg19", "resnet50_c5b2")
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     ray = pytest.importorskip("ray")
-    from dermray.stages.extract import FAULT_ONCE_ENV
 
-    # the first Embedder batch of the session kills its actor once: every extraction test then
-    # also checks that Ray's restart + retry still gives exactly the planned rows
+    # the first Embedder batch of the session kills its actor once (crash point "embed"): every
+    # extraction test then also checks that Ray's restart + retry still gives exactly the
+    # planned rows
     marker = tmp_path_factory.mktemp("fault") / "killed"
-    os.environ[FAULT_ONCE_ENV] = str(marker)
+    os.environ.update({faults.ENV: "embed", faults.ONCE_ENV: str(marker)})
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield marker
     ray.shutdown()
-    os.environ.pop(FAULT_ONCE_ENV, None)
+    for name in (faults.ENV, faults.ONCE_ENV):
+        os.environ.pop(name, None)
 
 
 def _damage(dataset: Path) -> dict[str, str]:

@@ -125,21 +125,21 @@ def test_activation_maps_are_the_extractors_output(extracted):
                                atol=2e-3)
 
 
-def test_duplicate_views_of_an_older_version_are_repaired(extracted):
-    """Two runs at once of a version without the lock wrote the same views twice under other
-    part names: reading refuses them, the next extract removes them and counts reconcile."""
+def test_duplicate_views_are_refused_not_repaired(extracted):
+    """A view written twice (under another part name) is never read or counted: reading it and
+    the next extract refuse the folder (the way out: --fresh); nothing is deleted."""
     out, cfg, record, _, _ = extracted
     folder = Path(backbone_dir(out, "vgg19")) / "split=val"
-    parts = sorted(folder.glob("*.parquet"))
-    shutil.copy(parts[0], folder / "part-0000copy-by-a-second-run.parquet")
-    shutil.copy(parts[1], folder / "part-zzzzcopy-by-a-second-run.parquet")
-    n = len(pd.read_parquet(parts[0])) + len(pd.read_parquet(parts[1]))
-    with pytest.raises(DermrayError, match="duplicate view"):
-        read_frame(out, "vgg19")
-    again = run_extract(cfg)
-    assert again["duplicates_removed"] == {"vgg19": n}
-    assert again["views_pending_at_start"] == 0
-    assert again["rows"]["vgg19"]["rows"] == record["rows"]["vgg19"]["rows"]
+    copy = folder / "part-zzzzcopy-by-a-second-run.parquet"
+    shutil.copy(min(folder.glob("*.parquet")), copy)
+    try:
+        with pytest.raises(DermrayError, match="duplicate view"):
+            read_frame(out, "vgg19")
+        with pytest.raises(DermrayError, match="--fresh"):
+            run_extract(cfg)  # nothing is pending: no Ray job, the reconciliation refuses
+        assert copy.is_file()
+    finally:
+        copy.unlink()
     assert len(read_frame(out, "vgg19")) == record["rows"]["vgg19"]["rows"]
 
 

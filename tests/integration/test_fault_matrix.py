@@ -35,10 +35,12 @@ import yaml
 
 from dermray.cli import main
 from dermray.config import load_section
+from dermray.io import faults
 from dermray.io.fingerprint import StaleOutputError
 from dermray.io.lock import hold
 from dermray.models.bundle import load_bundle
 from dermray.models.embeddings import read_frame
+from dermray.models.predict_io import predict_files
 from dermray.stages.pipeline import run_pipeline, run_split
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,7 +95,7 @@ def outputs(out: Path, result: dict) -> dict:
 
 
 def proba(bundle, paths: list[str]) -> np.ndarray:
-    frame, problems = bundle.predict_files([Path(p) for p in paths])
+    frame, problems = predict_files(bundle, paths)
     assert not problems and len(frame) == len(paths)
     return frame[[c for c in frame.columns if c.startswith("p_")]].to_numpy()
 
@@ -192,7 +194,8 @@ def rerun(config: str, out: Path) -> dict:
 def killed_run(config: str, out: Path, point: str, pause: bool = False) -> subprocess.Popen:
     """`python -m dermray run` that kills itself at ``point`` (or pauses there); its output
     goes to OUT.log (a pipe nobody reads would block it)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    # this session's own settings (its Ray, its armed actor crash point) stay here
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *faults.VARIABLES)}
     env.update({"DERMRAY_FAULT": point, "DERMRAY_FAULT_READY": str(out) + ".ready",
                 "PYTHONPATH": str(REPO)})
     if pause:

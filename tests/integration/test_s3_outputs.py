@@ -23,7 +23,8 @@ import yaml
 from dermray.cli import main
 from dermray.errors import DermrayError
 from dermray.io import storage
-from dermray.models.bundle import collect_images, load_bundle
+from dermray.models.bundle import load_bundle
+from dermray.models.predict_io import expand_inputs, predict_files
 from dermray.stages.pipeline import run_pipeline
 
 OUTPUTS = ("manifest.parquet", "extract_run.json", "quarantine.parquet", "trials.csv",
@@ -175,8 +176,8 @@ def test_bundle_moves_and_finds_its_weights_by_identity(s3_run, synth_dir, weigh
     weights = tmp_path / "w1"
     weights.mkdir()
     shutil.copy(weights_file, weights / weights_file.name)
-    images = collect_images([str(synth_dir / "HAM10000_images_part_1")])[:6]
-    first, _ = load_bundle(model, weights_dirs=[weights]).predict_files(images)
+    images = expand_inputs([str(synth_dir / "HAM10000_images_part_1")])[:6]
+    first, _ = predict_files(load_bundle(model, weights_dirs=[weights]), images)
 
     moved_model = Path(shutil.move(str(tmp_path / "a"), str(tmp_path / "elsewhere"))) / "model"
     moved_weights = tmp_path / "other" / "weights_here"
@@ -185,7 +186,7 @@ def test_bundle_moves_and_finds_its_weights_by_identity(s3_run, synth_dir, weigh
     spec = json.loads((moved_model / "bundle.json").read_text())
     assert str(weights_file) not in json.dumps(spec), "the bundle records a machine's path"
     bundle = load_bundle(moved_model, weights_dirs=[moved_weights])
-    again, _ = bundle.predict_files(images)
+    again, _ = predict_files(bundle, images)
     np.testing.assert_allclose(again.filter(like="p_").to_numpy(),
                                first.filter(like="p_").to_numpy(), atol=1e-6)
 

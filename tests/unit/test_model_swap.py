@@ -8,6 +8,9 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from dermray.errors import StorageError
 from dermray.io import storage
 
 
@@ -48,16 +51,18 @@ def test_readers_never_see_a_missing_model(tmp_path: Path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_real_folder_from_an_older_version_is_replaced(tmp_path: Path):
+def test_a_real_folder_in_the_models_place_is_refused_and_kept(tmp_path: Path):
+    """OUT/model is always a link dermray made: a real folder there is someone else's."""
     old = tmp_path / "model"
     old.mkdir()
     (old / "bundle.json").write_text("{}")
     new = tmp_path / ".model.new"
     new.mkdir()
     (new / "bundle.json").write_text('{"v": 2}')
-    storage.replace_dir(new, old, "bundle.json", link=True)
-    assert old.is_symlink() and json.loads((old / "bundle.json").read_text()) == {"v": 2}
-    assert len(list(tmp_path.iterdir())) == 3  # the link, the new version, the old folder
+    with pytest.raises(StorageError):
+        storage.replace_dir(new, old, "bundle.json", link=True)
+    assert not old.is_symlink() and (old / "bundle.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.new", "model"]
 
 
 def test_the_lock_holder_sweeps_what_killed_writers_left(tmp_path: Path):

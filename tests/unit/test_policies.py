@@ -9,6 +9,7 @@ from dermray.errors import DermrayError
 from dermray.models.policies import (
     MEL,
     calibrate,
+    check_points,
     decide,
     decision_metrics,
     fit_operating_points,
@@ -40,7 +41,7 @@ def test_temperature_scaling_lowers_validation_nll():
 def test_policies_reach_what_they_promise_on_validation_and_hold_on_test():
     val, y_val = overconfident_scores(4000, 1)
     test, y_test = overconfident_scores(4000, 2)
-    points = fit_operating_points(val, y_val, SHARES, melanoma_target=0.9)
+    points = fit_operating_points(val, y_val, SHARES, {"melanoma_target": 0.9})
     report = policy_report(val, y_val, points)
     acc, bal, mel = (report["policies"][p] for p in ("accuracy", "balanced", "melanoma"))
     assert bal["balanced_accuracy"] > acc["balanced_accuracy"] + 0.05
@@ -71,3 +72,21 @@ def test_metrics_name_melanoma_sensitivity_and_specificity():
     m = decision_metrics(y, np.array([MEL, 5, MEL, 5]))
     assert m["melanoma_sensitivity"] == 0.5 and m["melanoma_specificity"] == 0.5
     assert m["recall"]["akiec"] is None and m["recall"]["mel"] == 0.5
+
+
+@pytest.mark.parametrize("damage", [
+    ("temperature", None, float("nan")), ("temperature", None, 0.0),
+    ("melanoma", "threshold", 5.0), ("melanoma", "threshold", float("nan")),
+    ("balanced", "alpha", float("inf")), ("balanced", "prior", [1.0]),
+    ("balanced", "prior", [0.5] * 7)])
+def test_operating_points_are_checked_to_the_last_number(damage):
+    val, y_val = overconfident_scores(1000, 4)
+    points = fit_operating_points(val, y_val, SHARES)
+    check_points(points)  # as fitted: usable
+    where, key, value = damage
+    if key is None:
+        points[where] = value
+    else:
+        points["policies"][where][key] = value
+    with pytest.raises(DermrayError):
+        check_points(points)
