@@ -34,6 +34,7 @@ def make_bundle(directory: Path, weights: str, image_size: int) -> Path:
     """A resnet50 + logistic bundle in ``directory`` (random head weights, seeded)."""
     from dermray.domain import CLASSES
     from dermray.models.backbones import weights_identity
+    from dermray.models.bundle import BackboneRecord, BundleSpec
     from dermray.models.heads.logistic import LogisticHead
 
     rng = np.random.default_rng(0)
@@ -43,12 +44,10 @@ def make_bundle(directory: Path, weights: str, image_size: int) -> Path:
     head.mean_, head.scale_ = np.zeros(2048), np.ones(2048)
     head.classes_, head.n_features_in_ = np.arange(len(CLASSES)), 2048
     head.save(directory / "head")
-    spec = {"format": 2, "family": "logistic", "features": "resnet50", "image_size": image_size,
-            "tta_views": 0, "seed": 0, "labels": list(CLASSES), "preprocessing": "caffe",
-            "backbones": [{"name": "resnet50", "weights_identity": weights_identity(weights,
-                                                                                   "resnet50"),
-                           "weights_name": Path(weights).name if weights != "none" else ""}]}
-    (directory / "bundle.json").write_text(json.dumps(spec, indent=2))
+    record = BackboneRecord.of("resnet50", weights_identity(weights, "resnet50"),
+                               Path(weights).name if weights != "none" else "")
+    BundleSpec(family="logistic", features="resnet50", backbones=(record,), image_size=image_size,
+               tta_views=0, seed=0, params={}, trial_id="bench", metrics={}).write(directory)
     return directory
 
 
@@ -87,7 +86,8 @@ def main() -> None:
 
     import ray
 
-    from dermray.models.bundle import Limits, load_bundle
+    from dermray.models.bundle import load_bundle
+    from dermray.models.predict_io import Limits, iter_predictions
     from dermray.stages.predict import run_predict_ray
 
     work = Path(tempfile.mkdtemp(prefix="dermray-bench-"))
@@ -100,7 +100,7 @@ def main() -> None:
         start = time.perf_counter()
         bundle = load_bundle(model, weights_dirs=weights_dirs)
         frames, problems, first = [], [], None
-        for frame, found in bundle.iter_predictions(files, limits=limits):
+        for frame, found in iter_predictions(bundle, files, limits=limits):
             first = first or (time.perf_counter() - start, len(frame))
             frames.append(frame)
             problems += found

@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dermray.config import check_weights_files, load_all, read_yaml
@@ -21,15 +18,16 @@ from dermray.installed import check_run, check_stages, extract_needs, require_al
 from dermray.io import faults, storage
 from dermray.io.lock import hold
 from dermray.io.storage import RedactingFilter, describe_failure, is_store_failure, join, redact
-from dermray.models.bundle import Limits, collect_images, load_bundle
+from dermray.models.bundle import load_bundle
 from dermray.models.policies import POLICY_SPECS, policy_names
+from dermray.models.predict_io import LIST_SUFFIXES, Limits, expand_inputs, run_predict_local
 from dermray.report.dashboard import write_dashboard
 from dermray.report.explain import explain_files
 from dermray.stages.extract import run_extract
 from dermray.stages.pipeline import run_pipeline, run_search_stage, run_split
-from dermray.stages.predict import LIST_SUFFIXES, run_predict_ray
+from dermray.stages.predict import run_predict_ray
 from dermray.stages.progress import mode_from_flags, set_mode
-from dermray.stages.raysession import joined_cluster
+from dermray.stages.raysession import hide_credentials_in_cmdline, joined_cluster
 
 logger = logging.getLogger("dermray")
 
@@ -182,6 +180,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
 
+    if args.out:  # an unwritable --out is a message now, not after predicting everything
+        storage.check_writable(args.out)
     limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels,
                     batch_size=args.batch_size)
     metadata = None
@@ -190,25 +190,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
         metadata = read_metadata(args.metadata).drop_duplicates("image_id").set_index("image_id")
     if _predict_on_ray(args):
         return _predict_ray(args, limits, metadata)
-    bundle = load_bundle(args.model, weights_dirs=args.weights_dir or ())
-    files = collect_images(args.inputs)
-    if not files:
-        raise DermrayError(f"No images found in {', '.join(args.inputs)}.")
-    rows = skipped = 0
-    with prediction_sink(args.out) as write:
-        for frame, problems in bundle.iter_predictions(files, metadata, args.policy, limits):
-            write(frame.to_csv(index=False, header=not write.started, float_format="%.5f"))
-            rows, skipped = rows + len(frame), skipped + len(problems)
-            for problem in problems:
-                print(f"warning: {problem}", file=sys.stderr)
+    result = run_predict_local(args.model, args.inputs, args.out, args.policy, metadata, limits,
+                               weights_dirs=args.weights_dir or (), fmt=args.format,
+                               on_problem=_warn)
     if args.out:
-        print(f"wrote {rows} predictions to {args.out} ({skipped} file(s) skipped)")
-    return 0 if rows else 1
+        print(f"wrote {result['rows']} predictions to {args.out} ({result['skipped']} file(s) "
+              "skipped)")
+    return 0 if result["rows"] else 1
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _predict_on_ray(args: argparse.Namespace) -> bool:
     """--ray / --no-ray as asked; by default Ray Data on a joined cluster (RAY_ADDRESS), or when
-    an input is an s3:// prefix or a list file (the local path reads local files only)."""
+    an input is an s3:// prefix or a list file (usually many files: Ray decodes in parallel).
+    Both paths read every kind of input and give the same rows."""
     if args.ray is not None:
         return args.ray
 
@@ -223,69 +221,23 @@ def _predict_ray(args: argparse.Namespace, limits: Any, metadata: Any) -> int:
     result = run_predict_ray(args.model, args.inputs, args.out, args.policy, metadata, limits,
                              weights_dirs=args.weights_dir or (), fmt=args.format,
                              num_actors=args.num_actors or 0,
-                             on_problem=lambda m: print(f"warning: {m}", file=sys.stderr))
+                             on_problem=_warn)
     if args.out:
         print(f"wrote {result['rows']} predictions to {args.out} ({result['skipped']} file(s) "
               f"skipped; Ray Data, {result['images_per_s']} images/s)")
     return 0 if result["rows"] else 1
 
 
-class _Sink:
-    """Where prediction rows go, batch by batch: stdout, or a local file written under a
-    temporary name and renamed at the end (an s3:// --out is written once, at the end)."""
-
-    def __init__(self, out: str | None) -> None:
-        self.out, self.started, self.parts = out, False, []
-        self.tmp = None
-        if out and "://" not in out:
-
-            target = Path(out)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            self.fh = open(self.tmp, "w")  # noqa: SIM115 - closed in finish()
-
-    def __call__(self, text: str) -> None:
-        self.started = True
-        if self.tmp is not None:
-            self.fh.write(text)
-        elif self.out:
-            self.parts.append(text)
-        else:
-            sys.stdout.write(text)
-
-    def finish(self, ok: bool) -> None:
-        if self.tmp is not None:
-            self.fh.close()
-            if ok:
-                os.replace(self.tmp, self.out)
-            else:
-                self.tmp.unlink(missing_ok=True)
-        elif self.out and ok:
-
-            storage.write_text(self.out, "".join(self.parts))
-
-
-@contextmanager
-def prediction_sink(out: str | None) -> Iterator[_Sink]:
-    sink = _Sink(out)
-    try:
-        yield sink
-    except BaseException:
-        sink.finish(ok=False)
-        raise
-    sink.finish(ok=True)
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
 
     bundle = load_bundle(args.model, weights_dirs=args.weights_dir or ())
-    files = collect_images(args.images)
+    files = expand_inputs(args.images)
     if not files:
         raise DermrayError(f"No images found in {', '.join(args.images)}.")
     records, problems = explain_files(bundle, files, args.out, method=args.method,
                                       policy=args.policy)
     for problem in problems:
-        print(f"warning: {problem}", file=sys.stderr)
+        _warn(problem)
     for r in records:
         print(f"{r['png']}: {r['dx']} p={r['probability']:.3f} ({r['method']})")
     return 0 if records else 1
@@ -387,19 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "with its path)")
     p.add_argument("--metadata", help="HAM10000-style CSV with age, sex, localization per "
                    "image_id, for models trained with patient metadata")
-    p.add_argument("--max-bytes", dest="max_bytes", type=int, default=50_000_000,
+    p.add_argument("--max-bytes", dest="max_bytes", type=int, default=Limits.max_bytes,
                    help="skip (with a warning) files larger than this (default 50 MB)")
-    p.add_argument("--max-pixels", dest="max_pixels", type=int, default=40_000_000,
+    p.add_argument("--max-pixels", dest="max_pixels", type=int, default=Limits.max_pixels,
                    help="skip images with more pixels than this, read from the header "
                    "(default 40 million)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=64,
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=Limits.batch_size,
                    help="images decoded and predicted at a time: memory stays bounded")
     p.add_argument("--ray", action=argparse.BooleanOptionalAction, default=None,
                    help="run as a Ray Data job: decode tasks and predictor actors (a GPU each "
                    "where the cluster has GPUs), rows streamed to --out; default: on a joined "
                    "cluster (RAY_ADDRESS) or for s3:// and list-file inputs")
     p.add_argument("--format", choices=["csv", "parquet"],
-                   help="output format with --ray (default: from the --out suffix, else csv)")
+                   help="output format (default: from the --out suffix, else csv)")
     p.add_argument("--num-actors", dest="num_actors", type=int,
                    help="predictor actors with --ray (default: one per GPU, else one per node)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_DIR_LIST_OR_S3",
@@ -444,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             handler.addFilter(RedactingFilter())
     faults.warn_if_armed()  # a DERMRAY_FAULT left in the environment is never silent
     try:
+        for key, value in vars(args).items():  # s3://KEY:SECRET@...: read once, then gone
+            setattr(args, key, storage.strip_credentials(value))
+        hide_credentials_in_cmdline()  # from `ps`, and from what Ray records as the entrypoint
         return args.func(args)
     except DermrayError as exc:
         print(f"error: {redact(exc)}", file=sys.stderr)

@@ -3,16 +3,24 @@
 A YAML file has one mapping per stage (``data:``, ``extract:``, ``search:``); the keys are the
 dataclass field names, and the CLI flags use the same names (``image_size`` <-> ``--image-size``).
 Unknown keys and bad values are rejected when loaded, with the key and the value in the message.
+
+Every field declares, once, what it does to its stage's output (``setting(default, effect)``,
+see ``dermray.io.fingerprint.EFFECTS``); a stage's fingerprint is ``output_settings(cfg)``. A head
+family's own keys (``mlp_max_epochs``, ...) sit flat in the ``search:`` mapping but are declared,
+validated and read by the family's spec (``dermray.models.heads.registry.Setting``), each with
+its own effect; ``SearchConfig.family_settings`` holds their values.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import types
 import typing
 import zipfile
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +28,52 @@ import yaml
 
 from dermray.domain import SYNTH_MIN_N
 from dermray.errors import ConfigError, check, check_unique
-from dermray.models.backbones import BACKBONES, weights_layer_problem
+from dermray.io import yamlfile
+from dermray.io.fingerprint import EFFECT, EFFECTS, INPUT, NEUTRAL, OUTPUT
+from dermray.io.storage import is_component, strip_credentials
+from dermray.models.backbones import (
+    BACKBONES,
+    IMAGE_SIZE,
+    IMAGE_SIZE_RULE,
+    valid_image_size,
+    weights_layer_problem,
+)
 from dermray.models.features import parse_features
 from dermray.models.heads import EMBEDDINGS, FAMILIES, FAMILY_SPECS
+from dermray.models.heads.registry import family_settings
+
+# the effect of SearchConfig.family_settings: each of its keys is declared on its family's spec
+PER_SETTING = "per_setting"
+
+
+def setting(default: Any = MISSING, effect: str = "", *,
+            factory: Callable[[], Any] | None = None) -> Any:
+    """A config field that declares what it does to its stage's output (``effect``, one of
+    ``dermray.io.fingerprint.EFFECTS``): an ``output`` field is in the stage's fingerprint, so
+    changing it refuses to reuse old work; ``input`` names something the stage fingerprints by
+    content; ``neutral`` changes only where or how fast it runs."""
+    if effect not in (*EFFECTS, PER_SETTING):
+        raise TypeError(f"setting(effect=...) must be one of {', '.join(EFFECTS)}. "
+                        f"Got {effect!r} instead.")
+    if factory is not None:
+        return field(default_factory=factory, metadata={EFFECT: effect})
+    return field(default=default, metadata={EFFECT: effect})
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Catalog and split: where the metadata and images are, how to split them."""
 
-    metadata: str = ""
-    images: tuple[str, ...] = ()
-    out: str = "out"
-    seed: int = 0
-    train_frac: float = 0.70
-    val_frac: float = 0.15
-    test_frac: float = 0.15
+    # the catalog they make is fingerprinted by its content (the split's input)
+    metadata: str = setting("", INPUT)
+    images: tuple[str, ...] = setting((), INPUT)
+    out: str = setting("out", NEUTRAL)
+    seed: int = setting(0, OUTPUT)
+    train_frac: float = setting(0.70, OUTPUT)
+    val_frac: float = setting(0.15, OUTPUT)
+    test_frac: float = setting(0.15, OUTPUT)
     # with no metadata given, generate this many synthetic images under OUT/synthetic
-    synth_n: int = 0
+    synth_n: int = setting(0, INPUT)
 
     def __post_init__(self) -> None:
         for key in ("train_frac", "val_frac", "test_frac"):
@@ -57,35 +93,37 @@ class DataConfig:
 class ExtractConfig:
     """Feature extraction: backbones, weights, input size, augmentation plan, Ray layout."""
 
-    manifest: str = ""
-    out: str = "out"
-    backbones: tuple[str, ...] = ("resnet50", "vgg19")
-    # backbone name -> "imagenet" | "none" | a weights file path
-    weights: dict[str, str] = field(default_factory=dict)
-    image_size: int = 224
-    batch_size: int = 32
-    augment: bool = True
+    # fingerprinted by the manifest's content hash
+    manifest: str = setting("", INPUT)
+    out: str = setting("out", NEUTRAL)
+    # each backbone writes its own folder, fingerprinted with its name
+    backbones: tuple[str, ...] = setting(("resnet50", "vgg19"), INPUT)
+    # backbone name -> "imagenet" | "none" | a weights file path (fingerprinted by sha256)
+    weights: dict[str, str] = setting(factory=dict, effect=INPUT)
+    image_size: int = setting(IMAGE_SIZE, OUTPUT)
+    batch_size: int = setting(32, NEUTRAL)
+    augment: bool = setting(True, OUTPUT)
     # views per class the train split is brought up to (0: the largest class's image count)
-    target_per_class: int = 0
-    max_views_per_image: int = 8
+    target_per_class: int = setting(0, OUTPUT)
+    max_views_per_image: int = setting(8, OUTPUT)
     # test-time augmentation: extra views (flips/rotations) of val and test images
-    tta_views: int = 0
-    seed: int = 0
+    tta_views: int = setting(0, OUTPUT)
+    seed: int = setting(0, OUTPUT)
     # Ray layout: num_actors > 0 fixes the pool's size. With 0 the pool autoscales: from the
     # actors that fit now (one per GPU present, at least one; one per node without GPUs) up to
     # max_actors, as the cluster autoscaler adds GPU nodes
-    num_actors: int = 0
-    max_actors: int = 0
-    cpus_per_actor: float = 1.0
-    threads_per_actor: int = 0  # 0: all cores of the node
-    num_gpus_per_actor: float = 0.0  # 0: auto (1 where the cluster has GPUs)
-    decode_batch_size: int = 16
-    mixed_precision: bool = False
-    jit_compile: bool = True
+    num_actors: int = setting(0, NEUTRAL)
+    max_actors: int = setting(0, NEUTRAL)
+    cpus_per_actor: float = setting(1.0, NEUTRAL)
+    threads_per_actor: int = setting(0, NEUTRAL)  # 0: all cores of the node
+    num_gpus_per_actor: float = setting(0.0, NEUTRAL)  # 0: auto (1 where the cluster has GPUs)
+    decode_batch_size: int = setting(16, NEUTRAL)
+    mixed_precision: bool = setting(False, OUTPUT)
+    jit_compile: bool = setting(True, NEUTRAL)
     # who writes the Parquet: "actors" (each embedding actor, straight into OUT), "driver" (the
     # job's driver, so OUT can be a local folder of the head on a multi-node cluster), or "auto":
     # the actors when OUT is s3:// or the cluster has one node, else the driver
-    write_from: str = "auto"
+    write_from: str = setting("auto", NEUTRAL)
 
     def __post_init__(self) -> None:
 
@@ -98,8 +136,8 @@ class ExtractConfig:
             check(name in BACKBONES, "extract", "weights", name, f"keyed by one of {sorted(BACKBONES)}")
             check(isinstance(value, str) and value != "", "extract", f"weights.{name}", value,
                    "'imagenet', 'none' or a weights file path")
-        check(32 <= self.image_size <= 1024, "extract", "image_size", self.image_size,
-               "an integer in [32, 1024]")
+        check(valid_image_size(self.image_size), "extract", "image_size", self.image_size,
+              IMAGE_SIZE_RULE)
         for key in ("batch_size", "max_views_per_image", "decode_batch_size"):
             check(getattr(self, key) >= 1, "extract", key, getattr(self, key), ">= 1")
         for key in ("target_per_class", "tta_views", "seed", "num_actors", "max_actors",
@@ -126,61 +164,48 @@ def _default_families() -> tuple[str, ...]:
 class SearchConfig:
     """The head search: which families and features, how many trials, with what resources.
 
-    The keys of one family (``mlp_max_epochs``, ``xgb_max_estimators``, ``finetune_*``) are
-    read and validated by that family's spec (``dermray.models.heads``), not here.
+    The keys of one family (``mlp_max_epochs``, ``xgb_max_estimators``, ``finetune_*``,
+    ``cached_cnn_*``) are not fields: each family's spec declares, validates and reads them
+    (``dermray.models.heads.registry.Setting``), and ``family_settings`` holds their values.
     """
 
-    out: str = "out"
-    families: tuple[str, ...] = field(default_factory=_default_families)
-    features: tuple[str, ...] = ("resnet50", "vgg19", "resnet50+vgg19")
-    num_samples: int = 24
-    algorithm: str = "tpe"  # tpe (Optuna) | random
-    max_concurrent: int = 2
-    seed: int = 0
-    cpus_per_trial: float = 1.0
-    gpus_per_finetune_trial: float = -1.0  # -1: one GPU where the cluster has GPUs, else 0
-    grace_period: int = 3
-    max_t: int = 100
-    max_failures: int = 1
-    storage_path: str = ""  # default OUT/tune; s3://bucket/prefix on a cluster
-    experiment: str = "heads"
+    # OUT: the embeddings read there are fingerprinted by their own fingerprints' keys
+    out: str = setting("out", INPUT)
+    families: tuple[str, ...] = setting(effect=OUTPUT, factory=_default_families)
+    features: tuple[str, ...] = setting(("resnet50", "vgg19", "resnet50+vgg19"), OUTPUT)
+    num_samples: int = setting(24, OUTPUT)
+    algorithm: str = setting("tpe", OUTPUT)  # tpe (Optuna) | random
+    max_concurrent: int = setting(2, OUTPUT)
+    seed: int = setting(0, OUTPUT)
+    cpus_per_trial: float = setting(1.0, NEUTRAL)
+    grace_period: int = setting(3, OUTPUT)
+    max_t: int = setting(100, OUTPUT)
+    max_failures: int = setting(1, NEUTRAL)
+    # default OUT/tune; s3://bucket/prefix on a cluster
+    storage_path: str = setting("", NEUTRAL)
+    experiment: str = setting("heads", NEUTRAL)
     # first trials to run, one per family, so that every family is tried even on small budgets
-    seed_each_family: bool = True
+    seed_each_family: bool = setting(True, OUTPUT)
     # a trial sequence that does not depend on timing: the searcher suggests max_concurrent
     # trials at a time and waits for the whole batch before the next, and no trial is stopped
     # early (ASHA's cuts depend on which trial reports first); same seed, same trials
-    deterministic: bool = False
+    deterministic: bool = setting(False, OUTPUT)
     # a wall-clock cap on the search in minutes (Tune's time_budget_s), 0 for none: when it is
     # spent Tune starts no new trial and stops the running ones at their last report; the
     # winner is still picked by validation accuracy among the trials that reported (one
     # stopped before its final report is refitted at export). Sizes a laptop run; the trials
     # then depend on timing, so it cannot be combined with ``deterministic``
-    time_budget_minutes: float = 0.0
-    mlp_max_epochs: int = 60
-    xgb_max_estimators: int = 400
-    finetune_backbones: tuple[str, ...] = ("resnet50",)
-    finetune_weights: dict[str, str] = field(default_factory=dict)
-    finetune_image_size: int = 224
-    finetune_epochs: int = 10
-    finetune_max_train_images: int = 0  # 0: all (a cluster); small on a laptop
-    # the cached-activation fine-tune (dermray/models/heads/cached.py): which activation map it trains
-    # on, the weights its top block starts from ("": the extraction's), epochs, flip TTA
-    cached_cnn_features: str = "resnet50_c5b2"
-    cached_cnn_weights: str = ""
-    cached_cnn_epochs: int = 8
-    cached_cnn_tta: bool = True
-    # GPUs per cached_cnn trial where the cluster has GPUs (-1: a quarter, so that 4 trials
-    # share one; the maps are small), 0 on a CPU-only Ray
-    cached_cnn_gpus: float = -1.0
+    time_budget_minutes: float = setting(0.0, OUTPUT)
     # the melanoma operating point: the validation sensitivity its threshold must reach
-    melanoma_target: float = 0.90
+    melanoma_target: float = setting(0.90, OUTPUT)
     # optional MLflow tracking through Tune's MLflowLoggerCallback: a server (http(s)://...) or a
     # local file store (file:///abs/path); "" is off (see dermray/stages/tracking.py)
-    mlflow_tracking_uri: str = ""
+    mlflow_tracking_uri: str = setting("", NEUTRAL)
+    # every registered family's own keys -> value (flat keys, as in YAML); filled with their
+    # defaults and validated on construction. Not a YAML key itself
+    family_settings: dict[str, Any] = setting(effect=PER_SETTING, factory=dict)
 
     def __post_init__(self) -> None:
-        # local: both import this module
-
         known = ", ".join(FAMILY_SPECS)
         check(len(self.families) > 0, "search", "families", self.families,
               f"a non-empty list of {known}")
@@ -188,7 +213,6 @@ class SearchConfig:
             check(fam in FAMILY_SPECS, "search", "families", fam, f"one of {known}")
         check_unique("search", "families", self.families)
         check_unique("search", "features", self.features)
-        check_unique("search", "finetune_backbones", self.finetune_backbones)
         for spec in self.features:  # resnet50+resnet50 would fuse one embedding with itself
             parts = spec.split("+")
             check(len(set(parts)) == len(parts), "search", "features", spec,
@@ -209,13 +233,26 @@ class SearchConfig:
               "0 when search.deterministic is true (a time cap makes the trials depend on timing)")
         check(self.max_failures >= 0, "search", "max_failures", self.max_failures, ">= 0")
         check(self.cpus_per_trial > 0, "search", "cpus_per_trial", self.cpus_per_trial, "> 0")
+        check(is_component(self.experiment), "search", "experiment", self.experiment,
+              "one folder name (not empty, '.' or '..'; no '/' or '\\'): it is a folder inside "
+              "search.storage_path")
         check(0.0 < self.melanoma_target <= 1.0, "search", "melanoma_target",
               self.melanoma_target, "a sensitivity in (0, 1]")
         check(not self.mlflow_tracking_uri or "://" in self.mlflow_tracking_uri, "search",
               "mlflow_tracking_uri", self.mlflow_tracking_uri,
               "'' (off) or a URI: http(s)://server or file:///absolute/path")
-        for family in FAMILY_SPECS.values():  # every family's own keys, searched or not
-            family.check_config(self)
+        # every family's own keys, searched or not: converted to their declared types, defaults
+        # filled in, then checked by their family's spec
+        declared = family_settings()
+        given = dict(self.family_settings)
+        unknown = sorted(set(given) - set(declared))
+        if unknown:
+            raise unknown_keys("search", unknown, yaml_keys(SearchConfig))
+        values = {key: _coerce("search", key, given[key], s.type) if key in given
+                  else s.default_value() for key, s in declared.items()}
+        object.__setattr__(self, "family_settings", values)
+        for family in FAMILY_SPECS.values():
+            family.check_settings(values)
 
 
 # every section of every shipped config, in one place: no command depends on which stage
@@ -270,18 +307,74 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
     return value
 
 
+def _per_setting(f: dataclasses.Field) -> bool:
+    return f.metadata.get(EFFECT) == PER_SETTING
+
+
+def effects(cfg: Any) -> dict[str, str]:
+    """Each YAML key of a stage's config (a class or an instance) -> its declared effect on the
+    stage's output; a family's own keys with the effect their family declares. A field that
+    declares none is a programming error, raised here (and by a unit test)."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(cfg):
+        effect = f.metadata.get(EFFECT)
+        if effect == PER_SETTING:
+            out.update({key: s.effect for key, s in family_settings().items()})
+        elif effect in EFFECTS:
+            out[f.name] = effect
+        else:
+            name = cfg.__name__ if isinstance(cfg, type) else type(cfg).__name__
+            raise TypeError(f"{name}.{f.name} does not declare what it does to its stage's "
+                            "output: declare it with dermray.config.setting(default, effect).")
+    return out
+
+
+def output_settings(cfg: Any) -> dict[str, Any]:
+    """The settings that change a stage's output, with their values (as ``config_to_dict``
+    gives them): what the stage's fingerprint holds."""
+    declared = effects(cfg)
+    return {k: v for k, v in config_to_dict(cfg).items() if declared[k] == OUTPUT}
+
+
+def yaml_keys(cls: type) -> list[str]:
+    """The keys a section accepts: its fields, and for the search every family's own keys."""
+    keys = [f.name for f in dataclasses.fields(cls) if not _per_setting(f)]
+    if any(_per_setting(f) for f in dataclasses.fields(cls)):
+        clash = set(keys) & set(family_settings())
+        if clash:
+            raise TypeError(f"family setting(s) {', '.join(sorted(clash))} clash with "
+                            f"{cls.__name__}'s own keys")
+        keys += list(family_settings())
+    return keys
+
+
+def unknown_keys(where: str, unknown: Iterable[str], known: list[str],
+                 what: str = "key(s) in section") -> ConfigError:
+    """The error for unknown names: each with the closest known one, when one is close."""
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        named.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    kinds = "keys" if what.startswith("key") else "sections"
+    return ConfigError(f"Unknown {what} {where}: {', '.join(named)}. "
+                       f"Known {kinds}: {', '.join(known)}.")
+
+
 def build_section(name: str, values: Mapping[str, Any] | None) -> Any:
-    """Build one stage's config from a mapping, rejecting unknown keys and bad values."""
+    """Build one stage's config from a mapping, rejecting unknown keys and bad values; a head
+    family's own keys go to ``family_settings`` (converted and checked there)."""
     cls = SECTIONS[name]
-    values = dict(values or {})
+    values = strip_credentials(dict(values or {}))  # no URI's credentials in a config
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
+    known = yaml_keys(cls)
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ConfigError(
-            f"Unknown key(s) in section '{name}': {', '.join(unknown)}. Known keys: {', '.join(names)}."
-        )
-    kwargs = {k: _coerce(name, k, v, hints[k]) for k, v in values.items()}
+        raise unknown_keys(f"'{name}'", unknown, known)
+    own = family_settings()
+    kwargs = {k: _coerce(name, k, v, hints[k]) for k, v in values.items() if k not in own}
+    per_family = {k: v for k, v in values.items() if k in own}
+    if per_family:
+        kwargs["family_settings"] = per_family
     return cls(**kwargs)
 
 
@@ -291,16 +384,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yamlfile.load(path) or {}  # bounded: aliases, size, duplicate keys
     except yaml.YAMLError as exc:
         raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"Config file {path} must hold a mapping of sections. Got {type(raw).__name__}.")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ConfigError(
-            f"Unknown section(s) in {path}: {', '.join(unknown)}. Known sections: {', '.join(SECTIONS)}."
-        )
+        raise unknown_keys(str(path), unknown, list(SECTIONS), what="section(s) in")
     for section, values in raw.items():
         if values is not None and not isinstance(values, dict):
             raise ConfigError(f"Section '{section}' in {path} must be a mapping. Got {values!r}.")
@@ -321,9 +412,15 @@ def load_section(name: str, path: str | Path | None = None,
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """A JSON-friendly dict of a config (tuples become lists)."""
-    out = dataclasses.asdict(cfg)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+    """A JSON-friendly dict of a config (tuples become lists), flat as in YAML: a family's own
+    keys beside the search's (read through their declarations)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if _per_setting(f):
+            out.update({key: s.read(cfg) for key, s in family_settings().items()})
+        else:
+            out[f.name] = getattr(cfg, f.name)
+    return {k: list(v) if isinstance(v, tuple) else copy.deepcopy(v) for k, v in out.items()}
 
 
 def load_all(path: str | Path | None,
@@ -440,19 +537,18 @@ def _check_architecture(key: str, value: str, backbone: str) -> None:
 
 
 def check_weights_files(configs: Mapping[str, Any]) -> None:
-    """Every weights file a set of configs names (fields whose name ends in ``weights``, a
+    """Every weights file a set of configs names (keys whose name ends in ``weights``, a
     name -> value mapping or one value), checked at once; one message lists every bad file."""
     problems = []
     for section, cfg in configs.items():
-        for f in dataclasses.fields(cfg):
-            if not f.name.endswith("weights"):
+        for field_name, value in config_to_dict(cfg).items():  # a family's keys too
+            if not field_name.endswith("weights"):
                 continue
-            value = getattr(cfg, f.name)
             items = value.items() if isinstance(value, Mapping) else [("", value)]
             for name, item in items:
                 if not isinstance(item, str) or not item:  # "" : the family's own default
                     continue
-                key = f"{section}.{f.name}" + (f".{name}" if name else "")
+                key = f"{section}.{field_name}" + (f".{name}" if name else "")
                 try:
                     check_weights_file(key, item)
                     _check_architecture(key, item, name)

@@ -13,6 +13,7 @@ from typing import Any
 
 from dermray.config import load_section, read_yaml
 from dermray.errors import DermrayError
+from dermray.models.heads import get_family
 
 # module -> the command that installs it (the extra of dermray that carries it)
 INSTALL = {
@@ -20,13 +21,6 @@ INSTALL = {
     "xgboost": "pip install 'dermray'   (xgboost is a core dependency: reinstall dermray)",
     "mlflow": "pip install 'dermray[track]'",
     "tensorboard": "pip install 'dermray[track]'",
-}
-# the modules a head family needs beyond the core dependencies (keras needs TensorFlow as its
-# backend). NOTE: this belongs in each family's FamilySpec; it is here until the spec has it.
-FAMILY_MODULES: dict[str, tuple[str, ...]] = {
-    "xgboost": ("xgboost",),
-    "mlp": ("tensorflow",),
-    "finetune": ("tensorflow",),
 }
 
 
@@ -66,9 +60,10 @@ def extract_needs() -> list[tuple[str, str]]:
 
 
 def search_needs(cfg: Any) -> list[tuple[str, str]]:
-    """What a search config needs: its families' packages, and MLflow when tracking is set."""
+    """What a search config needs: its families' packages (each family's spec names them;
+    Keras needs TensorFlow as its backend), and MLflow when tracking is set."""
     needs = [(module, f"search.families has {family!r}")
-             for family in cfg.families for module in FAMILY_MODULES.get(family, ())]
+             for family in cfg.families for module in get_family(family).packages]
     if getattr(cfg, "mlflow_tracking_uri", ""):
         needs.append(("mlflow", "search.mlflow_tracking_uri is set"))
     return needs

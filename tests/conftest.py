@@ -24,6 +24,24 @@ WEIGHTS = SHARED / "weights"
 RESNET50_WEIGHTS = WEIGHTS / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
+@pytest.fixture(autouse=True)
+def _aws_credentials_restored():
+    """A test that reads credentials out of an s3:// URI (dermray adopts them into the
+    environment) leaves the session's fake ones behind it."""
+    from dermray.io import storage
+
+    saved = {k: os.environ.get(k) for k in (*storage.CREDENTIAL_VARS, "AWS_SESSION_TOKEN")}
+    adopted = dict(storage._adopted)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    storage._adopted.clear()
+    storage._adopted.update(adopted)
+
+
 def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not present (real data/weights live in ../shared on dev machines)")

@@ -96,7 +96,7 @@ def download(remote: RemoteFile, target: Path,
     part = target.with_name(target.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     if 0 <= remote.size < have:
-        part.unlink()
+        storage.remove(part, target.parent, "longer than the file it resumes")
         have = 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     try:
@@ -122,7 +122,7 @@ def download(remote: RemoteFile, target: Path,
         raise FetchError(f"{remote.name}: got {size} bytes, expected {remote.size}. Run the "
                          "same command again to resume the download.")
     if remote.md5 and _md5(part) != remote.md5:
-        part.unlink()
+        storage.remove(part, target.parent, "MD5 mismatch")
         raise FetchError(f"{remote.name}: MD5 mismatch (expected {remote.md5}); the partial file "
                          "was removed, run the command again to download it afresh.")
     part.replace(target)
@@ -135,7 +135,7 @@ def unpack(archive: Path, dest: Path) -> Path:
     if final.is_dir():
         return final
     tmp = dest / f".{archive.stem}.unpacking"
-    shutil.rmtree(tmp, ignore_errors=True)
+    storage.remove(tmp, dest, "an unpacking left unfinished")
     tmp.mkdir(parents=True)
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -147,9 +147,9 @@ def unpack(archive: Path, dest: Path) -> Path:
                 with zf.open(member) as src, (tmp / name.name).open("wb") as out:
                     shutil.copyfileobj(src, out)
     except zipfile.BadZipFile:
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.remove(tmp, dest, "not a valid zip", logging.DEBUG)
         raise FetchError(f"{archive} is not a valid zip; delete it and fetch again.") from None
-    return Path(storage.replace_dir(tmp, final, marker=""))
+    return Path(storage.replace_dir(tmp, final, marker="", root=dest))
 
 
 def fetch(dest: str | Path, base_url: str = DATAVERSE, doi: str = DOI,
@@ -178,6 +178,6 @@ def fetch(dest: str | Path, base_url: str = DATAVERSE, doi: str = DOI,
         downloaded.append(zip_name)
         unpack(archive, dest)
         if not keep_zips:
-            archive.unlink()
+            storage.remove(archive, dest, "unpacked (keep it with --keep-zips)", logging.INFO)
     return {"metadata": str(dest / METADATA_NAME), "images": [str(d) for d in wanted_dirs],
             "downloaded": downloaded}

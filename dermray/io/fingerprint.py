@@ -5,6 +5,12 @@ changed and the two ways out, instead of mixing old and new work.
 
 ``claim(folder, stage, current, fresh)`` writes the fingerprint on first use, passes when it
 matches, and with ``fresh`` deletes the folder's old output so the stage starts over.
+
+Which settings a fingerprint holds is declared once, where each setting is declared: a config
+field (``dermray.config.setting``) or a head family's own setting
+(``dermray.models.heads.registry.Setting``) says its ``effect``, one of ``EFFECTS``; a stage's
+fingerprint holds the values of its ``OUTPUT`` settings. No list to extend: a setting without a
+declaration fails a test (tests/unit/test_fingerprint_declared.py) and the stage that reads it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,16 @@ from dermray.io import storage
 logger = logging.getLogger(__name__)
 
 FILE = "_fingerprint.json"  # "_": every reader of part files skips it
+
+# what a setting does to its stage's output (see the module docstring)
+OUTPUT = "output"  # changes the numbers: its value is in the stage's fingerprint
+# names what the stage reads or which outputs it makes (a manifest, a weights file, the images,
+# the backbones): the stage fingerprints what it names, by content (a hash, a sha256, each
+# backbone's own folder), so the name itself is not in the fingerprint
+INPUT = "input"
+NEUTRAL = "neutral"  # where or how fast the stage runs (paths, resources, logging), never what
+EFFECTS = (OUTPUT, INPUT, NEUTRAL)
+EFFECT = "effect"  # the key of the declaration in a dataclass field's metadata
 
 
 class StaleOutputError(DermrayError):
@@ -65,14 +81,18 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def claim(folder: str, stage: str, current: dict[str, Any], fresh: bool = False,
-          flag: str = "--fresh") -> None:
+          flag: str = "--fresh", *, root: str) -> None:
     """Make ``folder`` the output of ``current``, or refuse.
+
+    ``folder`` must lie inside ``root`` (OUT, or the configured storage root), checked before
+    anything is read, written or deleted.
 
     No fingerprint yet: write it (a folder that holds files but no fingerprint is not a dermray
     output: refused, and never deleted, even with ``fresh``). The same key: a rerun, which
     resumes. Another key: with ``fresh``, delete the folder and start over; otherwise raise,
     naming what changed.
     """
+    storage.inside(folder, root)
     path = storage.join(folder, FILE)
     if storage.is_file(path):
         old = json.loads(storage.read_text(path))
@@ -85,9 +105,8 @@ def claim(folder: str, stage: str, current: dict[str, Any], fresh: bool = False,
                 f"inputs ({'; '.join(changed) or 'the fingerprint differs'}). Reusing it would mix "
                 f"two results. Write to a new --out, or pass {flag} to redo the {stage} stage "
                 "there (its old output is deleted).")
-        logger.warning("%s: %s changed (%s); deleting the old output", storage.display(folder),
-                       stage, "; ".join(changed))
-        storage.delete(folder)
+        storage.remove(folder, root, f"{flag}: the {stage} settings or inputs changed: "
+                       + "; ".join(changed))
     elif storage.list_files(folder):
         raise StaleOutputError(
             f"{storage.display(folder)} holds files but no {FILE}: it is not the output of a "

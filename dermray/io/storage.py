@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -27,6 +29,8 @@ import pyarrow.parquet as pq
 
 from dermray.errors import StorageError
 from dermray.io import faults
+
+logger = logging.getLogger(__name__)
 
 # s3://KEY:SECRET@bucket/...: the user-info part of a URI (a secret may hold '/', never '@')
 CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^@\s/?#]*(?::[^@\s]*)?@")
@@ -50,15 +54,13 @@ def open_fs(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     uri = str(uri)
     if not is_remote(uri):
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    uri = strip_credentials(uri)  # the filesystem reads them from the credential chain
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, OSError) as exc:
-        hint = (" Credentials in a URI must be percent-encoded ('/' as %2F, '+' as %2B); "
-                "better, leave them out and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
-                if CREDENTIALS.search(uri) else "")
         raise StorageError(f"Cannot open {display(uri)}: {redact(exc)}. Use s3://bucket/prefix, "
                            "optionally with ?region=...&endpoint_override=host:port&scheme=http."
-                           + hint) from None
+                           ) from None
     if isinstance(fs, pafs.S3FileSystem):
         _, (options,) = fs.__reduce__()  # every option from_uri parsed (region, credentials...)
         timeouts, attempts = s3_settings()
@@ -67,6 +69,77 @@ def open_fs(uri: str | Path) -> tuple[pafs.FileSystem, str]:
         fs = pafs.S3FileSystem(**options,
                                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts))
     return fs, path
+
+
+# the user-info of a URI at its start: scheme, then KEY[:SECRET]@ (a secret may hold '/')
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<key>[^@\s/?#:]*)"
+                       r"(?::(?P<secret>[^@\s]*))?@")
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+_adopted: dict[str, str] = {}  # the credentials this process took from a URI, by variable
+
+
+def strip_credentials(value: Any) -> Any:
+    """``value`` (a string, or a list, tuple or dict of them) with the credentials of every
+    ``s3://KEY:SECRET@bucket/...`` URI taken out and adopted (``adopt_credentials``).
+
+    This is where a URI's credentials are read, once, at the edge (the CLI's arguments, every
+    config section, ``open_fs`` and ``join``), so that everything made from a URI after it (a
+    record, a log or stdout line, Tune's pickled state, a Ray task's arguments) holds none. The
+    credentials of another scheme's URI (an MLflow server's, say) are refused with a message:
+    they would be stored with the run.
+    """
+    if isinstance(value, str):
+        return _strip(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(strip_credentials(v) for v in value)
+    if isinstance(value, dict):
+        return {k: strip_credentials(v) for k, v in value.items()}
+    return value
+
+
+def _strip(text: str) -> str:
+    match = _USERINFO.match(text)
+    if not match:
+        return text
+    scheme = match["scheme"].lower()
+    if scheme != "s3":
+        raise StorageError(
+            f"{redact(text)} carries credentials, which would be stored with the run (records, "
+            "logs, Tune's state). Leave them out of the URI and give them in the environment "
+            "(an MLflow server: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD).")
+    adopt_credentials(unquote(match["key"]), unquote(match["secret"] or ""), text)
+    return f"{match['scheme']}://" + text[match.end():]
+
+
+def adopt_credentials(key: str, secret: str, uri: str = "") -> None:
+    """Make ``key`` and ``secret`` this process's AWS credentials: the environment's
+    AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, which every S3 filesystem reads through the
+    default credential chain, and which a local Ray started after this inherits.
+
+    Why the environment and not the filesystem object: an S3FileSystem given explicit keys
+    pickles them (Tune stores its storage filesystem in tuner.pkl and ships it to every trial);
+    one on the default chain pickles none. Two different pairs in one run are refused: every S3
+    access would use the last one.
+    """
+    pair = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+    if _adopted == pair:
+        return
+    if _adopted and all(os.environ.get(k) == v for k, v in _adopted.items()):
+        raise StorageError(
+            f"{redact(uri)} carries other credentials than an earlier s3:// URI of this run; "
+            "one run uses one pair. Leave them out of the URIs and set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) instead.")
+    if os.environ.get("AWS_ACCESS_KEY_ID", key) != key:
+        logger.info("using the credentials of %s in place of $AWS_ACCESS_KEY_ID", display(uri))
+    os.environ.update(pair)
+    os.environ.pop("AWS_SESSION_TOKEN", None)  # a token belongs to the keys it came with
+    _adopted.clear()
+    _adopted.update(pair)
+
+
+def adopted_credentials() -> bool:
+    """Whether this process took its S3 credentials from a URI (and they are still in force)."""
+    return bool(_adopted) and all(os.environ.get(k) == v for k, v in _adopted.items())
 
 
 def s3_settings() -> tuple[dict[str, float], int]:
@@ -142,11 +215,123 @@ class RedactingFilter(logging.Filter):
 
 
 def join(base: str | Path, *names: str) -> str:
-    """Append path segments to a path or URI, keeping a URI's query on the result."""
-    path, sep, query = str(base).partition("?")
+    """Append path segments to a path or URI, keeping a URI's query on the result.
+
+    A segment is a name: an empty one, ``.`` or ``..`` is refused (StorageError), so that a
+    joined path never climbs out of ``base`` nor names ``base`` itself."""
+    path, sep, query = strip_credentials(str(base)).partition("?")
     for name in names:
-        path = path.rstrip("/") + "/" + str(name).strip("/")
+        parts = str(name).strip("/").split("/")
+        if any(part in _NOT_NAMES for part in parts):
+            raise StorageError(f"Cannot use {str(name)!r} under {display(base)}: each part of a "
+                               "path must be a name (not empty, '.' or '..'), so that it stays "
+                               "inside that folder.")
+        path = path.rstrip("/") + "/" + "/".join(parts)
     return path + (sep + query if sep else "")
+
+
+_NOT_NAMES = ("", ".", "..")
+
+
+def parent(uri: str | Path) -> str:
+    """The folder holding a path or URI (a URI keeps its query)."""
+    if not is_remote(uri):
+        return str(Path(uri).parent)
+    path, sep, query = str(uri).partition("?")
+    return path.rstrip("/").rpartition("/")[0] + sep + query
+
+
+def is_component(name: str) -> bool:
+    """Whether ``name`` is one folder name: not empty, '.' or '..', without '/', '\\' or NUL."""
+    return (isinstance(name, str) and name not in _NOT_NAMES
+            and not any(c in name for c in "/\\\0"))
+
+
+def inside(target: str | Path, root: str | Path) -> str:
+    """``target`` resolved (a local absolute path, or ``s3://bucket/key``), after checking that
+    it lies strictly inside ``root`` (resolved the same way); StorageError otherwise.
+
+    Locally the parent folders are resolved (links, ``..``) and the last name kept as it is, so
+    that a link inside ``root`` is itself inside (deleting it never follows it)."""
+    if is_remote(target) != is_remote(root):
+        raise StorageError(f"{display(target)} is not inside {display(root)} (one is local, the "
+                           "other a URI); dermray deletes and creates only inside its output.")
+    if is_remote(target):
+        where, base = _remote_key(target), _remote_key(root)
+        ok = (where[0] == base[0] and where[1] != base[1]
+              and where[1].startswith(base[1] + "/" if base[1] else ""))
+        resolved = f"{where[0]}/{where[1]}"
+    else:
+        path = Path(target).expanduser()
+        if path.name in _NOT_NAMES:
+            resolved = str(path.resolve())
+        else:
+            resolved = str(path.parent.resolve() / path.name)
+        base_dir = Path(root).expanduser().resolve()
+        ok = Path(resolved).is_relative_to(base_dir) and Path(resolved) != base_dir
+    if not ok:
+        raise StorageError(f"Refusing to touch {display(target)}: it is not inside "
+                           f"{display(root)}, the folder this run writes to. Check the paths in "
+                           "the config (search.storage_path, search.experiment, --out).")
+    return resolved
+
+
+def _remote_key(uri: str | Path) -> tuple[str, str]:
+    """(``scheme://bucket`` with the URI's query, the key without '/' at its ends); '.' and
+    '..' parts are refused, never interpreted."""
+    text, _, query = str(uri).partition("?")
+    scheme, _, rest = redact(text).partition("://")
+    bucket, _, key = rest.partition("/")
+    parts = [p for p in key.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise StorageError(f"{display(uri)} has a '.' or '..' part; name the object directly.")
+    return f"{scheme}://{bucket}?{query}", "/".join(parts)
+
+
+def remove(target: str | Path, root: str | Path, why: str, level: int = logging.WARNING,
+           best_effort: bool = False) -> bool:
+    """Delete a file or a whole folder, if it exists, after checking that it lies strictly
+    inside ``root`` (``inside``), logging what is deleted and why. Every deletion dermray makes
+    goes through here. A local link made by ``replace_dir`` goes with the versioned folders it
+    names. Returns whether anything was deleted. ``best_effort`` (temporary files, leftovers):
+    a deletion that fails is a warning, not an error; a target outside ``root`` is always one.
+    """
+    inside(target, root)
+    try:
+        return _delete(target, why, level)
+    except OSError as exc:
+        if not best_effort:
+            raise
+        logger.warning("could not delete %s (%s): %s", display(target), why, redact(exc)[:200])
+        return False
+
+
+def _delete(target: str | Path, why: str, level: int) -> bool:
+    if not is_remote(target):
+        path = str(Path(target).expanduser())
+        if not os.path.lexists(path):
+            return False
+        logger.log(level, "deleting %s (%s)", path, why, extra={"deleted": path})
+        if os.path.islink(path):
+            os.unlink(path)
+            for folder in _versions(Path(path)):
+                shutil.rmtree(folder, ignore_errors=True)
+        elif os.path.isdir(path):  # rmtree removes the links below it, never their targets
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+        return True
+    fs, path = open_fs(target)
+    kind = fs.get_file_info(path).type
+    if kind not in (pafs.FileType.Directory, pafs.FileType.File):
+        return False
+    logger.log(level, "deleting %s (%s)", display(target), why,
+               extra={"deleted": display(target)})
+    if kind == pafs.FileType.File:
+        fs.delete_file(path)
+    else:
+        fs.delete_dir(path)
+    return True
 
 
 def display(uri: str | Path) -> str:
@@ -208,6 +393,35 @@ def write_parquet(table: pa.Table, uri: str | Path) -> str:
     return str(uri)
 
 
+def check_writable(uri: str | Path) -> None:
+    """Refuse, before any work, an output file that cannot be written: a folder in its place,
+    a parent folder that cannot be made or written to, a bucket that refuses a write. A probe
+    file is written beside it and deleted."""
+    if is_remote(uri):
+        folder = parent(uri)
+        probe = join(folder, f".dermray-probe.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with storage_errors(uri):
+                write_bytes(probe, b"")
+        except OSError as exc:
+            raise StorageError(f"Cannot write {display(uri)}: {redact(exc)[:300]}. Check the "
+                               "bucket, the URI and the credentials.") from None
+        remove(probe, folder, "write probe", logging.DEBUG, best_effort=True)
+        return
+    target = Path(uri).expanduser()
+    if target.is_dir():
+        raise StorageError(f"Cannot write {target}: it is a folder; name a file.")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe",
+                                     dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise StorageError(f"Cannot write {target}: {exc.strerror or exc}. Choose a folder "
+                           "you can write to.") from None
+    remove(probe, target.parent, "write probe", logging.DEBUG, best_effort=True)
+
+
 def list_files(uri: str | Path, suffix: str = "") -> list[str]:
     """Files below a folder (recursive, inner paths), skipping names that start with '.' or '_'
     (temporary files and private folders); empty if the folder does not exist."""
@@ -220,22 +434,6 @@ def list_files(uri: str | Path, suffix: str = "") -> list[str]:
                 part.startswith((".", "_")) for part in rel.split("/")):
             files.append(info.path)
     return sorted(files)
-
-
-def delete(uri: str | Path) -> None:
-    """Remove a file or a whole folder, if it exists (a local link made by ``replace_dir``: the
-    link and the folder it names)."""
-    if not is_remote(uri) and os.path.islink(uri):
-        os.unlink(uri)
-        for folder in _versions(Path(uri)):
-            shutil.rmtree(folder, ignore_errors=True)
-        return
-    fs, path = open_fs(uri)
-    kind = fs.get_file_info(path).type
-    if kind == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif kind == pafs.FileType.File:
-        fs.delete_file(path)
 
 
 def upload_dir(local: str | Path, uri: str | Path, last: str | None = None) -> None:
@@ -276,7 +474,7 @@ def staged(uri: str | Path, last: str | None = None) -> Iterator[Path]:
         yield folder
         upload_dir(folder, uri, last=last)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove(folder, tempfile.gettempdir(), "staging folder", logging.DEBUG, best_effort=True)
 
 
 # what a killed writer leaves behind: a file written under its temporary name (_tmp_name), a
@@ -291,17 +489,13 @@ def sweep_leftovers(out: str | Path) -> list[str]:
     model folders and unswapped links at its top. Returns what was deleted."""
     if is_remote(out) or not Path(out).is_dir():
         return []
+    why = "left by a run that was killed"
     gone = []
-    for path in Path(out).rglob(".*.tmp"):
-        if _LEFTOVER_FILE.fullmatch(path.name) and (path.is_file() or path.is_symlink()):
-            path.unlink(missing_ok=True)
-            gone.append(str(path))
-    for path in Path(out).iterdir():
-        if _LEFTOVER_TOP.fullmatch(path.name):
-            if path.is_symlink() or path.is_file():
-                path.unlink(missing_ok=True)
-            else:
-                shutil.rmtree(path, ignore_errors=True)
+    left = [p for p in Path(out).rglob(".*.tmp")
+            if _LEFTOVER_FILE.fullmatch(p.name) and (p.is_file() or p.is_symlink())]
+    left += [p for p in Path(out).iterdir() if _LEFTOVER_TOP.fullmatch(p.name)]
+    for path in left:
+        if remove(path, out, why, best_effort=True):
             gone.append(str(path))
     return gone
 
@@ -313,7 +507,8 @@ def _versions(target: Path) -> list[Path]:
             if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
 
 
-def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = False) -> str:
+def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = False,
+                root: str | Path | None = None) -> str:
     """Put a locally built folder at ``uri``, replacing what was there.
 
     Locally, without ``link``: the old folder is renamed out and the new one in (never half of
@@ -322,16 +517,20 @@ def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = Fa
     the old folder or the new one, never none (a real folder at ``uri`` is not one of ours:
     refused, untouched); the previous version is kept until the next replacement, so a file open that
     resolved the old link still finds its file (unless two replacements happen within it). On S3: upload every file with ``marker`` last, then delete objects of the old
-    folder that the new one lacks.
+    folder that the new one lacks. ``uri`` must lie inside ``root`` (default: its own folder),
+    checked before anything is moved; what is deleted is deleted through ``remove``.
     """
     local = Path(local)
+    if root is None:
+        root = parent(uri)
+    inside(uri, root)
     if not is_remote(uri) and not link:
         target = Path(uri)
         old = target.with_name(f".{target.name}.old.{uuid.uuid4().hex[:8]}")
         if target.exists():
             target.rename(old)
         local.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old, root, "the folder it replaced", logging.DEBUG, best_effort=True)
         return str(target)
     if not is_remote(uri):
         target = Path(uri)
@@ -350,7 +549,7 @@ def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = Fa
         # before this one still finds its files; older versions go
         for folder in _versions(target):
             if folder not in (version, previous):
-                shutil.rmtree(folder, ignore_errors=True)
+                remove(folder, root, "an older version", logging.DEBUG, best_effort=True)
         return str(target)
     keep = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     fs, path = open_fs(uri)
@@ -359,5 +558,6 @@ def replace_dir(local: str | Path, uri: str | Path, marker: str, link: bool = Fa
              if info.type == pafs.FileType.File and info.path[len(path):].lstrip("/") not in keep]
     upload_dir(local, uri, last=marker)
     for item in stale:
-        fs.delete_file(item)
+        remove(join(uri, item[len(path):].lstrip("/")), uri, "not in the new folder",
+               logging.DEBUG)
     return str(uri)

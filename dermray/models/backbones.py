@@ -22,6 +22,18 @@ logger = logging.getLogger(__name__)
 # ImageNet channel means in BGR order, as keras.applications' "caffe" mode subtracts them
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 
+# the input side: ImageNet's, the default of every stage; the smallest a network with five
+# stride-2 steps still maps to one cell, the largest a decode is asked for
+IMAGE_SIZE = 224
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
+IMAGE_SIZE_RULE = f"an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]"
+
+
+def valid_image_size(value: object) -> bool:
+    """Whether ``value`` is an input side the backbones take (``IMAGE_SIZE_RULE``)."""
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE)
+
 
 class BackboneError(DermrayError):
     """An unknown backbone, or weights that cannot be loaded into it."""
@@ -34,8 +46,8 @@ class BackboneSpec:
     name: str
     application: str  # the keras.applications constructor
     feature_dim: int
-    preprocessing: str = "caffe"
-    default_size: int = 224
+    preprocessing: str = "caffe"  # a key of PREPROCESSING; recorded in a bundle per backbone
+    default_size: int = IMAGE_SIZE
     # globally pooled outputs of these layers, concatenated (None: the last block, avg-pooled)
     stages: tuple[str, ...] | None = None
     gflops_224: float = 0.0  # forward GFLOP per 224x224 image (for efficiency figures)
@@ -64,7 +76,7 @@ class BackboneSpec:
             side = -(-side // 2)
         return side, side, self.channels
 
-    def dim(self, image_size: int = 224) -> int:
+    def dim(self, image_size: int = IMAGE_SIZE) -> int:
         """Values per view: the feature size, or the flattened map's size at ``image_size``."""
         return int(np.prod(self.map_shape(image_size))) if self.is_map else self.feature_dim
 
@@ -129,12 +141,18 @@ def caffe_preprocess(images: np.ndarray) -> np.ndarray:
     return x - CAFFE_MEAN_BGR
 
 
-def preprocess(name: str, images: np.ndarray) -> np.ndarray:
-    """The backbone's own preprocessing of uint8 RGB images (N, H, W, 3)."""
-    spec = get_spec(name)
-    if spec.preprocessing == "caffe":
-        return caffe_preprocess(images)
-    raise BackboneError(f"No preprocessing {spec.preprocessing!r} for {name}.")
+# preprocessing modes by name: a backbone's spec names its mode, a bundle records it
+PREPROCESSING: dict[str, Callable[[np.ndarray], np.ndarray]] = {"caffe": caffe_preprocess}
+
+
+def preprocess(name: str, images: np.ndarray, mode: str | None = None) -> np.ndarray:
+    """Uint8 RGB images (N, H, W, 3) as backbone ``name`` takes them: in ``mode`` (what a bundle
+    recorded at export), else in the mode of the backbone's registry entry."""
+    mode = mode or get_spec(name).preprocessing
+    if mode not in PREPROCESSING:
+        raise BackboneError(f"No preprocessing {mode!r} for {name}. Known modes: "
+                            f"{', '.join(sorted(PREPROCESSING))}.")
+    return PREPROCESSING[mode](images)
 
 
 def resolve_weights(weights: str | None) -> str | None:
@@ -275,12 +293,13 @@ def configure_devices(mixed_precision: bool = False) -> list[str]:
     return gpus
 
 
-def build_extractor(name: str, weights: str | None = "imagenet", image_size: int = 224):
+def build_extractor(name: str, weights: str | None = "imagenet", image_size: int = IMAGE_SIZE):
     """A frozen Keras model: preprocessed (N, S, S, 3) float32 -> (N, dim) features."""
     return build_network([name], weights, image_size)
 
 
-def build_network(names: Sequence[str], weights: str | None = "imagenet", image_size: int = 224):
+def build_network(names: Sequence[str], weights: str | None = "imagenet",
+                  image_size: int = IMAGE_SIZE):
     """One frozen Keras model for backbones of one application with the same weights: one input,
     one output per name (pooled features or a flattened activation map), so that one forward
     pass gives them all."""
@@ -360,31 +379,38 @@ class FrozenExtractor:
     Backbones of one network with the same weights (``resnet50``, ``resnet50_ms`` and the
     ``resnet50_c5b2`` activation map) share one forward pass: ``resnet50`` is a column slice of
     ``resnet50_ms``, and the others are outputs of one multi-output model.
+
+    ``preprocessing``: a mode per backbone (a bundle's record); by default each registry entry's.
     """
 
     def __init__(self, backbones: Sequence[str], weights: dict[str, str], image_size: int,
                  batch_size: int = 32, jit_compile: bool = True, mixed_precision: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, preprocessing: dict[str, str] | None = None) -> None:
         import keras
 
         self.gpus = configure_devices(mixed_precision)
         self.backbones = list(backbones)
+        self.preprocessing = {n: (preprocessing or {}).get(n) or get_spec(n).preprocessing
+                              for n in self.backbones}
         self.batch_size = batch_size
         self.image_size = image_size
         self.sliced: dict[str, tuple[str, int, int]] = {}
         for name in self.backbones:
             spec = get_spec(name)
-            if (spec.slice_of and spec.slice_of[0] in self.backbones
-                    and weights.get(name, "imagenet") == weights.get(spec.slice_of[0], "imagenet")):
+            source = spec.slice_of[0] if spec.slice_of else ""
+            if (source in self.backbones
+                    and weights.get(name, "imagenet") == weights.get(source, "imagenet")
+                    and self.preprocessing[name] == self.preprocessing[source]):
                 self.sliced[name] = spec.slice_of
-        # networks: (application, weights) -> the backbones it computes, in order
-        groups: dict[tuple[str, str], list[str]] = {}
+        # networks: (application, weights, preprocessing) -> the backbones it computes, in order
+        groups: dict[tuple[str, str, str], list[str]] = {}
         for name in self.backbones:
             if name not in self.sliced:
-                key = (get_spec(name).application, str(weights.get(name, "imagenet")))
+                key = (get_spec(name).application, str(weights.get(name, "imagenet")),
+                       self.preprocessing[name])
                 groups.setdefault(key, []).append(name)
         self.networks: list[tuple[list[str], Callable[[np.ndarray], np.ndarray]]] = []
-        for (_, weight), names in groups.items():
+        for (_, weight, _), names in groups.items():
             # weights=None draws random weights: seed them, or every process (and every rerun)
             # would embed with a different network
             keras.utils.set_random_seed(seed)
@@ -408,7 +434,7 @@ class FrozenExtractor:
             if n < self.batch_size:
                 pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), dtype=chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
-            result = forward(preprocess(names[0], chunk))
+            result = forward(preprocess(names[0], chunk, self.preprocessing[names[0]]))
             for out, part in zip(outs, result if isinstance(result, list) else [result]):
                 out[start:start + n] = part[:n]
         return outs

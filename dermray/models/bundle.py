@@ -1,39 +1,308 @@
-"""The exported model bundle: load it and predict on image files (``dermray predict``)."""
+"""The exported model bundle: what it is (``BundleSpec``), how it is written and read, and the
+loaded model (``Bundle``: backbones + head + decision policy, applied to decoded images).
+
+OUT/model holds ``bundle.json`` (the spec), ``head/`` (in a format that runs no code on load) and
+``model_card.md``. ``BundleSpec.write`` and ``read_spec`` are the only code that writes and reads
+bundle.json: every field is checked on load, to the last number, and bundle.json records a
+sha256 of every other file and of its own content, so an edited or damaged bundle is refused,
+naming the file and the field, before any image is read.
+"""
 
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
-import os
-import shutil
-import stat
+import math
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from dermray.data.augment import DecodeError, decode_image, dihedral
+from dermray.data.augment import dihedral
 from dermray.domain import CLASSES
 from dermray.errors import DermrayError
 from dermray.io import storage
-from dermray.models.backbones import BACKBONES, FrozenExtractor, find_weights, get_spec
+from dermray.models.backbones import (
+    BACKBONES,
+    IMAGE_SIZE_RULE,
+    PREPROCESSING,
+    FrozenExtractor,
+    find_weights,
+    get_spec,
+    valid_image_size,
+)
 from dermray.models.features import metadata_matrix, parse_features
-from dermray.models.heads import EMBEDDINGS, IMAGES, get_family, load_head
-from dermray.models.policies import decide
+from dermray.models.heads import EMBEDDINGS, FAMILY_SPECS, IMAGES, get_family, load_head
+from dermray.models.policies import decide, get_policy
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+BUNDLE_FILE = "bundle.json"
+FORMAT = 3  # bundle.json's layout; another one is refused (export the bundle again)
+VIEWS = 8  # the dihedral group's views (augment.dihedral): tta_views counts the extra ones
+HEX = "0123456789abcdef"
 
+
+class BundleError(DermrayError):
+    """A bundle whose bundle.json or head does not say what the model is."""
+
+
+def _problem(where: str, name: str, must: str, got: Any) -> BundleError:
+    return BundleError(f"{where}: '{name}' must be {must}. Got {got!r} instead. The bundle was "
+                       "edited or damaged: export it again.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class BackboneRecord:
+    """A frozen backbone as trained: its weights by content (never a path of the machine that
+    exported it) and the preprocessing its embeddings were made with."""
+
+    name: str
+    weights_identity: str  # 'none' (seeded random weights) or 'sha256:<hex>'
+    weights_name: str  # the file name trained with: a hint for finding it, identity decides
+    preprocessing: str  # a mode of backbones.PREPROCESSING
+
+    @classmethod
+    def of(cls, name: str, weights_identity: str, weights_name: str = "") -> BackboneRecord:
+        """The record of a backbone as the registry defines it now (at export)."""
+        return cls(name, weights_identity, weights_name, get_spec(name).preprocessing)
+
+    def check(self, where: str, index: int) -> None:
+        key = f"backbones[{index}]"
+        if self.name not in BACKBONES:
+            raise _problem(where, f"{key}.name", f"one of {sorted(BACKBONES)}", self.name)
+        identity = self.weights_identity
+        digest = identity[7:] if isinstance(identity, str) and identity[:7] == "sha256:" else ""
+        if not (identity == "none" or (len(digest) == 64 and set(digest) <= set(HEX))):
+            raise _problem(where, f"{key}.weights_identity", "'none' or 'sha256:<64 hex digits>'",
+                           identity)
+        if not isinstance(self.weights_name, str):
+            raise _problem(where, f"{key}.weights_name", "a file name (or '')", self.weights_name)
+        if self.preprocessing not in PREPROCESSING:
+            raise _problem(where, f"{key}.preprocessing", f"one of {sorted(PREPROCESSING)}",
+                           self.preprocessing)
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """What an exported model is: everything ``dermray predict`` and ``explain`` need, and the
+    figures the model card shows. Validated when made: an export cannot write a bundle its own
+    load would refuse."""
+
+    family: str
+    features: str  # the feature spec the head was fitted on ("images" for an images family)
+    backbones: tuple[BackboneRecord, ...]
+    image_size: int
+    tta_views: int  # extra dihedral views averaged into an embedding (0: the image only)
+    seed: int  # seeds random ('none') backbone weights, as the extraction did
+    params: dict[str, Any]
+    trial_id: str
+    metrics: dict[str, Any]
+    operating_points: dict[str, Any] | None = None  # None: argmax only
+    labels: tuple[str, ...] = CLASSES
+    where: InitVar[str] = "the bundle"  # the file named in messages
+
+    def __post_init__(self, where: str) -> None:
+        for key in ("backbones", "labels"):  # lists from JSON or a caller: tuples here
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
+        self._check(where)
+
+    # ---- validation (every field, on export and on load) --------------------------------------
+
+    def _check(self, where: str) -> None:
+        if self.labels != CLASSES:
+            raise _problem(where, "labels", f"{list(CLASSES)} in this order (the head's outputs)",
+                           list(self.labels))
+        for key in ("family", "features", "trial_id"):
+            if not isinstance(getattr(self, key), str):
+                raise _problem(where, key, "a string", getattr(self, key))
+        if self.family not in FAMILY_SPECS:
+            raise _problem(where, "family", f"one of {', '.join(FAMILY_SPECS)}", self.family)
+        if not valid_image_size(self.image_size):
+            raise _problem(where, "image_size", IMAGE_SIZE_RULE, self.image_size)
+        if not (_is_int(self.tta_views) and 0 <= self.tta_views < VIEWS):
+            raise _problem(where, "tta_views", f"an integer in [0, {VIEWS - 1}] (the dihedral "
+                           "group's other views)", self.tta_views)
+        if not (_is_int(self.seed) and self.seed >= 0):
+            raise _problem(where, "seed", "a non-negative integer", self.seed)
+        for key in ("params", "metrics"):
+            if not isinstance(getattr(self, key), dict):
+                raise _problem(where, key, "a mapping", getattr(self, key))
+        if not isinstance(self.backbones, tuple):
+            raise _problem(where, "backbones", "a list of backbone records", self.backbones)
+        for i, record in enumerate(self.backbones):
+            if not isinstance(record, BackboneRecord):
+                raise _problem(where, f"backbones[{i}]", "a backbone record", record)
+            record.check(where, i)
+        names = [b.name for b in self.backbones]
+        if self.takes_images:
+            if self.features != IMAGES or names:
+                raise _problem(where, "features", f"'{IMAGES}' with no backbones (the "
+                               f"{self.family} family takes images)", [self.features, names])
+        else:
+            try:
+                wanted = parse_features(self.features, maps=True)[0]
+            except DermrayError as exc:
+                raise _problem(where, "features", f"a feature spec ({exc})",
+                               self.features) from None
+            if wanted != names:
+                raise _problem(where, "backbones", f"the backbones of features "
+                               f"{self.features!r}: {wanted}", names)
+        check_operating_points(self.operating_points, where)
+
+    @property
+    def takes_images(self) -> bool:
+        return get_family(self.family).input == IMAGES
+
+    # ---- bundle.json: the one writer and the one reader ---------------------------------------
+
+    def to_json(self, files: Mapping[str, str]) -> str:
+        """bundle.json's text: the fields, the sha256 of every other file of the bundle
+        (``files``: relative path -> 'sha256:<hex>') and a checksum of all of that."""
+        body = {"format": FORMAT, **asdict(self), "files": dict(sorted(files.items()))}
+        body["backbones"] = [asdict(b) for b in self.backbones]
+        body["labels"] = list(self.labels)
+        body = json.loads(json.dumps(body))  # the checksum is of what a reader will parse
+        return json.dumps({**body, "checksum": _checksum(body)}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> tuple[BundleSpec, dict[str, str]]:
+        """The spec and the recorded file hashes of bundle.json's text; every field checked,
+        then the checksum (so that a bad value is named, and any other edit is refused)."""
+        try:
+            body = json.loads(text)
+        except ValueError as exc:
+            raise BundleError(f"{where} is not valid JSON: {exc}. Export the bundle again "
+                              "(dermray run / search).") from None
+        if not isinstance(body, dict):
+            raise _problem(where, "(top level)", "a mapping", type(body).__name__)
+        if body.get("format") != FORMAT:
+            raise BundleError(f"{where} is bundle format {body.get('format')!r}; this dermray "
+                              f"reads format {FORMAT}. Export the bundle again with it.")
+        names = [f.name for f in fields(cls)]
+        for key in [*names, "files", "checksum"]:
+            if key not in body:
+                raise _problem(where, key, "present", "(missing)")
+        unknown = sorted(set(body) - {*names, "format", "files", "checksum"})
+        if unknown:
+            raise _problem(where, unknown[0], "absent (not a bundle field)", body[unknown[0]])
+        records = body["backbones"]
+        if not isinstance(records, list):
+            raise _problem(where, "backbones", "a list", records)
+        keys = [f.name for f in fields(BackboneRecord)]
+        for i, record in enumerate(records):
+            if not isinstance(record, dict) or sorted(record) != sorted(keys):
+                raise _problem(where, f"backbones[{i}]", f"a mapping of {', '.join(keys)}",
+                               record)
+        files = body["files"]
+        if not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
+            raise _problem(where, "files", "a mapping of file -> 'sha256:<hex>'", files)
+        labels = body["labels"]
+        spec = cls(**{**{k: body[k] for k in names},
+                      "backbones": tuple(BackboneRecord(**r) for r in records),
+                      "labels": tuple(labels) if isinstance(labels, list) else labels},
+                   where=where)
+        recorded = body.pop("checksum")
+        if recorded != _checksum(body):
+            raise BundleError(f"{where} was changed after export: its checksum does not match "
+                              "its content. Export the bundle again (or restore its files).")
+        return spec, files
+
+    def write(self, directory: str | Path) -> Path:
+        """``directory/bundle.json``, recording the sha256 of every file already there (write
+        the head and the model card first)."""
+        directory = Path(directory)
+        target = directory / BUNDLE_FILE
+        target.write_text(self.to_json(_file_hashes(directory)))
+        return target
+
+
+def _checksum(body: Mapping[str, Any]) -> str:
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _file_hashes(directory: Path) -> dict[str, str]:
+    """relative path -> 'sha256:<hex>' of every file of a bundle folder but bundle.json."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and rel != BUNDLE_FILE:
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            out[rel] = f"sha256:{digest.hexdigest()}"
+    return out
+
+
+def read_spec(directory: str | Path, where: str | None = None) -> BundleSpec:
+    """The checked spec of a local bundle folder, whose files are those bundle.json records."""
+    directory = Path(directory)
+    where = where or str(directory)
+    path = directory / BUNDLE_FILE
+    if not path.is_file():
+        raise BundleError(f"{where} is not a dermray model bundle (no {BUNDLE_FILE}); pass the "
+                          "OUT/model folder of a `dermray run`.")
+    spec, recorded = BundleSpec.from_json(path.read_text(), f"{where}/{BUNDLE_FILE}")
+    found = _file_hashes(directory)
+    for rel in sorted(set(recorded) | set(found)):
+        if rel not in found:
+            raise BundleError(f"{where}/{rel} is missing: the bundle is incomplete. Copy the "
+                              "whole OUT/model folder, or export the bundle again.")
+        if rel not in recorded:
+            raise BundleError(f"{where}/{rel} is not a file the export wrote: remove it, or "
+                              "export the bundle again.")
+        if found[rel] != recorded[rel]:
+            raise BundleError(f"{where}/{rel} was changed after export (its sha256 is not the "
+                              f"one {BUNDLE_FILE} records). Export the bundle again.")
+    return spec
+
+
+def check_operating_points(points: Any, where: str) -> None:
+    """The temperature, and each policy's numbers as its own spec checks them (a threshold in
+    [0, 1], a prior over the labels that sums to 1, ...); an unknown policy is refused too."""
+    if points is None:
+        return
+    if not isinstance(points, dict) or not isinstance(points.get("policies"), dict):
+        raise _problem(where, "operating_points", "a mapping with 'temperature' and 'policies'",
+                       points)
+    temperature = points.get("temperature")
+    if not (_is_number(temperature) and temperature > 0):
+        raise _problem(where, "operating_points.temperature", "a finite number > 0", temperature)
+    for policy, params in points["policies"].items():
+        key = f"operating_points.policies.{policy}"
+        if not isinstance(params, dict):
+            raise _problem(where, key, "a mapping", params)
+        try:
+            get_policy(policy).check(params)
+        except DermrayError as exc:
+            raise BundleError(f"{where}: '{key}': {exc} The bundle was edited or damaged: "
+                              "export it again.") from None
+
+
+# ---- the loaded model -------------------------------------------------------------------------
 
 @dataclass
 class Bundle:
-    spec: dict[str, Any]
+    """A loaded bundle: the spec, the head, and the weights found for each backbone."""
+
+    spec: BundleSpec
     head: Any
     directory: Path
     weights: dict[str, str] = field(default_factory=dict)  # backbone -> weights found for it
@@ -41,33 +310,30 @@ class Bundle:
 
     @property
     def labels(self) -> list[str]:
-        return list(self.spec["labels"])
+        return list(self.spec.labels)
 
-    def embedder(self):
-        if self._embedder is None and self.spec["backbones"]:
-
-            names = [b["name"] for b in self.spec["backbones"]]
+    def embedder(self) -> FrozenExtractor | None:
+        if self._embedder is None and self.spec.backbones:
             # XLA doubles ResNet50 at 224 but its compile (20-30 s on 2 cores) outweighs the
             # gain on small inputs, as in tests
-            size = self.spec["image_size"]
-            self._embedder = FrozenExtractor(names, self.weights, size, batch_size=16,
-                                             jit_compile=size >= 96,
-                                             seed=self.spec.get("seed", 0))
+            size = self.spec.image_size
+            self._embedder = FrozenExtractor(
+                [b.name for b in self.spec.backbones], self.weights, size, batch_size=16,
+                jit_compile=size >= 96, seed=self.spec.seed,
+                preprocessing={b.name: b.preprocessing for b in self.spec.backbones})
         return self._embedder
 
     def features(self, images: np.ndarray, meta: pd.DataFrame | None = None) -> np.ndarray:
         """Head inputs for decoded images: embeddings (TTA-averaged as in training) + metadata
         (``meta``: age, sex, localization per image; None: the 'unknown' encoding)."""
-
-        if get_family(self.spec["family"]).input == IMAGES:
+        if self.spec.takes_images:
             return images
         embedder = self.embedder()
-
         parts = []
-        for name in [b["name"] for b in self.spec["backbones"]]:
+        for name in [b.name for b in self.spec.backbones]:
             # an activation map is scored on the original view, as in training (the head
             # averages its own flips); embeddings average the extraction's TTA views
-            views = range(1 if get_spec(name).is_map else self.spec.get("tta_views", 0) + 1)
+            views = range(1 if get_spec(name).is_map else self.spec.tta_views + 1)
             stacked = np.mean([embedder.embed(name, np.stack([dihedral(im, k) for im in images]))
                                for k in views], axis=0)
             parts.append(stacked)
@@ -79,218 +345,77 @@ class Bundle:
             X = np.concatenate([X, metadata_matrix(meta.reset_index(drop=True))], axis=1)
         return X
 
+    def predict_proba(self, images: np.ndarray, meta: pd.DataFrame | None = None) -> np.ndarray:
+        """The head's probabilities for decoded images (N, S, S, 3) uint8."""
+        return self.head.predict_proba(self.features(images, meta))
+
     @property
     def uses_metadata(self) -> bool:
-
-        return (get_family(self.spec["family"]).input == EMBEDDINGS
-                and parse_features(self.spec["features"], maps=True)[1])
+        return (get_family(self.spec.family).input == EMBEDDINGS
+                and parse_features(self.spec.features, maps=True)[1])
 
     def decide(self, proba: np.ndarray, policy: str = "accuracy") -> np.ndarray:
-        """Class indices under one of the bundle's operating points (argmax where the bundle
-        has none: bundles made before operating points existed)."""
-
-        points = self.spec.get("operating_points")
+        """Class indices under one of the bundle's operating points (argmax for a bundle
+        exported without them)."""
+        points = self.spec.operating_points
         if points is None:
             if policy != "accuracy":
-                raise DermrayError(f"This bundle has no operating points, so no {policy!r} "
-                                   "policy; export it again with this version of dermray.")
+                raise DermrayError(f"This bundle was exported without operating points, so it "
+                                   f"has no {policy!r} policy; only 'accuracy' (the argmax).")
             return proba.argmax(axis=1)
+        if policy not in points["policies"]:
+            raise DermrayError(f"This bundle has no {policy!r} operating point; it has "
+                               f"{', '.join(points['policies'])}. Export it again to add it.")
         return decide(proba, points, policy)
-
-    def iter_predictions(self, paths: Iterable[Path], metadata: pd.DataFrame | None = None,
-                         policy: str = "accuracy", limits: Limits | None = None
-                         ) -> Iterator[tuple[pd.DataFrame, list[str]]]:
-        """Predictions in batches of ``limits.batch_size`` files, so that memory does not grow
-        with the number of files: (rows, problems) per batch.
-
-        A row per readable image (``path``, ``image_id``, ``dx``, ``policy``, ``p_<class>``); a
-        problem per skipped file, naming it and why (not a regular file, over a size limit,
-        not an image). ``metadata`` (HAM10000 columns, indexed by image_id) feeds models trained
-        with patient metadata; images it does not list get the 'unknown' encoding.
-        ``p_<class>`` are the head's probabilities; ``dx`` is the decision of ``policy``
-        (accuracy: the argmax; balanced; melanoma), taken on the temperature-scaled ones."""
-        limits = limits or Limits()
-        batch: list[Path] = []
-        for path in paths:
-            batch.append(Path(path))
-            if len(batch) == limits.batch_size:
-                yield self._predict_batch(batch, metadata, policy, limits)
-                batch = []
-        if batch:
-            yield self._predict_batch(batch, metadata, policy, limits)
-
-    def predict_files(self, paths: Iterable[Path], metadata: pd.DataFrame | None = None,
-                      policy: str = "accuracy", limits: Limits | None = None
-                      ) -> tuple[pd.DataFrame, list[str]]:
-        """All of ``iter_predictions`` at once (for a few files)."""
-        frames, problems = [], []
-        for frame, found in self.iter_predictions(paths, metadata, policy, limits):
-            frames += [frame] if len(frame) else []
-            problems += found
-        return (pd.concat(frames, ignore_index=True) if frames else self._empty()), problems
-
-    def _empty(self) -> pd.DataFrame:
-        return pd.DataFrame(columns=["path", "image_id", "dx", "policy",
-                                     *[f"p_{c}" for c in self.labels]])
-
-    def _predict_batch(self, paths: list[Path], metadata: pd.DataFrame | None, policy: str,
-                       limits: Limits) -> tuple[pd.DataFrame, list[str]]:
-        images, kept, problems = [], [], []
-        for path in paths:
-            try:
-                data = read_image_file(path, limits.max_bytes)
-                images.append(decode_image(data, self.spec["image_size"],
-                                           max_pixels=limits.max_pixels))
-                kept.append(path)
-            except (DecodeError, OSError) as exc:
-                problems.append(f"{path}: {exc}; skipped")
-        if not images:
-            return self._empty(), problems
-        ids = [p.stem for p in kept]
-        meta = None
-        if metadata is not None and self.uses_metadata:
-            meta = pd.DataFrame({"age": [metadata["age"].get(i, np.nan) for i in ids],
-                                 "sex": [metadata["sex"].get(i, "unknown") for i in ids],
-                                 "localization": [metadata["localization"].get(i, "unknown")
-                                                  for i in ids]})
-        proba = self.head.predict_proba(self.features(np.stack(images), meta))
-        frame = pd.DataFrame(proba, columns=[f"p_{c}" for c in self.labels])
-        frame.insert(0, "policy", policy)
-        frame.insert(0, "dx", [self.labels[i] for i in self.decide(proba, policy)])
-        frame.insert(0, "image_id", ids)
-        frame.insert(0, "path", [str(p) for p in kept])
-        return frame, problems
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What `dermray predict` reads at most: bytes per file, pixels per image, files per batch."""
-
-    max_bytes: int = 50_000_000
-    max_pixels: int = 40_000_000
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        for key in ("max_bytes", "max_pixels", "batch_size"):
-            if getattr(self, key) < 1:
-                raise DermrayError(f"--{key.replace('_', '-')} must be >= 1. Got "
-                                   f"{getattr(self, key)} instead.")
-
-
-def read_image_file(path: Path, max_bytes: int) -> bytes:
-    """A regular file's bytes, at most ``max_bytes`` (a FIFO, device or socket is never read)."""
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise DecodeError("not a regular file (a folder, FIFO, device or socket)")
-    if info.st_size > max_bytes:
-        raise DecodeError(f"{info.st_size} bytes is over the limit of {max_bytes} bytes "
-                          "(--max-bytes)")
-    with open(path, "rb") as fh:
-        data = fh.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise DecodeError(f"grew over the limit of {max_bytes} bytes while read (--max-bytes)")
-    return data
 
 
 def load_bundle(model: str | Path, weights_dirs: Sequence[str | Path] = ()) -> Bundle:
-    """Load OUT/model (a folder or an ``s3://`` URI).
+    """Load OUT/model (a folder or an ``s3://`` URI), checked against what it claims.
 
     Each backbone's weights are found by their recorded identity (sha256) in ``weights_dirs``,
     $DERMRAY_WEIGHTS_DIR or the Keras cache, or downloaded from Keras where they are its ImageNet
     file; a file with another hash is never used.
     """
-
     directory = Path(model)
     if storage.is_remote(model):
         directory = Path(tempfile.mkdtemp(prefix="dermray-model-"))
-        atexit.register(shutil.rmtree, directory, True)
+        atexit.register(storage.remove, directory, tempfile.gettempdir(), "downloaded bundle",
+                        logging.DEBUG, best_effort=True)
         storage.download_dir(model, directory)
-    spec_path = directory / "bundle.json"
-    if not spec_path.is_file():
-        raise DermrayError(f"{storage.display(model)} is not a dermray model bundle (no "
-                           "bundle.json); pass the OUT/model folder of a `dermray run`.")
-    try:
-        spec = json.loads(spec_path.read_text())
-    except ValueError as exc:
-        raise BundleError(f"{storage.display(model)}/bundle.json is not valid JSON: {exc}. "
-                          "Export the bundle again (dermray run / search).") from None
-    check_spec(spec, storage.display(model))
-    weights = {}
-    for b in spec["backbones"]:
-        recorded = b.get("weights", "")  # format 1 recorded a path: its folder is one more place
-        extra = [*weights_dirs, *([Path(recorded).parent] if recorded else [])]
-        weights[b["name"]] = find_weights(b["name"], b.get("weights_identity", "unknown"),
-                                          b.get("weights_name") or Path(recorded).name, extra)
-    head = load_head(spec["family"], directory / "head")
-    check_head(spec, head, storage.display(model))
+    where = storage.display(model)
+    spec = read_spec(directory, where)
+    weights = {b.name: find_weights(b.name, b.weights_identity, b.weights_name,
+                                    [*weights_dirs]) for b in spec.backbones}
+    head = load_head(spec.family, directory / "head")
+    check_head(spec, head, where)
     return Bundle(spec=spec, head=head, directory=directory, weights=weights)
 
 
-class BundleError(DermrayError):
-    """A bundle whose bundle.json or head does not say what the model is."""
-
-
-REQUIRED = {"family": str, "features": str, "backbones": list, "image_size": int, "labels": list}
-
-
-def check_spec(spec: Any, where: str) -> None:
-    """bundle.json holds every key, the labels in dermray's order, known backbones, a sane size."""
-
-    def bad(field: str, must: str, got: Any) -> BundleError:
-        return BundleError(f"{where}/bundle.json: '{field}' must be {must}. Got {got!r} instead. "
-                           "The bundle was edited or damaged: export it again.")
-
-    if not isinstance(spec, dict):
-        raise bad("(top level)", "a mapping", type(spec).__name__)
-    for key, kind in REQUIRED.items():
-        if not isinstance(spec.get(key), kind) or isinstance(spec.get(key), bool):
-            raise bad(key, f"present and a {kind.__name__}", spec.get(key, "(missing)"))
-    if spec["labels"] != list(CLASSES):
-        raise bad("labels", f"{list(CLASSES)} in this order (the head's outputs)", spec["labels"])
-    if not 32 <= spec["image_size"] <= 1024:
-        raise bad("image_size", "an integer in [32, 1024]", spec["image_size"])
-    get_family(spec["family"])  # an unknown family lists the known ones
-    for i, b in enumerate(spec["backbones"]):
-        if not isinstance(b, dict) or b.get("name") not in BACKBONES:
-            raise bad(f"backbones[{i}].name", f"one of {sorted(BACKBONES)}", b)
-        if not isinstance(b.get("weights_identity"), str):
-            raise bad(f"backbones[{i}].weights_identity", "'none' or 'sha256:<hex>'", b)
-
-
-def expected_inputs(spec: dict[str, Any]) -> int:
+def expected_inputs(spec: BundleSpec) -> int:
     """How many inputs the head must take: the backbones' feature sizes (+ the metadata
     encoding), or the pixels of an image family."""
-
-    if get_family(spec["family"]).input == IMAGES:
-        return spec["image_size"] * spec["image_size"] * 3
-    size = sum(get_spec(b["name"]).dim(spec["image_size"]) for b in spec["backbones"])
-    if parse_features(spec["features"], maps=True)[1]:
+    if spec.takes_images:
+        return spec.image_size * spec.image_size * 3
+    size = sum(get_spec(b.name).dim(spec.image_size) for b in spec.backbones)
+    if parse_features(spec.features, maps=True)[1]:
         size += metadata_matrix(pd.DataFrame({"age": [np.nan], "sex": ["unknown"],
                                               "localization": ["unknown"]})).shape[1]
     return size
 
 
-def check_head(spec: dict[str, Any], head: Any, where: str) -> None:
-    """The head takes what the bundle's backbones give, and gives the 7 classes."""
+def check_head(spec: BundleSpec, head: Any, where: str) -> None:
+    """The head takes what the bundle's backbones give at its image size, and gives the 7
+    classes."""
     want = expected_inputs(spec)
     if getattr(head, "n_features_in_", want) != want:
         raise BundleError(
-            f"{where}: the head takes {head.n_features_in_} inputs, but bundle.json's backbones "
-            f"and features ({spec['features']}) give {want}. The bundle was edited or damaged: "
+            f"{where}: the head takes {head.n_features_in_} inputs, but {BUNDLE_FILE}'s backbones "
+            f"and features ({spec.features}) give {want}. The bundle was edited or damaged: "
             "export it again.")
+    if getattr(head, "image_size", spec.image_size) != spec.image_size:
+        raise BundleError(f"{where}: the head takes {head.image_size}-pixel images, but "
+                          f"{BUNDLE_FILE} says {spec.image_size}. Export the bundle again.")
     classes = getattr(head, "classes_", None)
-    if classes is not None and len(classes) != len(spec["labels"]):
-        raise BundleError(f"{where}: the head gives {len(classes)} classes, bundle.json's labels "
-                          f"name {len(spec['labels'])}. Export the bundle again.")
-
-
-def collect_images(inputs: Iterable[str]) -> list[Path]:
-    """Files given directly (whatever their suffix: bad ones are reported) and images in folders."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            files.append(path)
-    return files
+    if classes is not None and len(classes) != len(spec.labels):
+        raise BundleError(f"{where}: the head gives {len(classes)} classes, {BUNDLE_FILE}'s "
+                          f"labels name {len(spec.labels)}. Export the bundle again.")

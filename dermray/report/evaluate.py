@@ -19,6 +19,7 @@ from sklearn.metrics import (
 
 from dermray.domain import CLASSES
 from dermray.io import storage
+from dermray.models.bundle import BundleSpec
 from dermray.models.policies import describe
 from dermray.report.embedding_map import markdown_section
 
@@ -149,15 +150,15 @@ def policy_lines(policies: dict[str, Any] | None,
     return lines
 
 
-def model_card(bundle: dict[str, Any], extract_record: dict[str, Any]) -> str:
+def model_card(bundle: BundleSpec, extract_record: dict[str, Any]) -> str:
     """model_card.md of a bundle: intended use, data and split, metrics per class and per
     policy, and the limits a user must know."""
-    metrics, ext = bundle["metrics"], extract_record.get("config", {})
+    metrics, ext = bundle.metrics, extract_record.get("config", {})
     rows = extract_record.get("rows", {})
     per_split = next(iter(rows.values()), {}).get("per_split", {}) if rows else {}
     test = metrics["test"]
     lines = [
-        f"# Model card: dermray {bundle['family']} on `{bundle['features']}`", "",
+        f"# Model card: dermray {bundle.family} on `{bundle.features}`", "",
         "## Intended use",
         ("Research on dermatoscopic image classification (HAM10000's 7 diagnoses). **Not a "
         "diagnostic device**: not validated for clinical use, not a substitute for a "
@@ -168,22 +169,22 @@ def model_card(bundle: dict[str, Any], extract_record: dict[str, Any]) -> str:
         "microscopy. Lesion-grouped split: no lesion is in two splits; the model and its "
         "operating points were chosen on validation only, the test split was scored once."),
         (f"Embedding rows per split: {per_split or 'n/a'}; images at "
-        f"{bundle['image_size']}x{bundle['image_size']} pixels; backbones: "
-        f"{', '.join(b['name'] for b in bundle['backbones']) or 'fine-tuned CNN'}; "
-        f"test-time views: {ext.get('tta_views', 0)}; augmentation: {ext.get('augment', 'n/a')}."),
+        f"{bundle.image_size}x{bundle.image_size} pixels; backbones: "
+        f"{', '.join(b.name for b in bundle.backbones) or 'fine-tuned CNN'}; "
+        f"test-time views: {bundle.tta_views}; augmentation: {ext.get('augment', 'n/a')}."),
         "", "## Test metrics (argmax)",
         (f"accuracy {test['accuracy']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, "
         f"macro-F1 {test['macro_f1']:.3f} on {test['n']} images."), "",
         "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |",
         *[f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
           for c, m in test["per_class"].items()], "",
-        *policy_lines(metrics.get("policies"), bundle.get("operating_points")), "",
+        *policy_lines(metrics.get("policies"), bundle.operating_points), "",
         "## Known limits",
         ("- Skin types: HAM10000 is mostly fair-skinned European and Australian patients; "
         "performance on darker skin types is unknown."),
         ("- Dermoscopes and sites: two sites' dermoscopes and photography; other devices, "
         "clinical (non-dermatoscopic) photos and other image pipelines are out of distribution."),
-        (f"- Image sizes: trained on images resized to {bundle['image_size']} px; the classes' "
+        (f"- Image sizes: trained on images resized to {bundle.image_size} px; the classes' "
         "shares in the data (nv 67%) are not those of any clinic."),
         "- Seven diagnoses only: any other lesion is forced into one of them.",
         ("- Calibration and thresholds were fitted on one validation split; they move with the "

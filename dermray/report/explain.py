@@ -2,13 +2,14 @@
 
 Two methods, chosen from what the head is:
 
-**Grad-CAM** (Selvaraju et al. 2017) where the whole model is differentiable: heads that are a
-linear map of the features (``coef_``/``intercept_``: the logistic head) or a Keras model
-(``model_``: the MLP and the fine-tuned CNN). The frozen backbone and the head are composed into
-one TensorFlow function, image -> class score, so gradients flow from the score back to the
-backbone's last convolutional map ``A`` (the last 4-D, non-pooling layer: ``conv5_block3_out``
-of ResNet50, ``block5_conv4`` of VGG19). Per channel ``k`` the weight is the spatial mean of the
-gradient, ``alpha_k = mean_ij dS/dA_ijk``, and the map is ``ReLU(sum_k alpha_k A_ijk)``.
+**Grad-CAM** (Selvaraju et al. 2017) where the whole model is differentiable, as the head's
+``differentiable_scores()`` says: a linear map of the features (``LinearScores``: the logistic
+head) or a Keras model (``KerasScores``: the MLP and the fine-tuned CNN). The frozen backbone
+and the head are composed into one TensorFlow function, image -> class score, so gradients flow
+from the score back to the backbone's last convolutional map ``A`` (the last 4-D, non-pooling
+layer: ``conv5_block3_out`` of ResNet50, ``block5_conv4`` of VGG19). Per channel ``k`` the weight
+is the spatial mean of the gradient, ``alpha_k = mean_ij dS/dA_ijk``, and the map is
+``ReLU(sum_k alpha_k A_ijk)``.
 
 - The score ``S`` is the *pre-softmax* score of the class: the logistic head's logit, the last
   Dense layer's input times its kernel plus bias for Keras heads. The softmax would mix in the
@@ -26,11 +27,11 @@ gradient, ``alpha_k = mean_ij dS/dA_ijk``, and the map is ``ReLU(sum_k alpha_k A
   orientation before the maps are averaged.
 
 **Occlusion sensitivity** (Zeiler & Fergus 2014) for everything else (XGBoost, whose trees
-have no gradient, and any head of unknown form), or when asked: a patch of the image's mean
-colour slides over it (a quarter of the side, stride an eighth) and each pixel gets the mean
-drop of the class probability over the patches that cover it. It costs one forward pass per
-patch position (49), and it uses the bundle's own ``features`` and head, so it explains exactly
-what ``dermray predict`` computes.
+have no gradient, and any head whose ``differentiable_scores()`` is None), or when asked: a
+patch of the image's mean colour slides over it (a quarter of the side, stride an eighth) and
+each pixel gets the mean drop of the class probability over the patches that cover it. It costs
+one forward pass per patch position (49), and it uses the bundle's own ``features`` and head, so
+it explains exactly what ``dermray predict`` computes.
 
 The class explained is the one ``dermray predict`` decides under ``policy``; the probability
 shown is the head's, as in predict's ``p_<class>`` column.
@@ -52,9 +53,10 @@ from PIL import Image
 from dermray.data.augment import DecodeError, decode_image, dihedral
 from dermray.errors import DermrayError
 from dermray.models.backbones import build_extractor, get_spec, preprocess
-from dermray.models.bundle import Bundle, read_image_file
+from dermray.models.bundle import Bundle
 from dermray.models.features import metadata_matrix
-from dermray.models.heads import IMAGES, get_family
+from dermray.models.heads.base import LinearScores
+from dermray.models.predict_io import Limits, read_limited
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +78,9 @@ class Explanation:
 def gradcam_supported(bundle: Bundle) -> bool:
     """Whether the head is a differentiable function Grad-CAM can go through (see the module
     docstring): a linear head or a Keras head, on pooled backbone features or on images."""
-    import keras
-
-
-    head = bundle.head
-    linear = all(hasattr(head, a) for a in ("coef_", "intercept_", "mean_", "scale_"))
-    if not (linear or isinstance(getattr(head, "model_", None), keras.Model)):
+    if bundle.head.differentiable_scores() is None:
         return False
-    return not any(getattr(get_spec(b["name"]), "is_map", False)
-                   for b in bundle.spec["backbones"])
+    return not any(get_spec(b.name).is_map for b in bundle.spec.backbones)
 
 
 def choose_method(bundle: Bundle, method: str = "auto") -> str:
@@ -93,7 +89,7 @@ def choose_method(bundle: Bundle, method: str = "auto") -> str:
     if method == "auto":
         return "gradcam" if gradcam_supported(bundle) else "occlusion"
     if method == "gradcam" and not gradcam_supported(bundle):
-        raise DermrayError(f"The {bundle.spec['family']} head has no gradient (trees, or an "
+        raise DermrayError(f"The {bundle.spec.family} head has no gradient (trees, or an "
                            "unknown form): use --method occlusion (or auto).")
     return method
 
@@ -180,23 +176,24 @@ class GradCam:
 
 
         self.bundle = bundle
-        self.size = bundle.spec["image_size"]
-        self.on_images = get_family(bundle.spec["family"]).input == IMAGES
-        head = bundle.head
+        self.size = bundle.spec.image_size
+        self.on_images = bundle.spec.takes_images
+        scores = bundle.head.differentiable_scores()
         self.nets = []
         if self.on_images:
-            self._finetune_parts(head.model_)
+            self._finetune_parts(scores.model)
         else:
-            for b in bundle.spec["backbones"]:
+            for b in bundle.spec.backbones:
                 # seeded as the bundle's embedder builds it: random weights are the same weights
-                keras.utils.set_random_seed(bundle.spec.get("seed", 0))
-                net = build_extractor(b["name"], bundle.weights[b["name"]], self.size)
+                keras.utils.set_random_seed(bundle.spec.seed)
+                net = build_extractor(b.name, bundle.weights[b.name], self.size)
                 layer = conv_map_layer(net)
-                self.nets.append((b["name"], keras.Model(net.inputs, [layer.output, net.output])))
-            if not hasattr(head, "coef_"):
-                self.head_sub, self.kernel, self.bias = _keras_logits(head.model_)
-            else:
+                self.nets.append((b, keras.Model(net.inputs, [layer.output, net.output])))
+            if isinstance(scores, LinearScores):
                 self.head_sub = None
+                self.kernel, self.bias = scores.weights, scores.bias
+            else:
+                self.head_sub, self.kernel, self.bias = _keras_logits(scores.model)
 
     def _finetune_parts(self, model: Any) -> None:
         """The fine-tuned CNN: its outer layers around the nested backbone model."""
@@ -216,12 +213,9 @@ class GradCam:
     def _logits(self, X: Any) -> Any:
         import tensorflow as tf
 
-        head = self.bundle.head
-        if self.head_sub is None:  # linear: the logistic head's standardised logits
-            coef = tf.constant((head.coef_ / head.scale_[None, :]).T, tf.float32)
-            bias = tf.constant(head.intercept_ - (head.mean_ / head.scale_) @ head.coef_.T,
-                               tf.float32)
-            return tf.matmul(X, coef) + bias
+        if self.head_sub is None:  # linear: X @ weights + bias (the logistic head's logits)
+            return (tf.matmul(X, tf.constant(self.kernel, tf.float32))
+                    + tf.constant(self.bias, tf.float32))
         return tf.matmul(self.head_sub(X, training=False), self.kernel) + self.bias
 
     def heat(self, image: np.ndarray, target: int, meta: np.ndarray | None = None) -> np.ndarray:
@@ -231,12 +225,13 @@ class GradCam:
         if self.on_images:
             return self._heat_images(image, target)
 
-        views = list(range(self.bundle.spec.get("tta_views", 0) + 1))
+        views = list(range(self.bundle.spec.tta_views + 1))
         total = np.zeros((self.size, self.size), dtype=np.float32)
         with tf.GradientTape() as tape:
             maps, feats = [], []
-            for name, net in self.nets:
-                x = preprocess(name, np.stack([dihedral(image, k) for k in views]))
+            for b, net in self.nets:  # in the preprocessing the bundle records
+                x = preprocess(b.name, np.stack([dihedral(image, k) for k in views]),
+                               b.preprocessing)
                 fmap, pooled = net(tf.constant(x), training=False)
                 maps.append(fmap)
                 feats.append(tf.reduce_mean(pooled, axis=0, keepdims=True))  # the TTA average
@@ -356,21 +351,22 @@ def display_image(data: bytes, width: int = 600) -> Image.Image:
     return img.convert("RGB")
 
 
-def explain_files(bundle: Bundle, paths: list[Path], out: str | Path, method: str = "auto",
-                  policy: str = "accuracy", max_bytes: int = 50_000_000,
-                  max_pixels: int = 40_000_000, explainer: Explainer | None = None
+def explain_files(bundle: Bundle, paths: list[str | Path], out: str | Path, method: str = "auto",
+                  policy: str = "accuracy", limits: Limits | None = None,
+                  explainer: Explainer | None = None
                   ) -> tuple[list[dict[str, Any]], list[str]]:
     """A PNG per image in ``out`` (``<image name>.png``) and ``explanations.json``; returns the
-    records and a problem per file that could not be read. ``explainer``: one already built for
-    ``bundle`` (its method and policy are used)."""
+    records and a problem per file that could not be read (within ``limits``, as predict reads).
+    ``explainer``: one already built for ``bundle`` (its method and policy are used)."""
 
     explainer = explainer or Explainer(bundle, method, policy)
+    limits = limits or Limits()
     out = Path(out)
     records, problems = [], []
     for path in paths:
         try:
-            data = read_image_file(Path(path), max_bytes)
-            image = decode_image(data, bundle.spec["image_size"], max_pixels=max_pixels)
+            data = read_limited(path, limits.max_bytes)
+            image = decode_image(data, bundle.spec.image_size, max_pixels=limits.max_pixels)
             original = display_image(data)
         except (DecodeError, OSError) as exc:
             problems.append(f"{path}: {exc}; skipped")

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dermray.config import ExtractConfig, config_to_dict
+from dermray.config import ExtractConfig, config_to_dict, output_settings
 from dermray.data.augment import decode_batch, plan_views
 from dermray.data.catalog import frame_hash, read_manifest
 from dermray.errors import DermrayError
@@ -37,7 +37,7 @@ from dermray.models.embeddings import (
     to_table,
 )
 from dermray.stages.progress import ExtractProgress
-from dermray.stages.raysession import ensure_ray, joined_cluster
+from dermray.stages.raysession import cluster_shape, ensure_ray, joined_cluster, pool_layout
 
 logger = logging.getLogger(__name__)
 
@@ -164,35 +164,20 @@ def actor_layout(cfg: ExtractConfig) -> dict[str, Any]:
     instead, Ray Data asks for the next GPU only once it has throughput figures: measured on the
     fake multi-node cluster, a run of a few hundred views ended before a second node came.)
     """
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    num_gpus = cfg.num_gpus_per_actor or (1.0 if gpus else 0.0)
-    if num_gpus and not gpus and not joined_cluster():
+    gpus, nodes = cluster_shape()
+    if cfg.num_gpus_per_actor and not gpus and not joined_cluster():
         # nothing would ever bring a GPU: the actors would wait forever
         raise DermrayError(
             f"extract.num_gpus_per_actor is {cfg.num_gpus_per_actor} but this local Ray has no "
             "GPU and no autoscaler to add one. Set extract.num_gpus_per_actor: 0 to embed on "
             "the CPU, or submit the job to a GPU cluster (`ray job submit`, RAY_ADDRESS).")
-    if cfg.num_actors:
-        min_size = max_size = initial = cfg.num_actors
-    elif num_gpus:
-        min_size = max(1, int(gpus / num_gpus))
-        max_size = initial = max(min_size, cfg.max_actors)
-    else:
-        # CPU only: one actor per node, leaving the rest of the CPUs to decode tasks
-        min_size = initial = max(1, nodes)
-        max_size = max(min_size, cfg.max_actors)
-    threads = cfg.threads_per_actor or (0 if num_gpus else (os.cpu_count() or 1))
+    layout = pool_layout(gpus, nodes, os.cpu_count() or 1, cfg.num_actors, cfg.max_actors,
+                         cfg.num_gpus_per_actor, cfg.threads_per_actor)
     if cfg.write_from != "auto":
         writer = cfg.write_from
     else:  # a local OUT on a multi-node cluster exists only on the head: the driver writes it
         writer = "driver" if nodes > 1 and not storage.is_remote(cfg.out) else "actors"
-    return {"min_size": min_size, "max_size": max_size, "initial_size": initial,
-            "num_gpus": num_gpus,
-            "num_cpus": cfg.cpus_per_actor, "threads": threads, "writer": writer}
+    return {**layout, "num_cpus": cfg.cpus_per_actor, "writer": writer}
 
 
 def actor_summary(rows: pd.DataFrame) -> list[dict[str, Any]]:
@@ -246,9 +231,6 @@ def reconcile(plan: pd.DataFrame, out: str, backbones: list[str],
     return counts
 
 
-# the settings that change which views are made and what their rows hold (not the Ray layout)
-OUTPUT_SETTINGS = ("image_size", "augment", "target_per_class", "max_views_per_image",
-                   "tta_views", "seed", "mixed_precision")
 # the libraries whose versions change the numbers (decoding, resizing, the networks)
 OUTPUT_PACKAGES = ("keras", "tensorflow", "tensorflow-cpu", "numpy", "pillow")
 
@@ -259,14 +241,16 @@ def claim_outputs(cfg: ExtractConfig, manifest: pd.DataFrame, identities: dict[s
     manifest and that backbone's weights: a rerun with anything else is refused, or with
     ``fresh`` starts that folder over (see dermray.io.fingerprint)."""
 
-    settings = {k: getattr(cfg, k) for k in OUTPUT_SETTINGS}
+    # the settings declared to change which views are made and what their rows hold (not the
+    # Ray layout: dermray.config declares each field's effect)
+    settings = output_settings(cfg)
     inputs = {"manifest": frame_hash(manifest)}
     claim(quarantine_dir(cfg.out), "extract", make("extract", settings, inputs, OUTPUT_PACKAGES),
-          fresh)
+          fresh, root=cfg.out)
     for name in cfg.backbones:
         claim(backbone_dir(cfg.out, name), "extract",
               make("extract", {**settings, "backbone": name},
-                   {**inputs, "weights": identities[name]}, OUTPUT_PACKAGES), fresh)
+                   {**inputs, "weights": identities[name]}, OUTPUT_PACKAGES), fresh, root=cfg.out)
 
 
 def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:

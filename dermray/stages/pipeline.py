@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from dermray.config import DataConfig, config_to_dict, load_section, read_yaml
+from dermray.config import DataConfig, config_to_dict, load_section, output_settings, read_yaml
 from dermray.data.catalog import (
     build_catalog,
     build_manifest,
@@ -57,7 +57,7 @@ def run_split(cfg: DataConfig, fresh: bool = False) -> tuple[str, pd.DataFrame]:
     cfg = resolve_data(cfg)
     catalog = build_catalog(cfg.metadata, cfg.images)
     current = fingerprint.make(
-        "split", {k: getattr(cfg, k) for k in ("seed", "train_frac", "val_frac", "test_frac")},
+        "split", output_settings(cfg),
         {"catalog": frame_hash(catalog.frame.sort_values("image_id"))}, ("pandas", "numpy"))
     if check_manifest(cfg.out, current, fresh):  # the same split is there: keep it untouched
 
@@ -91,6 +91,7 @@ def check_manifest(out: str, current: dict[str, Any], fresh: bool) -> bool:
 def run_pipeline(config_path: str, out: str, fresh: bool = False) -> dict[str, Any]:
     """Run every stage the config has a section for, all writing under ``out`` (``fresh``:
     redo every stage whose output was made with other settings)."""
+    out = storage.strip_credentials(out)  # its credentials, if any, are read here, once
     sections = read_yaml(config_path)
     result: dict[str, Any] = {"out": out}
     data_cfg = load_section("data", config_path, {"out": out})
@@ -115,6 +116,7 @@ def run_search_stage(config_path: str | None, out: str, manifest_path: str,
                      fresh: bool = False) -> dict[str, Any]:
     """Search the heads on OUT's embeddings, then select, score on test once, export."""
 
+    out, manifest_path = storage.strip_credentials((out, manifest_path))
     cfg = load_section("search", config_path, {"out": out, **(overrides or {})})
     results = run_search(cfg, manifest_path, fresh=fresh)
     summary = finish(results, cfg, manifest_path, out)

@@ -4,12 +4,26 @@ The rule: a job of `ray job submit` (or anyone who sets RAY_ADDRESS) joins that 
 otherwise dermray starts its own local Ray. Ray's own default would also try the address in
 /tmp/ray/ray_current_cluster, which a stopped or killed `ray start --head` leaves behind, and then
 wait on a dead cluster.
+
+Before a local Ray starts: Ray's token file (``~/.ray/auth_token``, which ``ray.init`` writes
+with the umask's mode, 644 on most machines) is made here first, under umask 077, and checked
+to be private after; and a command line that carried ``s3://KEY:SECRET@`` is rewritten without
+them (Ray records the driver's command line as the job's entrypoint).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from dermray.errors import DermrayError
+from dermray.io import storage
 
 logger = logging.getLogger(__name__)
 
@@ -20,11 +34,134 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or "local"
+    hide_credentials_in_cmdline()
+    if address == "local":
+        make_private_token()
     logger.info("ray.init(address=%r)", address)
     ray.init(address=address, log_to_driver=False)
+    check_token_private()
+    if address != "local" and storage.adopted_credentials():
+        logger.warning("the S3 credentials read from the URIs stay in this driver; the cluster's "
+                       "workers use their own (an instance profile, or AWS_* in the job's "
+                       "runtime environment)")
 
 
 def joined_cluster() -> bool:
     """Whether this process runs against a cluster it joined (RAY_ADDRESS: a submitted job, or a
     user's choice), where an autoscaler may add nodes; False for dermray's own local Ray."""
     return bool(os.environ.get("RAY_ADDRESS"))
+
+
+AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_SECURITY_TOKEN")
+
+
+def keep_credentials_out_of_tune() -> None:
+    """Tune copies the driver's AWS_* variables into every trial actor's runtime environment,
+    and Ray's runtime-env agent writes that environment into its log in the session folder:
+    the secret on disk (measured: runtime_env_agent.log). A local Ray's workers inherit the
+    driver's environment anyway, and credentials read from a URI are not to leave this machine,
+    so there Tune is told not to copy them. On a joined cluster with the user's own AWS_*
+    variables Ray's behaviour is kept: it is how the trials on other nodes get them."""
+    if joined_cluster() and not storage.adopted_credentials():
+        return
+    from ray.tune.execution import class_cache
+
+    names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(names, (set, frozenset)):
+        class_cache.ENV_VARS_TO_PROPAGATE = set(names) - set(AWS_VARIABLES)
+
+
+def token_path() -> Path:
+    """Where Ray reads its token file: $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+@contextmanager
+def private_umask() -> Iterator[None]:
+    """Files and folders made in the block are private (umask 077); the old umask after."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def make_private_token() -> None:
+    """Write the token a new local Ray is about to write, now, under umask 077: the same call
+    ``ray.init`` makes (a token only when token authentication is on and none is found), so
+    that the file is never readable by others, not even for a moment. Ray's private API: where
+    it has moved, ``check_token_private`` still fixes the mode after ``ray.init``."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            generate_and_save_token,
+        )
+        from ray._raylet import AuthenticationTokenLoader
+    except ImportError:
+        return
+    loader = AuthenticationTokenLoader.instance()
+    if loader.has_token(ignore_auth_mode=True):
+        return
+    with private_umask():
+        generate_and_save_token()
+    loader.reset_cache()
+
+
+def check_token_private(path: Path | None = None) -> None:
+    """A token file readable by others is made private (chmod 600), or refused with a message
+    when that cannot be done."""
+    path = path or token_path()
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return  # no token file: a token from $RAY_AUTH_TOKEN, or authentication off
+    if not mode & 0o077:
+        return
+    logger.warning("%s was readable by others (mode %o); made private (600)", path, mode)
+    try:
+        path.chmod(0o600)
+    except OSError as exc:
+        raise DermrayError(f"Ray's token file {path} is readable by others (mode {mode:o}) and "
+                           f"cannot be made private ({exc.strerror}): run `chmod 600 {path}`, "
+                           "as its owner.") from None
+
+
+def hide_credentials_in_cmdline() -> None:
+    """Rewrite this process's command line without URI credentials (what ``ps`` shows, and what
+    Ray records as the job's entrypoint), when it held any; ``sys.argv`` follows."""
+    if not any(storage.CREDENTIALS.search(a) for a in sys.orig_argv):
+        return
+    import ray._raylet
+
+    sys.argv[:] = [storage.redact(a) for a in sys.argv]
+    ray._raylet.setproctitle(" ".join(storage.redact(a) for a in sys.orig_argv))
+def cluster_shape() -> tuple[int, int]:
+    """(GPUs, live nodes) of the Ray cluster this process is connected to."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return gpus, len([n for n in ray.nodes() if n.get("Alive")])
+
+
+def pool_layout(gpus: int, nodes: int, cpus: int, num_actors: int = 0, max_actors: int = 0,
+                num_gpus_per_actor: float = 0.0, threads_per_actor: int = 0) -> dict[str, Any]:
+    """An actor pool that embeds with TensorFlow (extract's embedders, predict's predictors),
+    from the cluster's shape: ``num_actors`` fixes its size; else one actor per GPU present (at
+    least one), or one per node without GPUs, growing to ``max_actors``. On GPUs all
+    ``max_actors`` are asked for at once (``initial_size``), so that their pending GPU demand
+    makes an autoscaler add GPU nodes in one round. A CPU actor runs TensorFlow on all of its
+    node's ``cpus`` (decode tasks take the other CPU slots); a GPU actor leaves the thread count
+    to TensorFlow (0)."""
+    num_gpus = num_gpus_per_actor or (1.0 if gpus else 0.0)
+    if num_actors:
+        min_size = max_size = initial = num_actors
+    elif num_gpus:
+        min_size = max(1, int(gpus / num_gpus))
+        max_size = initial = max(min_size, max_actors)
+    else:
+        min_size = initial = max(1, nodes)
+        max_size = max(min_size, max_actors)
+    return {"min_size": min_size, "max_size": max_size, "initial_size": initial,
+            "num_gpus": num_gpus, "threads": threads_per_actor or (0 if num_gpus else cpus)}

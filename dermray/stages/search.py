@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dermray.config import SearchConfig, config_to_dict
+from dermray.config import SearchConfig, output_settings
 from dermray.data.catalog import frame_hash, read_manifest
 from dermray.domain import CLASSES
 from dermray.errors import DermrayError
@@ -27,7 +27,7 @@ from dermray.models.features import embedding_features, image_arrays, parse_feat
 from dermray.models.heads import ACTIVATIONS, EMBEDDINGS, IMAGES, FamilySpec, get_family
 from dermray.report.evaluate import metrics
 from dermray.stages.progress import tune_callback_base, tune_callbacks
-from dermray.stages.raysession import ensure_ray
+from dermray.stages.raysession import ensure_ray, keep_credentials_out_of_tune
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
 
 
     has_gpus = bool(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else False
+    keep_credentials_out_of_tune()
     specs = {fam: get_family(fam) for fam in cfg.families}
 
     def resources(config: dict[str, Any]) -> dict[str, float]:
@@ -211,18 +212,16 @@ class TrialFaults(tune_callback_base()):
         faults.point("search")
 
 
-# search settings that change neither the trials nor their numbers
-NEUTRAL_SETTINGS = ("out", "storage_path", "experiment", "cpus_per_trial", "max_failures",
-                    "mlflow_tracking_uri")
+# the libraries whose versions change the search's numbers; each searched family's own packages
+# are added (dermray.models.heads.FamilySpec.packages)
 SEARCH_PACKAGES = ("scikit-learn", "xgboost", "keras", "tensorflow", "tensorflow-cpu", "optuna",
                    "numpy", "ray")
 
 
 def search_fingerprint(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
-    """What a Tune experiment is made of: the search settings, the manifest's content and the
-    fingerprints of the embeddings it reads."""
-
-    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in NEUTRAL_SETTINGS}
+    """What a Tune experiment is made of: the search settings declared to change its output,
+    the manifest's content and the fingerprints of the embeddings it reads."""
+    settings = output_settings(cfg)  # each family's own keys as their families declare them
     embeddings = {}
     read = {b for spec in cfg.features for b in parse_features(spec)[0]}
     for fam in cfg.families:  # and the activation maps an activations family trains on
@@ -233,7 +232,9 @@ def search_fingerprint(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
         embeddings[name] = (json.loads(storage.read_text(path)).get("key")
                             if storage.is_file(path) else None)
     inputs = {"manifest": frame_hash(read_manifest(manifest_path)), "embeddings": embeddings}
-    return make("search", settings, inputs, SEARCH_PACKAGES)
+    packages = dict.fromkeys([*SEARCH_PACKAGES,
+                              *(p for fam in cfg.families for p in get_family(fam).packages)])
+    return make("search", settings, inputs, packages)
 
 
 def run_search(cfg: SearchConfig, manifest_path: str, resume: bool = True, fresh: bool = False):
@@ -243,10 +244,12 @@ def run_search(cfg: SearchConfig, manifest_path: str, resume: bool = True, fresh
     or inputs is refused (``fresh``: the old experiment is deleted and the search starts over),
     never "resumed" into the old winner."""
 
+    # the fingerprint first: changed settings are refused before Ray starts (30 s) or the data
+    # loads
+    claim(storage.join(storage_path(cfg), cfg.experiment), "search",
+          search_fingerprint(cfg, manifest_path), fresh, root=storage_path(cfg))
     ensure_ray()
     data = load_search_data(cfg, manifest_path)
-    claim(storage.join(storage_path(cfg), cfg.experiment), "search",
-          search_fingerprint(cfg, manifest_path), fresh)
     tuner = build_tuner(cfg, data, resume=resume)
     return tuner.fit()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from dermray.data.catalog import read_manifest
 from dermray.domain import CLASSES
 from dermray.errors import DermrayError
 from dermray.io import storage
+from dermray.models.bundle import BUNDLE_FILE, BackboneRecord, BundleSpec
 from dermray.models.features import parse_features
 from dermray.models.heads import IMAGES, get_family, param_prefixes
 from dermray.models.policies import fit_operating_points, policy_report
@@ -104,33 +104,41 @@ def score(head, family: str, features: str, cfg: SearchConfig, manifest_path: st
     return metrics(y, proba), frame, proba
 
 
+def bundle_spec(row: pd.Series, cfg: SearchConfig, extract_record: dict[str, Any],
+                metrics: dict[str, Any], operating_points: dict[str, Any] | None = None
+                ) -> BundleSpec:
+    """What the winner is: its family, features, parameters and figures; for an embedding family
+    the backbones as extracted (weights by content, never by a path of this machine; the
+    registry's preprocessing) and the extraction's image size, views and seed."""
+    family = get_family(row["family"])
+    ext = extract_record.get("config", {})
+    if family.input == IMAGES:
+        backbones: list[BackboneRecord] = []
+        image_size = family.image_size(cfg)
+    else:
+        names, _ = parse_features(row["features"], maps=True)
+        missing = [n for n in names if n not in extract_record.get("weights", {})]
+        if missing or "image_size" not in ext:
+            raise DermrayError(f"{storage.display(storage.join(cfg.out, 'extract_run.json'))} "
+                               f"does not record the extraction of {', '.join(missing or names)}"
+                               ": run `dermray extract` again before exporting.")
+        backbones = [BackboneRecord.of(n, extract_record["weights"][n],
+                                       extract_record.get("weights_names", {}).get(n, ""))
+                     for n in names]
+        image_size = ext["image_size"]
+    return BundleSpec(family=row["family"], features=row["features"],
+                      params=json.loads(row["params"]), trial_id=row["trial_id"],
+                      backbones=tuple(backbones), image_size=image_size,
+                      tta_views=ext.get("tta_views", 0), seed=ext.get("seed", 0),
+                      metrics=metrics, operating_points=operating_points)
+
+
 def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[str, Any],
                   metrics: dict[str, Any], out: str,
                   operating_points: dict[str, Any] | None = None) -> str:
-    """OUT/model: bundle.json (backbones with their weights' identity, features, label map,
-    metrics) and the head in a format that runs no code on load. Weights are named by content
-    (sha256), never by a path of this machine, so the bundle predicts anywhere."""
-
-    ext = extract_record.get("config", {})
-    spec = get_family(row["family"])
-    if spec.input == IMAGES:
-        backbones = []
-        image_size = spec.image_size(cfg)
-    else:
-        names, _ = parse_features(row["features"], maps=True)
-        backbones = [{"name": n,
-                      "weights_identity": extract_record.get("weights", {}).get(n, "unknown"),
-                      "weights_name": extract_record.get("weights_names", {}).get(n, "")}
-                     for n in names]
-        image_size = ext.get("image_size", 224)
-    bundle = {
-        "format": 2, "family": row["family"], "features": row["features"],
-        "params": json.loads(row["params"]), "trial_id": row["trial_id"],
-        "backbones": backbones, "image_size": image_size, "preprocessing": "caffe",
-        "tta_views": ext.get("tta_views", 0), "seed": ext.get("seed", 0),
-        "labels": list(CLASSES), "metrics": metrics,
-        "operating_points": operating_points,
-    }
+    """OUT/model: the head (in a format that runs no code on load), model_card.md, and last
+    bundle.json (``BundleSpec.write``: the spec and the sha256 of the other files)."""
+    spec = bundle_spec(row, cfg, extract_record, metrics, operating_points)
     target = storage.join(out, "model")
     # built beside its target (a local OUT: one rename puts it in place) or in a temp folder
     parent = Path(out) if not storage.is_remote(out) else None
@@ -139,12 +147,13 @@ def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[
     tmp = Path(tempfile.mkdtemp(prefix=".model.build.", dir=parent))
     try:
         head.save(tmp / "head")
-        (tmp / "model_card.md").write_text(model_card(bundle, extract_record))
-        (tmp / "bundle.json").write_text(json.dumps(bundle, indent=2))
+        (tmp / "model_card.md").write_text(model_card(spec, extract_record))
+        spec.write(tmp)
         # locally OUT/model is a link swapped atomically: a reader never finds no model
-        return storage.replace_dir(tmp, target, marker="bundle.json", link=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return storage.replace_dir(tmp, target, marker=BUNDLE_FILE, link=True, root=out)
+    finally:  # gone already when it was renamed into place
+        storage.remove(tmp, parent or tempfile.gettempdir(), "the build folder", logging.DEBUG,
+                       best_effort=True)
 
 
 def operating_points(scored: dict[str, tuple[np.ndarray, np.ndarray]], cfg: SearchConfig,

@@ -1,17 +1,18 @@
-"""A bundle is checked on load against what it claims: an edited or damaged bundle.json is a
-clear error naming the field (exit 2 from `dermray predict`), never a relabelled prediction or a
-traceback."""
+"""The exported bundle is checked on load against what it claims: an edited or damaged
+bundle.json is a clear error naming the field (exit 2 from `dermray predict`), never a relabelled
+prediction or a traceback. (Every field and number: tests/unit/test_bundle_spec.py.)"""
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 
 from dermray.cli import main
 from dermray.errors import DermrayError
-from dermray.models.bundle import BundleError, load_bundle
+from dermray.models.bundle import BackboneRecord, BundleError, BundleSpec, load_bundle
 
 
 def damaged(model, tmp_path, edit):
@@ -42,18 +43,15 @@ def unknown_backbone(spec):
         spec["family"] = "svm"
 
 
-def wrong_features(spec):  # the head was fitted on resnet50(+vgg19): claim another feature size
-    spec["features"] = "vgg19" if "resnet50" in spec["features"] else "resnet50"
-    spec["backbones"] = [{"name": spec["features"], "weights_identity": "none"}]
-
-
 CASES = [
     (reorder_labels, "'labels' must be"),
     (set_key("image_size", 0), "'image_size' must be an integer in \\[32, 1024\\]"),
-    (set_key("image_size", "224"), "'image_size' must be present and a int"),
+    (set_key("image_size", "224"), "'image_size' must be an integer in \\[32, 1024\\]"),
+    (set_key("tta_views", 100_000), "'tta_views' must be an integer in \\[0, 7\\]"),
     (drop_key("family"), "'family' must be present"),
     (drop_key("backbones"), "'backbones' must be present"),
     (unknown_backbone, "alexnet|svm"),
+    (set_key("trial_id", "another"), "changed after export: its checksum"),
 ]
 
 
@@ -75,8 +73,15 @@ def test_a_feature_size_the_head_does_not_take_is_refused(searched, tmp_path):
     spec = json.loads((out / "model" / "bundle.json").read_text())
     if not spec["backbones"]:
         pytest.skip("the winner takes images")
+    # bundle.json rewritten whole (checksum included), as if export had recorded other features
+    copy = tmp_path / "model"
+    shutil.copytree(out / "model", copy)
+    exported, files = BundleSpec.from_json((copy / "bundle.json").read_text(), "bundle.json")
+    other = "vgg19" if "resnet50" in exported.features else "resnet50"
+    (copy / "bundle.json").write_text(replace(
+        exported, features=other, backbones=(BackboneRecord.of(other, "none"),)).to_json(files))
     with pytest.raises(BundleError, match="the head takes .* inputs, but bundle.json"):
-        load_bundle(damaged(out / "model", tmp_path, wrong_features))
+        load_bundle(copy)
 
 
 def test_not_json_is_a_clear_error(searched, tmp_path):

@@ -40,6 +40,7 @@ from dermray.io.fingerprint import StaleOutputError
 from dermray.io.lock import hold
 from dermray.models.bundle import load_bundle
 from dermray.models.embeddings import read_frame
+from dermray.models.predict_io import predict_files
 from dermray.stages.pipeline import run_pipeline, run_split
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +95,7 @@ def outputs(out: Path, result: dict) -> dict:
 
 
 def proba(bundle, paths: list[str]) -> np.ndarray:
-    frame, problems = bundle.predict_files([Path(p) for p in paths])
+    frame, problems = predict_files(bundle, paths)
     assert not problems and len(frame) == len(paths)
     return frame[[c for c in frame.columns if c.startswith("p_")]].to_numpy()
 
@@ -153,21 +154,32 @@ def test_fresh_redoes_the_stage_with_the_new_settings(reference, synth_dir, tmp_
     assert bundle["image_size"] == 48 and result["winner"]["family"] == "logistic"
 
 
+HOLDER = """
+import sys, time
+from dermray.io.lock import hold
+with hold(sys.argv[1], "dermray run"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
 def test_a_second_writer_is_refused_naming_the_holder(reference, capsys):
     path, out, _ = reference
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    lock = out / ".dermray.lock"
     try:
-        lock = out / ".dermray.lock"
-        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(),
-                                    "command": "dermray run", "started": "2026-11-29T08:00:00"}))
+        assert holder.stdout.readline().strip() == "held"
+        started = json.loads(lock.read_text())["started"]
         code = main(["run", "--config", path, "--out", str(out)])
         err = capsys.readouterr().err
-        assert code == 2 and f"pid {sleeper.pid}" in err and "2026-11-29T08:00:00" in err
-        assert "Traceback" not in err
+        assert code == 2 and f"pid {holder.pid} on {socket.gethostname()}" in err
+        assert started in err and "Traceback" not in err
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    # its holder is gone now: the lock is stale and the next run takes it over
+        holder.kill()
+        holder.wait()
+    # its holder is gone (killed: the kernel let its lock go): the next run takes it over
+    assert lock.exists()
     assert main(["run", "--config", path, "--out", str(out)]) == 0
     assert not lock.exists()
     assert os.environ.get("RAY_ADDRESS") is None

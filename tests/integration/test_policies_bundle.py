@@ -16,6 +16,7 @@ from dermray.config import build_section
 from dermray.models.bundle import load_bundle
 from dermray.models.heads import get_family
 from dermray.models.policies import MEL, POLICIES, decision_metrics
+from dermray.models.predict_io import predict_files
 from dermray.stages.search import head_inputs
 
 
@@ -27,11 +28,11 @@ def winner(searched):
 
 def test_each_policy_reproduces_its_reported_numbers_from_the_bundle(winner):
     out, bundle, reported = winner
-    points = bundle.spec["operating_points"]
+    points = bundle.spec.operating_points
     assert points == reported["operating_points"] and points["temperature"] > 0
     cfg = build_section("search", {"out": str(out)})
     for split in ("val", "test"):
-        X, y, _ = head_inputs(get_family(bundle.spec["family"]), cfg, bundle.spec["features"],
+        X, y, _ = head_inputs(get_family(bundle.spec.family), cfg, bundle.spec.features,
                               split, str(out / "manifest.parquet"))
         proba = bundle.head.predict_proba(X)
         for policy in POLICIES:
@@ -56,7 +57,7 @@ def test_policy_flag_changes_decisions_as_documented(winner, tmp_path):
                  "--out", str(csv), *paths]) == 0
     frames = {"melanoma": pd.read_csv(csv)}
     for policy in ("accuracy", "balanced"):
-        frames[policy], _ = bundle.predict_files([Path(p) for p in paths], policy=policy)
+        frames[policy], _ = predict_files(bundle, paths, policy=policy)
     for policy, frame in frames.items():
         assert (frame["policy"] == policy).all() and len(frame) == len(paths)
     base, mel = frames["accuracy"], frames["melanoma"]

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from dermray.cli import main
-from dermray.models.bundle import Limits, collect_images, load_bundle
+from dermray.models.bundle import load_bundle
+from dermray.models.predict_io import Limits, expand_inputs, predict_files
 
 
 @pytest.fixture()
@@ -56,9 +57,9 @@ def test_hostile_files_are_skipped_with_their_reason(folder, tmp_path, capsys):
 def test_the_batch_size_does_not_change_the_rows(folder):
     out, root, _ = folder
     bundle = load_bundle(out / "model")
-    files = collect_images([str(root)])
-    small, skipped = bundle.predict_files(files, limits=Limits(batch_size=1))
-    large, _ = bundle.predict_files(files, limits=Limits(batch_size=64))
+    files = expand_inputs([str(root)])
+    small, skipped = predict_files(bundle, files, limits=Limits(batch_size=1))
+    large, _ = predict_files(bundle, files, limits=Limits(batch_size=64))
     pd.testing.assert_frame_equal(small, large)
     assert len(small) + len(skipped) == len(files)  # every file is a row or a reason
 

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from dermray.cli import main
-from dermray.models.bundle import collect_images, load_bundle
+from dermray.models.bundle import load_bundle
+from dermray.models.predict_io import expand_inputs, predict_files
 
 
 def test_ray_predict_matches_the_local_path(searched, tmp_path, capsys):
@@ -31,8 +32,8 @@ def test_ray_predict_matches_the_local_path(searched, tmp_path, capsys):
     assert "broken.jpg: unreadable or not an image" in capsys.readouterr().err
 
     ray_rows = pd.read_parquet(preds).set_index("path").sort_index()
-    local, problems = load_bundle(out / "model").predict_files(
-        [*collect_images([str(folder)]), *map(__import__("pathlib").Path, good[9:])])
+    local, problems = predict_files(load_bundle(out / "model"),
+                                    expand_inputs([str(folder), *good[9:]]))
     local = local.set_index("path").sort_index()
     assert len(problems) == 1 and len(ray_rows) == len(local) == 12
     assert list(ray_rows.index) == list(local.index)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dermray.errors import DermrayError
-from dermray.stages.predict import PredictionWriter, decode_files, expand_inputs, split_rows
+from dermray.models.predict_io import PredictionWriter, decode_files, expand_inputs, split_rows
 
 
 def jpeg(color: tuple[int, int, int]) -> bytes:

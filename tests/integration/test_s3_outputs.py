@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
 import shutil
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -19,7 +23,8 @@ import yaml
 from dermray.cli import main
 from dermray.errors import DermrayError
 from dermray.io import storage
-from dermray.models.bundle import collect_images, load_bundle
+from dermray.models.bundle import load_bundle
+from dermray.models.predict_io import expand_inputs, predict_files
 from dermray.stages.pipeline import run_pipeline
 
 OUTPUTS = ("manifest.parquet", "extract_run.json", "quarantine.parquet", "trials.csv",
@@ -43,29 +48,64 @@ def weights_file(tmp_path_factory) -> Path:
     return path
 
 
+# a secret in every URI of the run: after it, nothing the run wrote or printed holds it
+LEAK = "0wJalrLEAK"
+KEY_ID = "AKIALEAKCHECK"
+SECRET = f"leak/{LEAK}+x"  # as AWS prints secrets: '/' and '+' in it
+
+
+def with_secret(uri: str) -> str:
+    return uri.replace("s3://", f"s3://{KEY_ID}:{quote(SECRET, safe='')}@", 1)
+
+
 @pytest.fixture(scope="module")
 def s3_run(ray_local, moto_s3, synth_dir, weights_file, tmp_path_factory):
+    """`dermray run` (its parser and code, in this process) with the credentials in every URI:
+    the data, the images, OUT and the Tune storage path. Its stdout, stderr and dermray's log
+    lines are kept for the grep at the end of this module."""
     bucket = moto_s3.bucket("dermray-out")
     for path in synth_dir.rglob("*"):
         if path.is_file():
             moto_s3.client.upload_file(str(path), bucket, f"ham/{path.relative_to(synth_dir)}")
     config = {
-        "data": {"metadata": moto_s3.uri(bucket, "ham/HAM10000_metadata.csv"),
-                 "images": [moto_s3.uri(bucket, "ham")], "seed": 0},
+        "data": {"metadata": with_secret(moto_s3.uri(bucket, "ham/HAM10000_metadata.csv")),
+                 "images": [with_secret(moto_s3.uri(bucket, "ham"))], "seed": 0},
         "extract": {"backbones": ["resnet50"], "weights": {"resnet50": str(weights_file)},
                     "image_size": 32, "batch_size": 16, "augment": False, "tta_views": 1,
                     "jit_compile": False},
-        "search": {"families": ["logistic"], "features": ["resnet50"], "num_samples": 2},
+        "search": {"families": ["logistic"], "features": ["resnet50"], "num_samples": 2,
+                   "storage_path": with_secret(moto_s3.uri(bucket, "runs/one/tune"))},
     }
     path = tmp_path_factory.mktemp("cfg") / "s3.yaml"
     path.write_text(yaml.safe_dump(config))
-    out = moto_s3.uri(bucket, "runs/one")
-    result = run_pipeline(str(path), out)
-    return out, str(path), result, bucket
+    out = with_secret(moto_s3.uri(bucket, "runs/one"))
+    printed, logged = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(logged)
+    handler.setLevel(logging.DEBUG)
+    dermray_log = logging.getLogger("dermray")  # beside the CLI's redacting filter, not behind it
+    level = dermray_log.level
+    dermray_log.addHandler(handler)
+    dermray_log.setLevel(logging.DEBUG)
+    with pytest.MonkeyPatch.context() as mp:  # the credentials this run adopts go after it
+        for name in (*storage.CREDENTIAL_VARS, "AWS_SESSION_TOKEN"):
+            if name in os.environ:
+                mp.setenv(name, os.environ[name])
+            else:
+                mp.delenv(name, raising=False)
+        mp.setattr(storage, "_adopted", {})
+        try:
+            with redirect_stdout(printed), redirect_stderr(printed):
+                code = main(["run", "--config", str(path), "--out", out])
+        finally:
+            dermray_log.removeHandler(handler)
+            dermray_log.setLevel(level)
+        assert code == 0, printed.getvalue()[-3000:]
+        result = json.loads(printed.getvalue()[printed.getvalue().index("{\n"):])
+        yield out, str(path), result, bucket, printed.getvalue() + logged.getvalue()
 
 
 def test_every_output_lands_on_s3(s3_run, moto_s3):
-    out, _, result, bucket = s3_run
+    out, _, result, bucket, _ = s3_run
     keys = moto_s3.keys(bucket, "runs/one/")
     for name in OUTPUTS:
         assert f"runs/one/{name}" in keys, name
@@ -88,7 +128,7 @@ def test_every_output_lands_on_s3(s3_run, moto_s3):
 
 
 def test_rerun_resumes_on_s3(s3_run, moto_s3):
-    out, config, _, bucket = s3_run
+    out, config, _, bucket, _ = s3_run
     before = moto_s3.keys(bucket, "runs/one/embeddings/")
     trials_before = storage.read_text(storage.join(out, "trials.csv"))
     again = run_pipeline(config, out)
@@ -136,8 +176,8 @@ def test_bundle_moves_and_finds_its_weights_by_identity(s3_run, synth_dir, weigh
     weights = tmp_path / "w1"
     weights.mkdir()
     shutil.copy(weights_file, weights / weights_file.name)
-    images = collect_images([str(synth_dir / "HAM10000_images_part_1")])[:6]
-    first, _ = load_bundle(model, weights_dirs=[weights]).predict_files(images)
+    images = expand_inputs([str(synth_dir / "HAM10000_images_part_1")])[:6]
+    first, _ = predict_files(load_bundle(model, weights_dirs=[weights]), images)
 
     moved_model = Path(shutil.move(str(tmp_path / "a"), str(tmp_path / "elsewhere"))) / "model"
     moved_weights = tmp_path / "other" / "weights_here"
@@ -146,7 +186,7 @@ def test_bundle_moves_and_finds_its_weights_by_identity(s3_run, synth_dir, weigh
     spec = json.loads((moved_model / "bundle.json").read_text())
     assert str(weights_file) not in json.dumps(spec), "the bundle records a machine's path"
     bundle = load_bundle(moved_model, weights_dirs=[moved_weights])
-    again, _ = bundle.predict_files(images)
+    again, _ = predict_files(bundle, images)
     np.testing.assert_allclose(again.filter(like="p_").to_numpy(),
                                first.filter(like="p_").to_numpy(), atol=1e-6)
 
@@ -156,3 +196,31 @@ def test_bundle_moves_and_finds_its_weights_by_identity(s3_run, synth_dir, weigh
     (impostor / weights_file.name).write_bytes(b"not the weights")
     with pytest.raises(DermrayError, match=r"sha256:[0-9a-f]{64}.*--weights-dir"):
         load_bundle(moved_model, weights_dirs=[impostor])
+
+
+def test_no_secret_in_any_output_record_log_or_ray_session(s3_run, moto_s3, tmp_path_factory):
+    """Last in this module (after the rerun and the predictions): the secret and the key id are
+    in none of the bucket's objects (every output, Tune's tuner.pkl and searcher state
+    included), the run's stdout, stderr and log lines, the local files of this test session, or
+    Ray's session folder (its logs and the trials' local state)."""
+    import ray
+
+    _, config, _, bucket, output = s3_run
+    found = []
+    for key in moto_s3.keys(bucket):
+        data = moto_s3.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        found += [f"s3://{bucket}/{key}" for s in (LEAK, KEY_ID) if s.encode() in data]
+    assert any(k.endswith("tuner.pkl") for k in moto_s3.keys(bucket, "runs/one/tune/"))
+    found += [f"output: {s}" for s in (LEAK, KEY_ID) if s in output]
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    local = [session, tmp_path_factory.getbasetemp()]
+    files = [p for root in local for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    for path in files:
+        if path == Path(config):
+            continue  # the config file this test wrote, with the secret in it on purpose
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue  # a socket, or gone
+        found += [str(path) for s in (LEAK, KEY_ID) if s.encode() in data]
+    assert len(files) > 100 and found == []

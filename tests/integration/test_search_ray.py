@@ -15,6 +15,7 @@ from dermray.errors import ConfigError, DermrayError
 from dermray.models.bundle import load_bundle
 from dermray.models.embeddings import load_activations
 from dermray.models.features import embedding_features
+from dermray.models.predict_io import predict_files
 from dermray.report.evaluate import metrics
 
 
@@ -44,16 +45,16 @@ def test_bundle_round_trip_reproduces_reported_metrics(searched):
     out, _ = searched
     bundle = load_bundle(out / "model")
     reported = json.loads((out / "metrics.json").read_text())
-    if bundle.spec["family"] == "finetune":
+    if bundle.spec.family == "finetune":
         pytest.skip("the winner is the fine-tuned CNN (random on this data); covered by heads tests")
-    X, y, frame = _inputs(out, bundle.spec["family"], bundle.spec["features"])
+    X, y, frame = _inputs(out, bundle.spec.family, bundle.spec.features)
     recomputed = metrics(y, bundle.head.predict_proba(X))
     assert recomputed["accuracy"] == pytest.approx(reported["test"]["accuracy"], abs=1e-12)
     assert recomputed["confusion_matrix"] == reported["test"]["confusion_matrix"]
     # from the image files, through decode + embed, as `dermray predict` does
     manifest = pd.read_parquet(out / "manifest.parquet").set_index("image_id")
     paths = [Path(manifest.loc[i, "path"]) for i in frame["image_id"][:12]]
-    preds, problems = bundle.predict_files(paths, metadata=manifest)
+    preds, problems = predict_files(bundle, paths, metadata=manifest)
     assert problems == [] and len(preds) == len(paths)
     direct = bundle.head.predict_proba(X[:12])
     got = preds[[f"p_{c}" for c in bundle.labels]].to_numpy()
@@ -85,11 +86,11 @@ def test_cached_cnn_bundle_predicts_from_image_files(searched, tmp_path):
     record = json.loads((out / "extract_run.json").read_text())
     export_bundle(head, row, cfg, record, {"test": metrics(y, proba)}, str(tmp_path))
     bundle = load_bundle(tmp_path / "model")
-    assert [b["name"] for b in bundle.spec["backbones"]] == ["resnet50_c5b2"]
-    assert bundle.spec["features"] == "resnet50_c5b2"
+    assert [b.name for b in bundle.spec.backbones] == ["resnet50_c5b2"]
+    assert bundle.spec.features == "resnet50_c5b2"
     manifest = pd.read_parquet(out / "manifest.parquet").set_index("image_id")
     paths = [Path(manifest.loc[i, "path"]) for i in frame["image_id"][:8]]
-    preds, problems = bundle.predict_files(paths)
+    preds, problems = predict_files(bundle, paths)
     assert problems == [] and len(preds) == 8
     got = preds[[f"p_{c}" for c in bundle.labels]].to_numpy()
     np.testing.assert_allclose(got, proba[:8], atol=2e-3)

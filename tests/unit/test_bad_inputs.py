@@ -145,7 +145,7 @@ BAD_COMMANDS = [
     (["search", "--out", "{tmp}/o", "--num-samples", "0"], "search.num_samples must be >= 1"),
     (["run", "--config", "{tmp}/missing.yaml", "--out", "{tmp}/o"], "does not exist"),
     (["data", "validate", "--metadata", "s3://AKIA1:hush42@b/m.csv?region=us-east-1&bogus=1"],
-     "s3://***@b/m.csv"),
+     "Cannot open s3://b/m.csv"),  # the credentials are out of the URI before it is opened
 ]
 
 
@@ -166,3 +166,101 @@ def test_every_bad_command_is_a_message(tmp_path, capsys):
         clear += 1
     assert clear == len(BAD_COMMANDS) == 15
     assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
+
+
+# issue 22's probes, each a config section and the command run with it: the run must end in a
+# message (exit 2) before it creates or deletes anything, inside OUT or out of it
+PROBES = [
+    # --fresh with an experiment two levels up once deleted that folder, and Tune wrote there
+    ("search:\n  experiment: ../../x\n", "search.experiment must be one folder name"),
+    ("search:\n  experiment: ..\n", "search.experiment must be one folder name"),
+    ("search:\n  experiment: a/b\n", "search.experiment must be one folder name"),
+    # storage_path plus an empty name once deleted the whole folder of other experiments
+    ("search:\n  storage_path: {tmp}/x\n  experiment: ''\n",
+     "search.experiment must be one folder name"),
+    ("search:\n  storage_path: {tmp}/x\n  experiment: .\n",
+     "search.experiment must be one folder name"),
+    # an alias bomb of 314 bytes: 9**8 strings once expanded (33 s and 1.6 GB before, in the
+    # message that quoted the value)
+    ("search:\n  experiment: [" + ", ".join(
+        ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+        + [f"&{n} [" + ",".join([f"*{p}"] * 9) + "]" for p, n in zip("abcdefg", "bcdefgh")])
+     + "]\n", "{file}, line 2: this part of the file expands (through its aliases"),
+    ("search:\n  features: &loop [a, *loop]\n", "{file}, line 2: an alias refers to a node"),
+    # duplicate keys, which YAML resolves silently to the last one
+    ("search:\n  num_samples: 2\n  num_samples: 30\n",
+     "{file}, line 3: the key 'num_samples' is given twice (first on line 2)"),
+    ("search:\n  num_samples: 2\nsearch:\n  num_samples: 30\n",
+     "{file}, line 3: the key 'search' is given twice (first on line 1)"),
+    ("search: {num_samples: 2, num_samples: 30}\n", "{file}, line 1: the key 'num_samples'"),
+    (b"search:\n  experiment: \xff\xfe\n", "is not UTF-8 text"),
+    ("search:\n  num_samples: 2\n" + "#" * (1 << 20), "a config file is at most"),
+]
+
+
+def test_every_probe_ends_in_a_message_and_touches_nothing(tmp_path, capsys):
+    """Tried, ended exactly, ended in a message: every probe here ends in a message, and the
+    tree around OUT (a folder of other experiments two levels up included) is unchanged."""
+    victim = tmp_path / "x"
+    (victim / "other_experiment").mkdir(parents=True)
+    (victim / "other_experiment" / "tuner.pkl").write_bytes(b"someone else's")
+    out = tmp_path / "a" / "out"
+    tried = messages = 0
+    for i, (text, fragment) in enumerate(PROBES):
+        config = tmp_path / f"probe{i}.yaml"
+        if isinstance(text, bytes):
+            config.write_bytes(text)
+        else:
+            config.write_text(text.replace("{tmp}", str(tmp_path)))
+        before = sorted(tmp_path.rglob("*"))
+        code = main(["search", "--config", str(config), "--out", str(out), "--fresh"])
+        err = capsys.readouterr().err
+        tried += 1
+        fragment = fragment.replace("{file}", str(config))
+        assert code == 2 and fragment in err and "Traceback" not in err, (text[:200], err)
+        messages += 1
+        assert sorted(tmp_path.rglob("*")) == before, text
+    assert (tried, messages) == (len(PROBES), len(PROBES))
+
+
+def test_a_changed_search_is_refused_before_ray_starts(synth_manifest, tmp_path, monkeypatch):
+    """The search's fingerprint is checked before Ray starts (30 s) and before the data loads."""
+    from dermray.config import SearchConfig
+    from dermray.io.fingerprint import StaleOutputError
+    from dermray.stages import search
+
+    started = []
+    monkeypatch.setattr(search, "ensure_ray", lambda: started.append("ray"))
+    monkeypatch.setattr(search, "load_search_data", lambda *a: started.append("data"))
+    out = tmp_path / "out"
+    old = SearchConfig(out=str(out), families=("logistic",), features=("resnet50",), seed=0)
+    new = SearchConfig(out=str(out), families=("logistic",), features=("resnet50",), seed=1)
+    root = search.storage_path(old)
+    search.claim(f"{root}/heads", "search", search.search_fingerprint(old, str(synth_manifest)),
+                 root=root)
+    with pytest.raises(StaleOutputError, match="settings.seed: 0 -> 1"):
+        search.run_search(new, str(synth_manifest))
+    assert started == []
+
+
+# an output that cannot be written: refused before the model is even read (the model named
+# here does not exist, so a check made after loading it would give another message)
+OUT_PROBES = [
+    ("{tmp}", "it is a folder"),
+    ("{tmp}/afile/preds.csv", "Cannot write {tmp}/afile/preds.csv"),
+    ("/proc/dermray-preds.csv", "Cannot write /proc/dermray-preds.csv"),
+]
+
+
+def test_an_unwritable_out_is_refused_before_predicting(tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    image = tmp_path / "i.jpg"
+    image.write_bytes(b"x")
+    for out, fragment in OUT_PROBES:
+        out, fragment = (x.replace("{tmp}", str(tmp_path)) for x in (out, fragment))
+        for ray_flag in ("--no-ray", "--ray"):
+            code = main(["predict", "--model", str(tmp_path / "no_model"), "--out", out,
+                         ray_flag, str(image)])
+            err = capsys.readouterr().err
+            assert code == 2 and fragment in err and "Traceback" not in err, (out, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "i.jpg"]  # no probe left

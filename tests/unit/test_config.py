@@ -5,6 +5,7 @@ from dermray.config import (
     ExtractConfig,
     build_section,
     check_weights_files,
+    config_to_dict,
     load_all,
     load_section,
 )
@@ -146,3 +147,43 @@ def test_synth_n_needs_four_lesions_per_class():
     with pytest.raises(ConfigError, match="data.synth_n must be 0 .off. or at least 28"):
         build_section("data", {"synth_n": 5})
     assert build_section("data", {"synth_n": 28}).synth_n == 28
+
+
+def test_family_keys_are_flat_search_keys(tmp_path):
+    """A family's own keys stay flat YAML keys of ``search:``, typed and checked by its spec."""
+    path = tmp_path / "c.yaml"
+    path.write_text("search:\n  mlp_max_epochs: '20'\n  finetune_weights: {resnet50: none}\n"
+                    "  cached_cnn_tta: false\n")
+    cfg = load_section("search", path)
+    assert cfg.family_settings["mlp_max_epochs"] == 20
+    assert cfg.family_settings["finetune_weights"] == {"resnet50": "none"}
+    assert cfg.family_settings["cached_cnn_tta"] is False
+    assert cfg.family_settings["xgb_max_estimators"] == 400  # the family's default
+    flat = config_to_dict(cfg)
+    assert flat["mlp_max_epochs"] == 20 and "family_settings" not in flat
+    assert build_section("search", flat) == cfg  # the flat dict is a config again
+    with pytest.raises(ConfigError, match="Unknown key.*: family_settings"):
+        build_section("search", {"family_settings": {"mlp_max_epochs": 3}})
+
+
+def test_unknown_keys_suggest_the_closest_known_one(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        build_section("search", {"mlp_max_epoch": 3, "zzz": 1})
+    message = str(err.value)
+    assert "mlp_max_epoch (did you mean mlp_max_epochs?), zzz." in message
+    assert "Known keys: out, families," in message and "cached_cnn_gpus" in message
+    path = tmp_path / "c.yaml"
+    path.write_text("serach:\n  num_samples: 2\n")
+    with pytest.raises(ConfigError, match=r"serach \(did you mean search\?\)"):
+        load_section("search", path)
+
+
+def test_a_family_weights_key_is_checked_like_a_field(tmp_path):
+    (tmp_path / "text.h5").write_text("these are not weights\n")
+    cfg = build_section("search", {"finetune_weights": {"resnet50": str(tmp_path / "text.h5")},
+                                   "cached_cnn_weights": str(tmp_path / "nope.h5")})
+    with pytest.raises(ConfigError) as err:
+        check_weights_files({"search": cfg})
+    message = str(err.value)
+    assert "2 weights files" in message and "search.finetune_weights.resnet50" in message
+    assert "search.cached_cnn_weights: weights file" in message

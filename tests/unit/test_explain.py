@@ -5,6 +5,7 @@ random (seeded) VGG19 weights, one backbone build for the module."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ from PIL import Image, ImageDraw
 from dermray.cli import main
 from dermray.data.synth import render_lesion
 from dermray.domain import CLASSES
-from dermray.models.backbones import FrozenExtractor
-from dermray.models.bundle import load_bundle
+from dermray.models.backbones import PREPROCESSING, FrozenExtractor, caffe_preprocess
+from dermray.models.bundle import BackboneRecord, Bundle, BundleSpec, load_bundle
 
 SIZE = 32
 
@@ -36,17 +37,15 @@ def skin_with_spot(covered: bool = False) -> np.ndarray:
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """A logistic and an XGBoost bundle on the same embeddings, saved and loaded as exported."""
-    from dermray.models.bundle import Bundle
     from dermray.models.heads import make_head
 
     root = tmp_path_factory.mktemp("bundles")
     images = np.stack([lesion(dx, 10 * i + j) for i, dx in enumerate(CLASSES) for j in range(2)])
     y = np.repeat(np.arange(len(CLASSES)), 2)
-    spec = {"format": 2, "features": "vgg19", "image_size": SIZE, "tta_views": 0, "seed": 0,
-            "labels": list(CLASSES), "preprocessing": "caffe",
-            "backbones": [{"name": "vgg19", "weights_identity": "none", "weights_name": ""}]}
-    embedding = Bundle(spec={**spec, "family": "logistic"}, head=None, directory=root,
-                       weights={"vgg19": "none"})
+    spec = BundleSpec(family="logistic", features="vgg19", image_size=SIZE, tta_views=0, seed=0,
+                      backbones=(BackboneRecord.of("vgg19", "none"),), params={}, trial_id="t",
+                      metrics={})
+    embedding = Bundle(spec=spec, head=None, directory=root, weights={"vgg19": "none"})
     # the bundle's own embedder without XLA (its compile would cost more than the test)
     embedding._embedder = FrozenExtractor(["vgg19"], {"vgg19": "none"}, SIZE, batch_size=16,
                                           jit_compile=False, seed=0)
@@ -57,7 +56,7 @@ def bundles(tmp_path_factory):
                                         "early_stopping_rounds": 0})):
         directory = root / family
         make_head(family, params).fit(X, y).save(directory / "head")
-        (directory / "bundle.json").write_text(json.dumps({**spec, "family": family}))
+        replace(spec, family=family).write(directory)
         out[family] = load_bundle(directory)
         out[family]._embedder = embedding.embedder()  # one network for the module
     return out
@@ -128,3 +127,25 @@ def test_explain_writes_a_png_per_image(bundles, gradcam, tmp_path, capsys, monk
     assert (tmp_path / "cli" / "spot.png").is_file()
     captured = capsys.readouterr()
     assert "occlusion" in captured.out and "bad.jpg" in captured.err
+
+
+def test_the_embedder_runs_the_preprocessing_the_bundle_records(bundles, monkeypatch):
+    """A bundle that records another preprocessing mode embeds in that mode (here one that
+    counts its calls and then does what caffe does, so the features must equal the caffe
+    bundle's, which never calls it)."""
+    caffe = bundles["logistic"]
+    calls = []
+
+    def probe(images):
+        calls.append(len(images))
+        return caffe_preprocess(images)
+
+    monkeypatch.setitem(PREPROCESSING, "probe", probe)
+    record = replace(caffe.spec.backbones[0], preprocessing="probe")
+    probed = Bundle(spec=replace(caffe.spec, backbones=(record,)), head=caffe.head,
+                    directory=caffe.directory, weights=caffe.weights)
+    images = np.stack([lesion("mel", 1), lesion("nv", 2)])
+    got = probed.features(images)  # its own network, built from the spec
+    assert calls and probed.embedder().preprocessing == {"vgg19": "probe"}
+    np.testing.assert_array_equal(caffe.features(images), got)
+    assert len(calls) == 1

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dermray.models.heads import FAMILIES, HeadError, NotFittedError, load_head, make_head
+from dermray.models.heads.base import softmax
 
 PARAMS = {
     "logistic": {"C": 1.0},
@@ -38,6 +39,14 @@ def test_head_learns_and_round_trips(family, tmp_path):
     assert not list((tmp_path / "h").glob("*.pkl"))
     again = load_head(family, tmp_path / "h")
     np.testing.assert_allclose(again.predict_proba(Xv), proba, atol=1e-6)
+    # the explanation hook: the class scores Grad-CAM differentiates give the probabilities
+    scores = again.differentiable_scores()
+    if family == "logistic":
+        np.testing.assert_allclose(softmax(Xv @ scores.weights + scores.bias), proba, atol=1e-6)
+    elif family == "mlp":
+        np.testing.assert_allclose(scores.model.predict(Xv, verbose=0), proba, atol=1e-5)
+    else:
+        assert scores is None  # trees: occlusion
 
 
 @pytest.mark.parametrize("family", ["logistic", "xgboost", "mlp", "finetune"])

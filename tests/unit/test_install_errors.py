@@ -80,3 +80,20 @@ def test_a_broken_install_counts_as_missing(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", broken)
     with pytest.raises(installed.MissingPackageError, match=r"pip install 'dermray\[track\]'"):
         installed.require("tensorboard", "you asked for TensorBoard")
+
+
+def test_a_family_s_packages_come_from_its_spec(without, tmp_path, capsys):
+    """cached_cnn is a Keras head: the second table it was missing from is gone."""
+    from dermray.config import build_section
+    from dermray.models.heads import FAMILY_SPECS
+
+    cfg = build_section("search", {"families": list(FAMILY_SPECS)})
+    assert {m for m, _ in installed.search_needs(cfg)} == {"tensorflow", "xgboost"}
+    assert ("tensorflow", "search.families has 'cached_cnn'") in installed.search_needs(cfg)
+    assert installed.search_needs(build_section("search", {"families": ["logistic"]})) == []
+    without("tensorflow")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"search": {"families": ["cached_cnn"]}}))
+    assert main(["search", "--out", str(tmp_path), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "tensorflow is not installed" in err and "'cached_cnn'" in err

@@ -47,7 +47,7 @@ def test_readers_never_see_a_missing_model(tmp_path: Path):
     # beside the link: the current version and the previous one (for readers mid-swap)
     kept = [p for p in tmp_path.iterdir() if p.name != "model"]
     assert len(kept) == 2 and target.resolve() in kept
-    storage.delete(target)
+    storage.remove(target, tmp_path, "test")
     assert list(tmp_path.iterdir()) == []
 
 

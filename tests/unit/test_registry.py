@@ -32,8 +32,9 @@ def test_space_first_point_and_head_params_agree(family):
     params = spec.head_params(point, cfg)
     head = spec.head_class(**params)  # every key is a constructor argument
     head._check_params()  # the first point and the fixed parameters are valid
-    for key in spec.config_keys:
-        assert hasattr(cfg, key)
+    for setting in spec.settings:  # the family's own keys: on the config, their defaults valid
+        assert setting.read(cfg) == cfg.family_settings[setting.key]
+        setting.check(setting.default)
 
 
 def test_resources_and_device_are_the_specs():
@@ -51,6 +52,13 @@ def test_bad_family_keys_are_checked_by_their_spec():
 
     with pytest.raises(ConfigError, match="search.mlp_max_epochs must be >= 1. Got 0 instead."):
         build_section("search", {"mlp_max_epochs": 0})
+    with pytest.raises(ConfigError, match="search.cached_cnn_features must be one of"):
+        build_section("search", {"cached_cnn_features": "resnet50"})
+    with pytest.raises(ConfigError, match="search.finetune_backbones must be a non-empty list of "
+                                          "resnet50, vgg19 without repeats"):
+        build_section("search", {"finetune_backbones": ["vgg19", "vgg19"]})
+    with pytest.raises(ConfigError, match="search.cached_cnn_tta must be true or false"):
+        build_section("search", {"cached_cnn_tta": "sometimes"})
     with pytest.raises(HeadError, match="input"):
         FamilySpec("bad", object, space=lambda t, c: None, first_point=lambda c: {},
                    input="pixels")

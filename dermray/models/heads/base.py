@@ -72,6 +72,26 @@ BOOLEAN = Rule(lambda v: isinstance(v, (bool, np.bool_)), "an instance of 'bool'
 CLASS_WEIGHT = one_of("none", "balanced")
 
 
+# what ``Head.differentiable_scores`` answers: the head's pre-softmax class scores as a function
+# Grad-CAM can take the gradient of (dermray.report.explain); a head with neither is explained by
+# occlusion
+@dataclass(frozen=True)
+class LinearScores:
+    """The class scores are a linear map of the input features: ``X @ weights + bias``
+    (``weights``: n_features x n_classes), any standardisation folded in."""
+
+    weights: np.ndarray
+    bias: np.ndarray
+
+
+@dataclass(frozen=True)
+class KerasScores:
+    """The head is a Keras model whose last layer is Dense: the class scores are that layer's
+    input times its kernel plus its bias."""
+
+    model: Any
+
+
 class Head(BaseEstimator):
     """Base class. ``__init__`` only stores parameters; ``fit`` validates them against ``rules``
     and sets ``classes_`` and ``n_features_in_``; fitted attributes end in ``_``."""
@@ -119,6 +139,11 @@ class Head(BaseEstimator):
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def differentiable_scores(self) -> LinearScores | KerasScores | None:
+        """How the fitted head's class scores can be differentiated, for Grad-CAM; None (the
+        default: trees, or any head of unknown form) means explain it by occlusion."""
+        return None
 
     def _write_params(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

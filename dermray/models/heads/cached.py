@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from dermray.errors import check
 from dermray.io import storage
+from dermray.io.fingerprint import OUTPUT
 from dermray.models.backbones import BackboneError, find_weights, get_spec, resolve_weights
 from dermray.models.heads.base import (
     CLASS_WEIGHT,
@@ -35,7 +35,14 @@ from dermray.models.heads.base import (
     real,
 )
 from dermray.models.heads.keras_base import KerasHead
-from dermray.models.heads.registry import ACTIVATIONS, FamilySpec, register_family
+from dermray.models.heads.registry import (
+    ACTIVATIONS,
+    GPU_SHARE,
+    FamilySpec,
+    Setting,
+    at_least,
+    register_family,
+)
 
 if TYPE_CHECKING:
     from dermray.config import SearchConfig
@@ -154,6 +161,20 @@ def _flips(X: np.ndarray) -> list[np.ndarray]:
     return [X, X[:, :, ::-1], X[:, ::-1], X[:, ::-1, ::-1]]
 
 
+FEATURES = Setting(
+    "cached_cnn_features", "resnet50_c5b2", str, OUTPUT,
+    Rule(lambda v: v in TOP_BLOCKS, f"one of {sorted(TOP_BLOCKS)} (an activation-map backbone)"),
+    "the activation map it trains on (cached by the extraction)")
+WEIGHTS = Setting("cached_cnn_weights", "", str, OUTPUT, None,
+                  "the weights its top block starts from ('': the extraction's)")
+EPOCHS = Setting("cached_cnn_epochs", 8, int, OUTPUT, at_least(1), "epochs per trial")
+TTA = Setting("cached_cnn_tta", True, bool, OUTPUT, None,
+              "average the probabilities of a map's four flips")
+GPUS = Setting("cached_cnn_gpus", -1.0, float, OUTPUT, GPU_SHARE,
+               "GPUs per trial where the cluster has GPUs (-1: a quarter, so that 4 trials share "
+               "one; the maps are small)")
+
+
 def _space(trial: Any, cfg: SearchConfig) -> None:
     trial.suggest_float("cached_cnn_learning_rate", 3e-5, 1e-3, log=True)
     trial.suggest_float("cached_cnn_dropout", 0.0, 0.6)
@@ -164,10 +185,6 @@ def _space(trial: Any, cfg: SearchConfig) -> None:
 def _first_point(cfg: SearchConfig) -> dict[str, Any]:
     return {"cached_cnn_learning_rate": 1e-4, "cached_cnn_dropout": 0.3, "cached_cnn_width": 0,
             "cached_cnn_class_weight": "none"}
-
-
-def _activations(cfg: SearchConfig) -> str:
-    return cfg.cached_cnn_features
 
 
 def extraction_weights(out: str, backbone: str) -> str:
@@ -195,29 +212,20 @@ def extraction_weights(out: str, backbone: str) -> str:
 
 def _fixed(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
 
-    cut = cfg.cached_cnn_features
+    cut = FEATURES.read(cfg)
     return {"cut": cut, "channels": get_spec(cut).channels,
-            "weights": cfg.cached_cnn_weights or extraction_weights(cfg.out, cut),
-            "epochs": cfg.cached_cnn_epochs, "tta": cfg.cached_cnn_tta, "patience": 3,
+            "weights": WEIGHTS.read(cfg) or extraction_weights(cfg.out, cut),
+            "epochs": EPOCHS.read(cfg), "tta": TTA.read(cfg), "patience": 3,
             "seed": cfg.seed}
 
 
 def _resources(cfg: SearchConfig, cluster_has_gpus: bool) -> dict[str, float]:
-    gpus = cfg.cached_cnn_gpus
+    gpus = GPUS.read(cfg)
     return {"CPU": cfg.cpus_per_trial,
             "GPU": gpus if gpus >= 0 else (0.25 if cluster_has_gpus else 0.0)}
 
 
-def _check_config(cfg: SearchConfig) -> None:
-    check(cfg.cached_cnn_features in TOP_BLOCKS, "search", "cached_cnn_features",
-          cfg.cached_cnn_features, f"one of {sorted(TOP_BLOCKS)} (an activation-map backbone)")
-    check(cfg.cached_cnn_epochs >= 1, "search", "cached_cnn_epochs", cfg.cached_cnn_epochs,
-          ">= 1")
-
-
 SPEC = register_family(FamilySpec(
     "cached_cnn", CachedFinetuneHead, space=_space, first_point=_first_point, input=ACTIVATIONS,
-    fixed_params=_fixed, resources=_resources, iterative=True, activations=_activations,
-    config_keys=("cached_cnn_features", "cached_cnn_weights", "cached_cnn_epochs",
-                 "cached_cnn_tta", "cached_cnn_gpus"),
-    check_config=_check_config))
+    fixed_params=_fixed, resources=_resources, iterative=True, activations=FEATURES.read,
+    settings=(FEATURES, WEIGHTS, EPOCHS, TTA, GPUS), packages=("tensorflow",)))

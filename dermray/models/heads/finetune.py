@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from dermray.errors import check
+from dermray.io.fingerprint import OUTPUT
 from dermray.models.backbones import CAFFE_MEAN_BGR, build_extractor, get_spec
 from dermray.models.heads.base import (
     CLASS_WEIGHT,
@@ -20,7 +20,14 @@ from dermray.models.heads.base import (
     real,
 )
 from dermray.models.heads.keras_base import KerasHead
-from dermray.models.heads.registry import IMAGES, FamilySpec, register_family
+from dermray.models.heads.registry import (
+    GPU_SHARE,
+    IMAGES,
+    FamilySpec,
+    Setting,
+    at_least,
+    register_family,
+)
 
 if TYPE_CHECKING:
     from dermray.config import SearchConfig
@@ -100,46 +107,52 @@ def _caffe_layer():
     return layer
 
 
+BACKBONES = Setting(
+    "finetune_backbones", ("resnet50",), tuple[str, ...], OUTPUT,
+    Rule(lambda v: len(v) > 0 and len(set(v)) == len(v) and set(v) <= set(TOP_BLOCKS),
+         f"a non-empty list of {', '.join(sorted(TOP_BLOCKS))} without repeats"),
+    "the backbones a trial may fine-tune (searched; the first is the first trial's)")
+WEIGHTS = Setting(
+    "finetune_weights", {}, dict[str, str], OUTPUT,
+    Rule(lambda v: set(v) <= set(TOP_BLOCKS) and all(isinstance(w, str) and w for w in v.values()),
+         f"keyed by {', '.join(sorted(TOP_BLOCKS))}, each 'imagenet', 'none' or a weights "
+         "file path"),
+    "backbone -> the weights a fine-tune starts from (default 'imagenet')")
+IMAGE_SIZE = Setting("finetune_image_size", 224, int, OUTPUT, at_least(1),
+                     "the side of the images a fine-tune trains on")
+EPOCHS = Setting("finetune_epochs", 10, int, OUTPUT, at_least(1), "epochs per trial")
+MAX_TRAIN_IMAGES = Setting("finetune_max_train_images", 0, int, OUTPUT, at_least(0, "0: all"),
+                           "train images per trial: all on a cluster, a few on a laptop")
+GPUS = Setting("gpus_per_finetune_trial", -1.0, float, OUTPUT, GPU_SHARE,
+               "GPUs per trial; -1: one where the cluster has GPUs, else none")
+
+
 def _space(trial: Any, cfg: SearchConfig) -> None:
-    trial.suggest_categorical("finetune_backbone", list(cfg.finetune_backbones))
+    trial.suggest_categorical("finetune_backbone", list(BACKBONES.read(cfg)))
     trial.suggest_int("finetune_unfreeze_blocks", 0, 2)
     trial.suggest_float("finetune_learning_rate", 1e-5, 1e-3, log=True)
     trial.suggest_float("finetune_dropout", 0.0, 0.5)
 
 
 def _first_point(cfg: SearchConfig) -> dict[str, Any]:
-    return {"finetune_backbone": cfg.finetune_backbones[0], "finetune_unfreeze_blocks": 1,
+    return {"finetune_backbone": BACKBONES.read(cfg)[0], "finetune_unfreeze_blocks": 1,
             "finetune_learning_rate": 1e-4, "finetune_dropout": 0.3}
 
 
 def _fixed(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
-    return {"weights": cfg.finetune_weights.get(params["backbone"], "imagenet"),
-            "image_size": cfg.finetune_image_size, "epochs": cfg.finetune_epochs,
+    return {"weights": WEIGHTS.read(cfg).get(params["backbone"], "imagenet"),
+            "image_size": IMAGE_SIZE.read(cfg), "epochs": EPOCHS.read(cfg),
             "patience": 3, "seed": cfg.seed, "batch_size": 16}
 
 
 def _resources(cfg: SearchConfig, cluster_has_gpus: bool) -> dict[str, float]:
-    gpus = cfg.gpus_per_finetune_trial
+    gpus = GPUS.read(cfg)
     return {"CPU": cfg.cpus_per_trial,
             "GPU": gpus if gpus >= 0 else (1.0 if cluster_has_gpus else 0.0)}
-
-
-def _image_size(cfg: SearchConfig) -> int:
-    return cfg.finetune_image_size
-
-
-def _max_train_images(cfg: SearchConfig) -> int:
-    return cfg.finetune_max_train_images
-
-
-def _check_config(cfg: SearchConfig) -> None:
-    for key in ("finetune_image_size", "finetune_epochs"):
-        check(getattr(cfg, key) >= 1, "search", key, getattr(cfg, key), ">= 1")
 
 
 SPEC = register_family(FamilySpec(
     "finetune", FinetuneHead, space=_space, first_point=_first_point, input=IMAGES,
     fixed_params=_fixed, resources=_resources, iterative=True,
-    config_keys=("finetune_backbones", "finetune_weights", "finetune_image_size",
-                 "finetune_epochs", "finetune_max_train_images", "gpus_per_finetune_trial"),
-    check_config=_check_config, image_size=_image_size, max_train_images=_max_train_images))
+    settings=(BACKBONES, WEIGHTS, IMAGE_SIZE, EPOCHS, MAX_TRAIN_IMAGES, GPUS),
+    packages=("tensorflow",), image_size=IMAGE_SIZE.read, max_train_images=MAX_TRAIN_IMAGES.read))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dermray.models.heads.base import N_CLASSES, Head, HeadError, class_weights
+from dermray.models.heads.base import N_CLASSES, Head, HeadError, KerasScores, class_weights
 
 
 class KerasHead(Head):
@@ -52,6 +52,10 @@ class KerasHead(Head):
         X = self._inputs(X)
         self._check_n_features(X)
         return self._proba(self.model_, X)
+
+    def differentiable_scores(self) -> KerasScores:
+        self._check_fitted()
+        return KerasScores(self.model_)
 
     def _proba(self, model, X: np.ndarray) -> np.ndarray:
         """The model's probabilities of prepared inputs (a subclass may average views)."""

@@ -12,6 +12,7 @@ from dermray.models.heads.base import (
     BOOLEAN,
     CLASS_WEIGHT,
     Head,
+    LinearScores,
     Rule,
     class_weights,
     integer,
@@ -59,6 +60,12 @@ class LogisticHead(Head):
         self._check_n_features(X)
         Z = ((np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_) @ self.coef_.T
         return softmax(Z + self.intercept_)
+
+    def differentiable_scores(self) -> LinearScores:
+        """The logits over raw features: the standardisation folded into the weights."""
+        self._check_fitted()
+        return LinearScores(weights=(self.coef_ / self.scale_[None, :]).T,
+                            bias=self.intercept_ - (self.mean_ / self.scale_) @ self.coef_.T)
 
     def save(self, directory: Path) -> None:
         self._check_fitted()

@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from dermray.errors import check
+from dermray.io.fingerprint import OUTPUT
 from dermray.models.heads.base import CLASS_WEIGHT, N_CLASSES, Rule, integer, real
 from dermray.models.heads.keras_base import KerasHead
-from dermray.models.heads.registry import FamilySpec, register_family
+from dermray.models.heads.registry import FamilySpec, Setting, at_least, register_family
 
 if TYPE_CHECKING:
     from dermray.config import SearchConfig
@@ -66,14 +66,14 @@ def _first_point(cfg: SearchConfig) -> dict[str, Any]:
             "mlp_class_weight": "none"}
 
 
+MAX_EPOCHS = Setting("mlp_max_epochs", 60, int, OUTPUT, at_least(1),
+                     "epochs per trial (early stopping on the validation loss may end it sooner)")
+
+
 def _fixed(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
-    return {"epochs": cfg.mlp_max_epochs, "patience": 5, "seed": cfg.seed}
-
-
-def _check_config(cfg: SearchConfig) -> None:
-    check(cfg.mlp_max_epochs >= 1, "search", "mlp_max_epochs", cfg.mlp_max_epochs, ">= 1")
+    return {"epochs": MAX_EPOCHS.read(cfg), "patience": 5, "seed": cfg.seed}
 
 
 SPEC = register_family(FamilySpec(
     "mlp", MLPHead, space=_space, first_point=_first_point, fixed_params=_fixed, iterative=True,
-    config_keys=("mlp_max_epochs",), check_config=_check_config))
+    settings=(MAX_EPOCHS,), packages=("tensorflow",)))

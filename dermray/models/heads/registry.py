@@ -2,18 +2,24 @@
 and the search, selection, bundle and predict stages ask the spec instead of branching on names.
 
 A spec holds everything about a family: its head class, the input it takes, its search space and
-first point, the fixed parameters it reads from the search config, its resources per trial, its
-device parameter, and whether it reports per iteration (so that ASHA can stop it early).
+first point, its own config keys (``Setting``: declared, validated and read here, not by
+``SearchConfig`` fields), the packages it needs, its resources per trial, its device parameter,
+and whether it reports per iteration (so that ASHA can stop it early). How a fitted head is
+explained is the head's own answer (``Head.differentiable_scores``): it depends on the fitted
+state, and a head loaded from a bundle answers without its spec.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dermray.errors import lookup
-from dermray.models.heads.base import Head, HeadError
+from dermray.errors import check, lookup
+from dermray.io.fingerprint import EFFECTS
+from dermray.models.heads.base import Head, HeadError, Rule
 
 if TYPE_CHECKING:
     from dermray.config import SearchConfig
@@ -27,6 +33,66 @@ ACTIVATIONS = "activations"
 INPUT_KINDS = (EMBEDDINGS, IMAGES, ACTIVATIONS)
 
 
+def at_least(low: float, note: str = "") -> Rule:
+    """A number >= ``low`` (the value is already of the setting's type when checked)."""
+    return Rule(lambda v: v >= low, f">= {low}" + (f" ({note})" if note else ""))
+
+
+# a GPU share per trial: -1 lets the family choose from the cluster, else a fixed share
+GPU_SHARE = Rule(lambda v: v == -1 or v >= 0, "-1 (auto) or a share >= 0")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One search-config key that only a family reads: ``search.<key>`` in a YAML file, flat
+    beside the search's own keys (``mlp_max_epochs: 20``), kept per family on the search config
+    (``SearchConfig.family_settings``) and read with ``read(cfg)``.
+
+    Attributes:
+        key: the YAML key; unique across families and the search's own keys.
+        default: its value when the config does not set it.
+        type: the annotation a YAML or CLI value is converted to (``int``, ``tuple[str, ...]``,
+            ``dict[str, str]``, ...), as for a config field.
+        effect: what it does to the search's output (``dermray.io.fingerprint.EFFECTS``): an
+            ``output`` setting is part of the search's fingerprint, so changing it refuses to
+            reuse an old experiment.
+        rule: what a value must be; checked when the search config is loaded.
+        doc: one line for the reader of a config.
+    """
+
+    key: str
+    default: Any
+    type: Any
+    effect: str
+    rule: Rule | None = None
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.key):
+            raise HeadError(f"A setting's key must be a lower-case identifier. Got {self.key!r}.")
+        if self.effect not in EFFECTS:
+            raise HeadError(f"The 'effect' of setting {self.key!r} must be one of "
+                            f"{', '.join(EFFECTS)}. Got {self.effect!r} instead.")
+        if self.rule is not None and not self.rule.ok(self.default):
+            raise HeadError(f"The default of setting {self.key!r} must be {self.rule.must}. "
+                            f"Got {self.default!r} instead.")
+
+    def default_value(self) -> Any:
+        """A fresh copy of the default (a dict default is not shared between configs)."""
+        return copy.deepcopy(self.default)
+
+    def check(self, value: Any) -> None:
+        """Raise ConfigError (``search.<key> must be ...``) unless ``value`` keeps the rule."""
+        if self.rule is not None:
+            check(self.rule.ok(value), "search", self.key, value, self.rule.must)
+
+    def read(self, cfg: SearchConfig) -> Any:
+        """This setting's value in a search config (its default where the config was built
+        before the family was registered)."""
+        values = cfg.family_settings
+        return values[self.key] if self.key in values else self.default_value()
+
+
 def no_fixed_params(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
     return {}
 
@@ -38,10 +104,6 @@ def cpu_trial(cfg: SearchConfig, cluster_has_gpus: bool) -> dict[str, float]:
 
 def no_device(has_gpu: bool) -> dict[str, Any]:
     return {}
-
-
-def no_config_check(cfg: SearchConfig) -> None:
-    return None
 
 
 def all_train_images(cfg: SearchConfig) -> int:
@@ -65,8 +127,10 @@ class FamilySpec:
         device_params: ``device_params(has_gpu)``: constructor arguments that choose the device,
             given whether the trial holds a GPU (heads never ask Ray themselves).
         iterative: reports validation metrics per iteration (epochs, boosting rounds).
-        config_keys: the search-config keys only this family reads.
-        check_config: validates those keys when the search config is loaded.
+        settings: the search-config keys only this family reads (``Setting``): declared,
+            validated and read here; the search config accepts them because they are here.
+        packages: the modules the family needs beyond dermray's core dependencies (import
+            names, looked up before Ray starts: ``dermray.installed``).
         image_size: for ``images`` families, the input size from the config.
         max_train_images: for ``images`` families, how many train images to use (0: all).
         activations: for ``activations`` families, ``activations(cfg)``: the activation-map
@@ -82,8 +146,8 @@ class FamilySpec:
     resources: Callable[[SearchConfig, bool], dict[str, float]] = cpu_trial
     device_params: Callable[[bool], dict[str, Any]] = no_device
     iterative: bool = False
-    config_keys: tuple[str, ...] = ()
-    check_config: Callable[[SearchConfig], None] = no_config_check
+    settings: tuple[Setting, ...] = ()
+    packages: tuple[str, ...] = ()
     image_size: Callable[[SearchConfig], int] | None = None
     max_train_images: Callable[[SearchConfig], int] = all_train_images
     activations: Callable[[SearchConfig], str] | None = None
@@ -97,6 +161,20 @@ class FamilySpec:
         if self.input == ACTIVATIONS and self.activations is None:
             raise HeadError(f"Family {self.name!r} takes activations: give its spec an "
                             "activations function (which backbone's maps).")
+        keys = [s.key for s in self.settings]
+        if len(set(keys)) != len(keys):
+            raise HeadError(f"Family {self.name!r} declares a setting twice: {keys}.")
+
+    @property
+    def config_keys(self) -> tuple[str, ...]:
+        """The search-config keys this family owns."""
+        return tuple(s.key for s in self.settings)
+
+    def check_settings(self, values: Mapping[str, Any]) -> None:
+        """Validate this family's settings in a search config's ``family_settings``."""
+        for setting in self.settings:
+            if setting.key in values:
+                setting.check(values[setting.key])
 
     @property
     def prefix(self) -> str:
@@ -134,7 +212,13 @@ FAMILY_SPECS: dict[str, FamilySpec] = {}
 
 
 def register_family(spec: FamilySpec) -> FamilySpec:
-    """Add (or replace) a family; returns the spec, so a module can keep it."""
+    """Add (or replace) a family; returns the spec, so a module can keep it. A setting key that
+    another family already declares is refused: the search config's keys are flat."""
+    for other in FAMILY_SPECS.values():
+        taken = set(spec.config_keys) & set(other.config_keys)
+        if other.name != spec.name and taken:
+            raise HeadError(f"Family {spec.name!r} declares setting(s) {', '.join(sorted(taken))}"
+                            f", already declared by family {other.name!r}.")
     FAMILY_SPECS[spec.name] = spec
     return spec
 
@@ -155,3 +239,8 @@ def get_family(name: str) -> FamilySpec:
 def param_prefixes() -> tuple[str, ...]:
     """Every registered family's parameter prefix (``logistic_``, ...)."""
     return tuple(spec.prefix for spec in FAMILY_SPECS.values())
+
+
+def family_settings() -> dict[str, Setting]:
+    """Every registered family's settings: key -> its declaration, in registration order."""
+    return {s.key: s for spec in FAMILY_SPECS.values() for s in spec.settings}

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from dermray.errors import check
+from dermray.io.fingerprint import OUTPUT
 from dermray.models.heads.base import (
     CLASS_WEIGHT,
     N_CLASSES,
@@ -18,7 +18,7 @@ from dermray.models.heads.base import (
     integer,
     real,
 )
-from dermray.models.heads.registry import FamilySpec, register_family
+from dermray.models.heads.registry import FamilySpec, Setting, at_least, register_family
 
 if TYPE_CHECKING:
     from dermray.config import SearchConfig
@@ -132,8 +132,12 @@ def _first_point(cfg: SearchConfig) -> dict[str, Any]:
             "xgboost_reg_lambda": 1.0}
 
 
+MAX_ESTIMATORS = Setting("xgb_max_estimators", 400, int, OUTPUT, at_least(1),
+                         "boosting rounds per trial (early stopping may end it sooner)")
+
+
 def _fixed(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
-    return {"n_estimators": cfg.xgb_max_estimators, "early_stopping_rounds": 20,
+    return {"n_estimators": MAX_ESTIMATORS.read(cfg), "early_stopping_rounds": 20,
             "n_jobs": max(1, int(cfg.cpus_per_trial))}
 
 
@@ -146,12 +150,7 @@ def _device(has_gpu: bool) -> dict[str, Any]:
     return {"device": "cuda" if has_gpu else "cpu"}
 
 
-def _check_config(cfg: SearchConfig) -> None:
-    check(cfg.xgb_max_estimators >= 1, "search", "xgb_max_estimators", cfg.xgb_max_estimators,
-          ">= 1")
-
-
 SPEC = register_family(FamilySpec(
     "xgboost", XGBoostHead, space=_space, first_point=_first_point, fixed_params=_fixed,
     resources=_resources, device_params=_device, iterative=True,
-    config_keys=("xgb_max_estimators",), check_config=_check_config))
+    settings=(MAX_ESTIMATORS,), packages=("xgboost",)))

@@ -1,0 +1,230 @@
+"""Where the real config's extraction spends its time, step by step, on real views.
+
+The real config (``ray_jobs/configs/ham10000_local.yaml`` by default) plans its views (originals
+and class-balancing views); a random sample of ``--views`` of them is run through each step of the
+extraction, one step at a time in this process, with the same code the job runs:
+
+- decode + augment (``augment.decode_batch``), batches of ``extract.decode_batch_size``;
+- the object store: ``ray.put`` + ``ray.get`` of each decoded batch (what a decode task hands the
+  embedding actor when they are not fused), and of the actor's output when the driver writes;
+- preprocessing (caffe) and the forward pass of the multi-output network (the direct call;
+  global pooling is inside the network), batches of ``extract.batch_size``;
+- the rest of ``FrozenExtractor.embed_rows`` (slicing, padding, copies into the outputs);
+- ``write_batch``: conversion to Arrow (``embeddings.to_table``), Parquet encoding and
+  compression (into memory), and the file writes;
+- the reconcile and fingerprint steps at the end (``reconcile``, ``consolidate_quarantine``,
+  ``claim``);
+- start-up: ``ray.init``, the model build, and the first (compiling) call.
+
+Each step is reported in seconds per 1,000 views. Then the same views go through the real job
+(``run_extract`` on a local Ray, fresh folder), and its rate with start-up and writing included,
+and its steady-state rate, are compared with the direct call's rate (the ratio the issue asks
+for: the job at the model's speed).
+
+    python benchmarks/extract_breakdown.py --views 320 --json out/bench_breakdown.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+PER = 1000.0  # figures are per 1,000 views
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def plan_sample(config: str, views: int, seed: int = 0):
+    """The config's extract section and a random sample of its planned views (all splits)."""
+    from dermray.config import load_all
+    from dermray.data.augment import plan_views
+    from dermray.data.catalog import build_catalog, build_manifest
+    from dermray.stages.extract import PLAN_COLUMNS
+
+    os.chdir(REPO)  # the config's relative paths (../shared/...) are relative to the repo
+    sections = load_all(config)
+    data, ext = sections["data"], sections["extract"]
+    catalog = build_catalog(data.metadata, list(data.images))
+    manifest = build_manifest(catalog, (data.train_frac, data.val_frac, data.test_frac),
+                              seed=data.seed)
+    plan = plan_views(manifest, augment=ext.augment, target_per_class=ext.target_per_class,
+                      max_views_per_image=ext.max_views_per_image, tta_views=ext.tta_views,
+                      seed=ext.seed)[PLAN_COLUMNS]
+    sample = plan.sample(n=min(views, len(plan)), random_state=seed)
+    return ext, manifest, plan, sample.reset_index(drop=True)
+
+
+def breakdown(ext, sample: pd.DataFrame, out: str) -> dict[str, float]:
+    """Seconds of each step over the sample's views (not yet per 1,000)."""
+    import ray
+
+    from dermray.data.augment import decode_batch
+    from dermray.io.fingerprint import claim, make
+    from dermray.models.backbones import FrozenExtractor, preprocess
+    from dermray.models.embeddings import backbone_dir, content_name, to_table
+    from dermray.stages.extract import consolidate_quarantine, reconcile, write_batch
+
+    s: dict[str, float] = {}
+    backbones = list(ext.backbones)
+    weights = {b: ext.weights_for(b) for b in backbones}
+    extractor, s["startup_model_build"] = timed(
+        FrozenExtractor, backbones, weights, ext.image_size, ext.batch_size,
+        jit_compile=ext.jit_compile, mixed_precision=ext.mixed_precision, seed=ext.seed)
+    rows = {c: sample[c].to_numpy() for c in sample.columns}
+    decoded = []
+    start = time.perf_counter()
+    for i in range(0, len(sample), ext.decode_batch_size):
+        batch = {c: v[i:i + ext.decode_batch_size] for c, v in rows.items()}
+        decoded.append(decode_batch(batch, ext.image_size, ext.seed))
+    s["decode_augment"] = time.perf_counter() - start
+    images = np.concatenate([d["image"] for d in decoded])
+    merged = {c: np.concatenate([d[c] for d in decoded]) for c in decoded[0]}
+    for b in backbones:
+        merged[f"need_{b}"] = np.ones(len(images), bool)
+    chunks = [images[i:i + ext.batch_size] for i in range(0, len(images), ext.batch_size)]
+    # the first call compiles (XLA): start-up, not forward
+    names, forward = extractor.networks[0]
+    mode = extractor.preprocessing[names[0]]
+    first = preprocess(names[0], np.resize(chunks[0], (ext.batch_size, *chunks[0].shape[1:])), mode)
+    _, s["startup_first_call"] = timed(forward, first)
+    padded = [np.concatenate([c, np.zeros((ext.batch_size - len(c), *c.shape[1:]), c.dtype)])
+              if len(c) < ext.batch_size else c for c in chunks]
+    prepped, s["preprocess"] = timed(lambda: [preprocess(names[0], c, mode) for c in padded])
+    _, s["forward_direct"] = timed(lambda: [forward(x) for x in prepped])
+    embedded = []
+    start = time.perf_counter()
+    for chunk in chunks:
+        embedded.append(extractor.embed_rows(chunk, {b: np.ones(len(chunk), bool)
+                                                     for b in backbones}))
+    total = time.perf_counter() - start
+    s["embed_rows_rest"] = max(0.0, total - s["preprocess"] - s["forward_direct"])
+    # the writing path, as the actor runs it, and its parts
+    batches = []
+    for k, i in enumerate(range(0, len(images), ext.batch_size)):
+        b = {c: v[i:i + ext.batch_size] for c, v in merged.items() if c != "image"}
+        b.update({f"emb_{n}": e for n, e in embedded[k].items()})
+        b.update({"actor_id": np.full(len(b["image_id"]), "bench", object),
+                  "node_id": np.full(len(b["image_id"]), "local", object),
+                  "gpu_ids": np.full(len(b["image_id"]), "", object)})
+        batches.append(b)
+    frames = [pd.DataFrame({k: v for k, v in b.items() if not k.startswith("emb_")})
+              for b in batches]
+    tables, s["arrow_conversion"] = timed(lambda: [
+        to_table(f, b[f"emb_{n}"], n) for f, b in zip(frames, batches) for n in backbones])
+    buffers, s["parquet_encode_compress"] = timed(lambda: [
+        _encode(t) for t in tables])
+    s["bytes_per_view"] = sum(len(x) for x in buffers) / len(images)
+    # the job claims its folders (writes their fingerprints) before it writes a view
+    _, t_c = timed(lambda: [claim(backbone_dir(out, n), "extract",
+                                  make("extract", {"bench": True}, {"n": content_name(sample)},
+                                       ()), False) for n in backbones])
+    _, s["write_batch_total"] = timed(lambda: [write_batch(b, out, backbones) for b in batches])
+    s["file_write_rest"] = max(0.0, s["write_batch_total"] - s["arrow_conversion"]
+                               - s["parquet_encode_compress"])
+    # end of the job: quarantine, reconcile
+    quarantine, t_q = timed(consolidate_quarantine, out)
+    _, t_r = timed(reconcile, sample, out, backbones, quarantine)
+    s["reconcile_fingerprint"] = t_q + t_r + t_c
+    # the object store: a decoded batch in, and (driver-writes layout) the embeddings back out
+    _, s["startup_ray_init"] = timed(ray.init, address="local", num_cpus=os.cpu_count(),
+                                     include_dashboard=False, log_to_driver=False)
+    _, s["object_store_decoded"] = timed(lambda: [ray.get(ray.put(d)) for d in decoded])
+    _, s["object_store_outputs"] = timed(lambda: [ray.get(ray.put(b)) for b in batches])
+    ray.shutdown()
+    s["views"] = len(images)
+    return s
+
+
+def _encode(table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def pipeline(ext, manifest: pd.DataFrame, sample: pd.DataFrame, out: str) -> dict[str, float]:
+    """The real job on the sample's images, fresh folder: its own plan of those images."""
+    import dataclasses
+
+    import pyarrow.dataset as pads
+    import ray
+
+    from dermray.data.catalog import write_manifest
+    from dermray.models.embeddings import backbone_dir
+    from dermray.stages.extract import run_extract
+
+    images = manifest[manifest["image_id"].isin(sample["image_id"])]
+    write_manifest(images, out, {"benchmark": True})
+    cfg = dataclasses.replace(ext, manifest=str(Path(out) / "manifest.parquet"), out=out)
+    start = time.perf_counter()
+    record = run_extract(cfg)
+    wall = time.perf_counter() - start
+    views = record["views_planned"]
+    first = backbone_dir(out, ext.backbones[0])
+    files = sorted(Path(first).rglob("*.parquet"), key=lambda p: p.stat().st_mtime)
+    rows = [pads.dataset(str(f)).count_rows() for f in files]
+    span = files[-1].stat().st_mtime - files[0].stat().st_mtime
+    ray.shutdown()
+    planned = record["views_planned"]
+    return {"views": views, "images": len(images), "wall_s": wall, "e2e_views_s": views / wall,
+            "augmented_share": 1 - len(images) / planned if planned else 0.0,
+            "steady_views_s": (sum(rows) - rows[0]) / span if span > 0 else float("nan")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="ray_jobs/configs/ham10000_local.yaml")
+    parser.add_argument("--views", type=int, default=320)
+    parser.add_argument("--json", default="out/bench_breakdown.json")
+    parser.add_argument("--no-pipeline", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    ext, manifest, _, sample = plan_sample(str(REPO / args.config), args.views)
+    with tempfile.TemporaryDirectory(prefix="bench_breakdown_") as tmp:
+        steps = breakdown(ext, sample, str(Path(tmp) / "steps"))
+        n = steps.pop("views")
+        per = {k: (v if k == "bytes_per_view" else v / n * PER) for k, v in steps.items()}
+        result = {"config": args.config, "views": n, "backbones": list(ext.backbones),
+                  "image_size": ext.image_size, "batch_size": ext.batch_size,
+                  "cpus": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0],
+                  "augmented_share": float((sample["aug_index"] > 0).mean()),
+                  "seconds_per_1000_views": per,
+                  "direct_views_s": n / steps["forward_direct"]}
+        if not args.no_pipeline:
+            pipe = pipeline(ext, manifest, sample, str(Path(tmp) / "job"))
+            result["pipeline"] = pipe
+            result["ratio_e2e"] = pipe["e2e_views_s"] / result["direct_views_s"]
+            result["ratio_steady"] = pipe["steady_views_s"] / result["direct_views_s"]
+    print(f"{args.config}: {n} views ({result['augmented_share']:.0%} class-balancing), "
+          f"{', '.join(ext.backbones)} at {ext.image_size} px, batch {ext.batch_size}")
+    print(f"{'step':<28}{'s / 1,000 views':>16}")
+    for k, v in per.items():
+        if k != "bytes_per_view":
+            print(f"{k:<28}{v:>16.1f}")
+    print(f"Parquet bytes per view: {per['bytes_per_view']:,.0f}")
+    print(f"direct call of the network: {result['direct_views_s']:.2f} views/s")
+    if "pipeline" in result:
+        p = result["pipeline"]
+        print(f"the job: {p['views']} views in {p['wall_s']:.1f} s = {p['e2e_views_s']:.2f} "
+              f"views/s with start-up (ratio {result['ratio_e2e']:.2f}); steady "
+              f"{p['steady_views_s']:.2f} views/s (ratio {result['ratio_steady']:.2f})")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
