@@ -15,6 +15,7 @@ import pytest
 from dermray.errors import DermrayError
 from dermray.models.embeddings import (
     backbone_dir,
+    dataset,
     embedding_schema,
     load_activations,
     load_embeddings,
@@ -102,27 +103,38 @@ def test_resume_after_interruption(extracted):
     assert noop["views_pending_at_start"] == 0 and noop["wall_s"] < 30
 
 
-def test_activation_maps_are_the_extractors_output(extracted):
-    """OUT/activations holds, per original val view, the conv5_block2_out map the frozen
-    network computes for that decoded image (float16), in the order of its frame."""
+def test_rows_are_the_extractors_output_bit_for_bit(extracted):
+    """OUT/embeddings and OUT/activations hold, per view, exactly what the frozen network
+    computes for that decoded (and augmented) view in a direct call: the same bits, whatever
+    batch the job put it in (a view's result does not depend on its batch neighbours or the
+    padding, at a fixed batch size), for a sample of original and augmented views."""
     from dermray.data.augment import decode_batch
     from dermray.models.backbones import FrozenExtractor
 
     out, cfg, _, _, _ = extracted
-    maps, y, frame = load_activations(out, "resnet50_c5b2", "val", views="original")
-    assert (frame["aug_index"] == 0).all() and len(y) == len(frame) == len(maps)
-    assert maps.shape[1:] == (1, 1, 2048) and maps.dtype == np.float16
     manifest = pd.read_parquet(out / "manifest.parquet").set_index("image_id")
-    rows = frame.head(4)
-    batch = {"image_id": rows["image_id"].to_numpy(object),
-             "path": manifest.loc[rows["image_id"], "path"].to_numpy(object),
-             "split": rows["split"].to_numpy(object), "aug_index": np.zeros(4, int)}
+    maps, _, frame = load_activations(out, "resnet50_c5b2", "train")
+    frame = frame.reset_index(drop=True)  # row i of the frame is maps[i]
+    assert maps.shape[1:] == (1, 1, 2048) and maps.dtype == np.float16
+    sample = pd.concat([frame[frame["aug_index"] == 0].head(3),
+                        frame[frame["aug_index"] > 0].head(3)])
+    assert (sample["aug_index"] > 0).sum() == 3
+    batch = {"image_id": sample["image_id"].to_numpy(object),
+             "path": manifest.loc[sample["image_id"], "path"].to_numpy(object),
+             "split": sample["split"].to_numpy(object),
+             "aug_index": sample["aug_index"].to_numpy(int)}
     images = decode_batch(batch, cfg.image_size, cfg.seed)["image"]
-    ref = FrozenExtractor(["resnet50_c5b2"], {"resnet50_c5b2": "none"}, cfg.image_size,
-                          batch_size=4, jit_compile=False, seed=cfg.seed).embed(
-                              "resnet50_c5b2", images)
-    np.testing.assert_allclose(maps[:4].reshape(4, -1).astype(np.float32), ref, rtol=2e-3,
-                               atol=2e-3)
+    ref = FrozenExtractor(list(cfg.backbones), dict(cfg.weights), cfg.image_size,
+                          batch_size=cfg.batch_size, jit_compile=cfg.jit_compile,
+                          seed=cfg.seed).embed_rows(
+        images, {b: np.ones(len(images), bool) for b in cfg.backbones})
+    np.testing.assert_array_equal(maps[sample.index].reshape(len(sample), -1),
+                                  ref["resnet50_c5b2"].astype(np.float16))
+    emb = dataset(backbone_dir(out, "resnet50")).to_table(
+        columns=["image_id", "aug_index", "embedding"]).to_pandas().set_index(
+        ["image_id", "aug_index"])
+    keys = list(zip(sample["image_id"], sample["aug_index"]))
+    np.testing.assert_array_equal(np.stack(emb.loc[keys, "embedding"]), ref["resnet50"])
 
 
 def test_duplicate_views_are_refused_not_repaired(extracted):
