@@ -156,8 +156,10 @@ def breakdown(ext, sample: pd.DataFrame, out: str) -> dict[str, float]:
 
 
 def _encode(table) -> bytes:
+    from dermray.models.embeddings import parquet_options
+
     sink = io.BytesIO()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, **parquet_options(table))  # as the job writes its part files
     return sink.getvalue()
 
 

@@ -379,17 +379,18 @@ def write_text(uri: str | Path, text: str) -> str:
     return write_bytes(uri, text.encode())
 
 
-def write_parquet(table: pa.Table, uri: str | Path) -> str:
-    """Write a Parquet file atomically (parent folders are created)."""
+def write_parquet(table: pa.Table, uri: str | Path, **options: Any) -> str:
+    """Write a Parquet file atomically (parent folders are created); ``options`` go to
+    ``pyarrow.parquet.write_table`` (encodings, statistics)."""
     fs, path = open_fs(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(path.rpartition("/")[0], recursive=True)
         tmp = _tmp_name(path)
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, **options)
         faults.point("replace:" + path.rpartition("/")[2])
         os.replace(tmp, path)
     else:
-        pq.write_table(table, path, filesystem=fs)
+        pq.write_table(table, path, filesystem=fs, **options)
     return str(uri)
 
 

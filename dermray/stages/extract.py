@@ -32,6 +32,7 @@ from dermray.models.embeddings import (
     backbone_dir,
     content_name,
     dataset,
+    parquet_options,
     quarantine_dir,
     read_keys,
     to_table,
@@ -128,7 +129,8 @@ def write_batch(batch: dict[str, np.ndarray], out: str, backbones: list[str]) ->
             rows = frame.loc[idx]
             table = to_table(rows, batch[f"emb_{name}"][np.asarray(idx)], name)
             storage.write_parquet(table, storage.join(backbone_dir(out, name), f"split={split}",
-                                                      content_name(rows)))
+                                                      content_name(rows)),
+                                  **parquet_options(table))
             written.append({"kind": "embeddings", "backbone": name, "split": split,
                             "rows": len(rows), **where})
     return {k: np.asarray([w[k] for w in written], dtype=object if k != "rows" else np.int64)
