@@ -51,3 +51,26 @@ def test_bad_maps_and_params_are_clear_errors():
         CachedFinetuneHead(cut="vgg19", weights="none").fit(X, y)
     spec = get_family("cached_cnn")
     assert spec.input == "activations" and spec.iterative
+
+
+def test_the_stopping_rule_restores_the_best_accuracy_epoch():
+    """cached_cnn stops on validation accuracy (not loss), with patience 3, and ends with the
+    weights of its best-accuracy epoch: here epoch 2 of 6, although the loss was lowest at 1."""
+    import keras
+
+    head = CachedFinetuneHead(patience=3)
+    stop = head.early_stopping()
+    assert (stop.monitor, stop.patience, stop.restore_best_weights) == ("val_accuracy", 3, True)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    stop.set_model(model)
+    model.stop_training = False  # what fit() sets before the first epoch
+    stop.on_train_begin()
+    history = [(0.60, 0.9), (0.70, 1.0), (0.80, 1.2), (0.70, 1.3), (0.75, 1.4), (0.79, 1.5)]
+    for epoch, (accuracy, loss) in enumerate(history):
+        model.layers[0].kernel.assign(np.full((2, 1), float(epoch), np.float32))
+        stop.on_epoch_end(epoch, {"val_accuracy": accuracy, "val_loss": loss})
+        if model.stop_training:
+            break
+    stop.on_train_end()
+    assert model.stop_training and epoch == 5  # three epochs without a better accuracy
+    assert float(model.layers[0].kernel.numpy()[0, 0]) == 2.0  # epoch 2's weights (0-based)

@@ -13,6 +13,9 @@ class KerasHead(Head):
     """Subclasses build ``self._build(input_shape)`` and may transform inputs in ``_inputs``."""
 
     model_file = "head.keras"
+    # what early stopping watches (patience ``self.patience``; the best epoch's weights are
+    # restored when training ends, stopped or not)
+    stop_on, stop_mode = "val_loss", "min"
 
     def _build(self, input_shape: tuple[int, ...]):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -33,8 +36,7 @@ class KerasHead(Head):
         validation = None
         if eval_set is not None:
             validation = (self._inputs(eval_set[0]), np.asarray(eval_set[1]))
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=self.patience, restore_best_weights=True))
+            callbacks.append(self.early_stopping())
         if progress is not None and eval_set is not None:
             callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: progress(
                 epoch + 1, self._proba(model, validation[0]))))
@@ -44,6 +46,14 @@ class KerasHead(Head):
         self.model_ = model
         self._set_fitted(X)
         return self
+
+    def early_stopping(self):
+        """The stopping rule: ``stop_on`` without improvement for ``patience`` epochs stops
+        training, and the best epoch's weights are restored at the end."""
+        import keras
+
+        return keras.callbacks.EarlyStopping(monitor=self.stop_on, mode=self.stop_mode,
+                                             patience=self.patience, restore_best_weights=True)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         self._check_fitted()
