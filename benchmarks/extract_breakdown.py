@@ -156,7 +156,11 @@ def breakdown(ext, sample: pd.DataFrame, out: str) -> dict[str, float]:
 
 
 def _encode(table) -> bytes:
-    from dermray.models.embeddings import parquet_options
+    try:  # as the job writes its part files (older trees: pyarrow's defaults)
+        from dermray.models.embeddings import parquet_options
+    except ImportError:
+        def parquet_options(table):
+            return {}
 
     sink = io.BytesIO()
     pq.write_table(table, sink, **parquet_options(table))  # as the job writes its part files
@@ -192,6 +196,46 @@ def pipeline(ext, manifest: pd.DataFrame, sample: pd.DataFrame, out: str) -> dic
             "steady_views_s": (sum(rows) - rows[0]) / span if span > 0 else float("nan")}
 
 
+class _CountRows:
+    """A stand-in embedding actor that only counts the rows of each batch Ray Data gives it."""
+
+    def __call__(self, batch):
+        return {"rows": np.asarray([len(batch["image_id"])])}
+
+
+def batching(n_views: int, batch_size: int, decode_batch_size: int) -> dict[str, dict]:
+    """The batches the embedding actor gets for a job of ``n_views`` views, through Ray Data's
+    own batching (the job's decode -> actor chain, with a counting actor), for the blocks the
+    job makes now (``extract.batch_blocks``) and for the even repartition it made before. The
+    actor pads a short batch to ``batch_size``: ``useful`` is the share of the network's work
+    spent on real views."""
+    import ray
+
+    try:
+        from dermray.stages.extract import batch_blocks
+    except ImportError:  # an older tree
+        batch_blocks = None
+    frame = pd.DataFrame({"image_id": [f"v{i}" for i in range(n_views)]})
+    layouts = {"repartition (before)": lambda: ray.data.from_pandas(frame).repartition(
+        max(1, min(n_views // max(decode_batch_size, 1), 200)))}
+    if batch_blocks is not None:
+        layouts["whole batches (now)"] = lambda: ray.data.from_pandas(
+            batch_blocks(frame, batch_size))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    out = {}
+    for name, make in layouts.items():
+        ds = make().map_batches(lambda b: b, batch_size=decode_batch_size, num_cpus=1)
+        ds = ds.map_batches(_CountRows, batch_size=batch_size, num_cpus=1,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1))
+        sizes = [int(r) for b in ds.iter_batches(batch_size=None, batch_format="numpy")
+                 for r in b["rows"]]
+        padded = sum(-(-s // batch_size) * batch_size for s in sizes)
+        out[name] = {"batches": len(sizes), "full": sum(s == batch_size for s in sizes),
+                     "views": sum(sizes), "computed": padded, "useful": sum(sizes) / padded}
+    ray.shutdown()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="ray_jobs/configs/ham10000_local.yaml")
@@ -200,7 +244,8 @@ def main() -> None:
     parser.add_argument("--no-pipeline", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    ext, manifest, _, sample = plan_sample(str(REPO / args.config), args.views)
+    ext, manifest, plan, sample = plan_sample(str(REPO / args.config), args.views)
+    batches = batching(len(plan), ext.batch_size, ext.decode_batch_size)
     with tempfile.TemporaryDirectory(prefix="bench_breakdown_") as tmp:
         steps = breakdown(ext, sample, str(Path(tmp) / "steps"))
         n = steps.pop("views")
@@ -210,7 +255,8 @@ def main() -> None:
                   "cpus": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0],
                   "augmented_share": float((sample["aug_index"] > 0).mean()),
                   "seconds_per_1000_views": per,
-                  "direct_views_s": n / steps["forward_direct"]}
+                  "direct_views_s": n / steps["forward_direct"],
+                  "plan_views": len(plan), "batching": batches}
         if not args.no_pipeline:
             pipe = pipeline(ext, manifest, sample, str(Path(tmp) / "job"))
             result["pipeline"] = pipe
@@ -224,6 +270,9 @@ def main() -> None:
             print(f"{k:<28}{v:>16.1f}")
     print(f"Parquet bytes per view: {per['bytes_per_view']:,.0f}")
     print(f"direct call of the network: {result['direct_views_s']:.2f} views/s")
+    for name, b in batches.items():
+        print(f"the config's {len(plan)} views, {name}: {b['batches']} batches ({b['full']} "
+              f"full), the network computes {b['computed']} views: {b['useful']:.3f} useful")
     if "pipeline" in result:
         p = result["pipeline"]
         print(f"the job: {p['views']} views in {p['wall_s']:.1f} s = {p['e2e_views_s']:.2f} "

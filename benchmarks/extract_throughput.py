@@ -1,5 +1,9 @@
 """Extraction throughput: the bare model against the whole Ray Data pipeline, in one run.
 
+Both backbones with the real ImageNet weights of ../shared where present (ResNet50 and VGG19).
+The real config's multi-output shape and its step-by-step breakdown are in
+``extract_breakdown.py``.
+
 (a) bare: the backbone's fastest direct call on pre-decoded arrays in this process (``predict``,
     a plain ``tf.function`` and an XLA-compiled call are all timed; the best is ``bare_img_s``);
 (b) pipeline: ``run_extract`` from JPEG files to Parquet on a local Ray; its steady-state rate
@@ -26,6 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DERMRAY_SHARED", REPO.parent / "shared"))
 HAM = SHARED / "data" / "ham10000"
 WEIGHTS = SHARED / "weights" / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+# real ImageNet weights per application, where ../shared has them (VGG19's is Keras' own file)
+REAL_WEIGHTS = {"resnet50": WEIGHTS,
+                "vgg19": SHARED / "weights" / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"}
 
 
 def rate(fn, n_images: int, repeats: int = 1) -> float:
@@ -134,7 +141,8 @@ def main() -> None:
     result.update(decode_rates(originals, args.image_size))
     result["backbones"] = {}
     for backbone in args.backbones:
-        weights = str(WEIGHTS) if backbone.startswith("resnet50") and WEIGHTS.exists() else "none"
+        real = REAL_WEIGHTS.get("resnet50" if backbone.startswith("resnet50") else backbone)
+        weights = str(real) if real is not None and real.exists() else "none"
         bare = bare_rates(backbone, weights, args.image_size, args.batch_size, args.bare_images)
         pipe = pipeline_rate(backbone, weights, args.image_size, args.batch_size,
                              args.pipeline_images)
