@@ -1,7 +1,9 @@
 """Optional MLflow tracking of a search (``search.mlflow_tracking_uri``), through Ray Tune's own
 ``MLflowLoggerCallback``: one MLflow run per trial with its parameters (the trial's config) and
-its metrics per reported iteration; after export, the winner's bundle is logged as an artifact
-of the winning trial's run (``log_winner_bundle``), which is tagged ``dermray.winner``.
+its metrics per reported iteration; after export, the winner's bundle is logged to the winning
+trial's run as an MLflow pyfunc model (``runs:/<run>/model``, see dermray.models.mlflow_model),
+with its test and per-policy metrics (``log_winner_bundle``), and that run is tagged
+``dermray.winner``.
 
 URIs: an MLflow server (``http(s)://...``), or a local file store (``file:///abs/path``; MLflow 3
 keeps that backend in maintenance mode behind ``MLFLOW_ALLOW_FILE_STORE``, which is set here for
@@ -21,10 +23,12 @@ from typing import Any
 from dermray.installed import require
 from dermray.io import storage
 from dermray.io.storage import download_dir
+from dermray.models.mlflow_model import save_pyfunc
 
 logger = logging.getLogger(__name__)
 
 WINNER_TAG = "dermray.winner"
+MODEL_PATH = "model"  # the winner's MLflow model: runs:/<run>/model
 
 
 def experiment_name(cfg: Any) -> str:
@@ -108,8 +112,9 @@ def winner_run(client: Any, cfg: Any, trial_id: str) -> str:
 
 def log_winner_bundle(cfg: Any, trial_id: str, bundle: str,
                       result: dict[str, Any] | None = None) -> str | None:
-    """Log the exported bundle (``OUT/model``, a folder or an s3:// URI) as the ``model``
-    artifact of the winning trial's run, with the winner's val and test metrics and every
+    """Log the exported bundle (``OUT/model``, a folder or an s3:// URI) to the winning trial's
+    run as the MLflow pyfunc model ``model`` (the bundle inside it, as its artifact ``bundle``:
+    ``model/artifacts/bundle``), with the winner's val and test metrics and every
     operating point (``result``: metrics.json's content; its operating points also as the
     ``operating_points.json`` artifact), and tag that run; returns the run id (None: tracking
     is off, or the tracking server failed: the search's results are in OUT all the same, so
@@ -131,18 +136,23 @@ def _log_bundle(uri: str, cfg: Any, trial_id: str, bundle: str, result: dict[str
 
     client = MlflowClient(tracking_uri=uri)
     run_id = winner_run(client, cfg, str(trial_id))
-    with tempfile.TemporaryDirectory() as tmp:
-        # MLflow uploads from local files
-        local = download_dir(bundle, tmp) if storage.is_remote(bundle) else Path(bundle)
-        client.log_artifacts(run_id, str(local), artifact_path="model")
-        if result.get("operating_points"):
-            points = Path(tmp) / "operating_points.json"
-            points.write_text(json.dumps(result["operating_points"], indent=2))
-            client.log_artifact(run_id, str(points))
     if result:
         stamp = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0)
                                           for k, v in sorted(winner_metrics(result).items())])
     client.set_tag(run_id, WINNER_TAG, "true")
-    logger.info("logged the winner's bundle to MLflow run %s (%s)", run_id, uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        # MLflow uploads from local files
+        local = download_dir(bundle, Path(tmp, "bundle")) if storage.is_remote(bundle) else Path(
+            bundle)
+        if result.get("operating_points"):
+            points = Path(tmp) / "operating_points.json"
+            points.write_text(json.dumps(result["operating_points"], indent=2))
+            client.log_artifact(run_id, str(points))
+        # an MLflow model (MLmodel, code, environment) with the bundle as its artifact, so that
+        # mlflow.pyfunc.load_model("runs:/<run>/model") predicts as `dermray predict` does
+        model = save_pyfunc(local, Path(tmp) / "model")
+        client.log_artifacts(run_id, str(model), artifact_path=MODEL_PATH)
+    logger.info("logged the winner's model to MLflow run %s (%s): load it with "
+                "mlflow.pyfunc.load_model('runs:/%s/%s')", run_id, uri, run_id, MODEL_PATH)
     return run_id
