@@ -1,4 +1,5 @@
-"""Optional MLflow tracking of a search (``search.mlflow_tracking_uri``), through Ray Tune's own
+"""A search's tracking: TensorBoard's HParams setup (``HParamsLogger``: every family's
+parameters), and optional MLflow tracking (``search.mlflow_tracking_uri``), through Ray Tune's own
 ``MLflowLoggerCallback``: one MLflow run per trial with its parameters (the trial's config) and
 its metrics per reported iteration; after export, the winner's bundle is logged to the winning
 trial's run as an MLflow pyfunc model (``runs:/<run>/model``, see dermray.models.mlflow_model),
@@ -20,9 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dermray.installed import require
+from dermray.installed import is_installed, require
 from dermray.io import storage
 from dermray.io.storage import download_dir
+from dermray.models.heads import get_family
 from dermray.models.mlflow_model import save_pyfunc
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,63 @@ def mlflow_callback(cfg: Any):
                               experiment_name=experiment_name(cfg),
                               tags={"dermray.out": storage.display(cfg.out)},
                               save_artifact=False)
+
+
+# ---- TensorBoard: one HParams setup for every family ----------------------------------------
+
+def hparam_domain(cfg: Any) -> dict[str, Any]:
+    """Every parameter a trial of the search can have, with a value of its type: the family,
+    the features and each searched family's parameters (its first point names them all)."""
+    domain: dict[str, Any] = {"family": "", "features": ""}
+    for family in cfg.families:
+        domain.update(get_family(family).first_point(cfg))
+    return domain
+
+
+def _tbx_logger_base() -> type:
+    from ray.tune.logger import TBXLoggerCallback
+
+    return TBXLoggerCallback
+
+
+class HParamsLogger(_tbx_logger_base()):
+    """Tune's TensorBoard logger (scalars per result, as before) whose HParams experiment covers
+    every family's parameters.
+
+    Tune's own logger writes, with each trial, an experiment made of that trial's parameters, and
+    TensorBoard shows the first experiment it finds: one family's parameters only. Here every
+    trial writes the same experiment (``hparam_domain``: all families' parameter names and types)
+    and its own values; a parameter a trial does not have (another family's) is left unset, which
+    TensorBoard shows as blank (a made-up value would sit in the plots as if it were a setting).
+    """
+
+    def __init__(self, domain: dict[str, Any]) -> None:
+        super().__init__()
+        self.domain = dict(domain)
+
+    def _try_log_hparams(self, trial: Any, result: dict[str, Any]) -> None:
+        from tensorboardX.summary import hparams
+
+        own = {}
+        for key, value in (trial.evaluated_params or {}).items():
+            value = value.item() if hasattr(value, "item") else value  # numpy scalars
+            if isinstance(value, (str, bool, int, float)):
+                own[key] = value
+        try:
+            experiment, _, _ = hparams({**self.domain, **own}, result)
+            _, start, end = hparams(own, result)
+        except Exception:  # as Tune's own logger: a bad value loses the HParams only
+            logger.warning("could not log the hyperparameters of trial %s to TensorBoard",
+                           trial, exc_info=True)
+            return
+        writer = self._trial_writer[trial].file_writer
+        for summary in (experiment, start, end):
+            writer.add_summary(summary)
+
+
+def hparams_logger(cfg: Any) -> list[Any]:
+    """[the TensorBoard logger of a search] (empty without tensorboardX: Tune then warns)."""
+    return [HParamsLogger(hparam_domain(cfg))] if is_installed("tensorboardX") else []
 
 
 def winner_metrics(result: dict[str, Any]) -> dict[str, float]:
