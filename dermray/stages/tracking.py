@@ -91,38 +91,56 @@ def _tbx_logger_base() -> type:
     return TBXLoggerCallback
 
 
+NOT_APPLICABLE = "n/a"  # the text of a parameter a trial does not have (another family's)
+
+
+def neutral(value: Any) -> Any:
+    """The value a trial shows for a parameter it does not have, of that parameter's type:
+    'n/a', False or 0 (TensorBoard's parallel coordinates drop a session with any blank)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return type(value)(0)
+    return NOT_APPLICABLE
+
+
 class HParamsLogger(_tbx_logger_base()):
-    """Tune's TensorBoard logger (scalars per result, as before) whose HParams experiment covers
+    """Tune's TensorBoard logger (scalars per result, as before) whose HParams setup covers
     every family's parameters.
 
     Tune's own logger writes, with each trial, an experiment made of that trial's parameters, and
     TensorBoard shows the first experiment it finds: one family's parameters only. Here every
-    trial writes the same experiment (``hparam_domain``: all families' parameter names and types)
-    and its own values; a parameter a trial does not have (another family's) is left unset, which
-    TensorBoard shows as blank (a made-up value would sit in the plots as if it were a setting).
+    trial writes the same experiment (``hparam_domain``: all searched families' parameters, with
+    their types), and values for all of them: its own, and a neutral value (``neutral``: 'n/a',
+    0, False) for another family's, so that TensorBoard's table and plots show every trial (its
+    parallel coordinates leave out a trial with any blank); the ``family`` column says which
+    parameters apply.
     """
 
     def __init__(self, domain: dict[str, Any]) -> None:
         super().__init__()
         self.domain = dict(domain)
 
-    def _try_log_hparams(self, trial: Any, result: dict[str, Any]) -> None:
-        from tensorboardX.summary import hparams
-
+    def trial_hparams(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A trial's own parameters over the neutral values of the whole domain."""
         own = {}
-        for key, value in (trial.evaluated_params or {}).items():
+        for key, value in (params or {}).items():
             value = value.item() if hasattr(value, "item") else value  # numpy scalars
             if isinstance(value, (str, bool, int, float)):
                 own[key] = value
+        return {**{k: neutral(v) for k, v in self.domain.items()}, **own}
+
+    def _try_log_hparams(self, trial: Any, result: dict[str, Any]) -> None:
+        from tensorboardX.summary import hparams
+
         try:
-            experiment, _, _ = hparams({**self.domain, **own}, result)
-            _, start, end = hparams(own, result)
+            summaries = hparams(self.trial_hparams(trial.evaluated_params), result)
         except Exception:  # as Tune's own logger: a bad value loses the HParams only
             logger.warning("could not log the hyperparameters of trial %s to TensorBoard",
                            trial, exc_info=True)
             return
         writer = self._trial_writer[trial].file_writer
-        for summary in (experiment, start, end):
+        for summary in summaries:  # the experiment, the session's start and end
             writer.add_summary(summary)
 
 

@@ -1,8 +1,9 @@
 """TensorBoard's HParams view covers every family's parameters (issue 20): Tune's own logger gives
 TensorBoard the parameters of whichever trial it reads first, so a search that starts with
 XGBoost offers only XGBoost's. ``HParamsLogger`` writes one experiment (all searched families'
-parameters, typed) with every trial, and each trial's own values. No Ray started: the callback is
-driven as Tune drives it, with stand-in trials.
+parameters, typed) with every trial, and each trial's own values with neutral ones ('n/a', 0,
+False) for the others, so that no trial has a blank (TensorBoard's parallel coordinates drop such
+a trial). No Ray started: the callback is driven as Tune drives it, with stand-in trials.
 """
 
 from __future__ import annotations
@@ -72,8 +73,18 @@ def test_every_trial_writes_the_whole_domain_and_its_own_values(tmp_path):
         assert {h.name for h in experiment.hparam_infos} == every  # whichever TensorBoard reads
         start = metadata.parse_session_start_info_plugin_data(
             tags[metadata.SESSION_START_INFO_TAG])
-        assert set(start.hparams) == set(trials[run].evaluated_params)  # its own values only
-        assert start.hparams["family"].string_value == trials[run].evaluated_params["family"]
+        assert set(start.hparams) == every  # no blank
+        own = trials[run].evaluated_params
+        assert start.hparams["family"].string_value == own["family"]
+        other = "mlp" if own["family"] == "xgboost" else "xgboost"
+        for key, value in get_family(other).first_point(cfg).items():  # neutral, of its type
+            held = start.hparams[key]
+            assert (held.string_value == "n/a") if isinstance(value, str) else (
+                held.number_value == 0)
+        for key, value in own.items():
+            held = start.hparams[key]
+            assert (held.string_value == value) if isinstance(value, str) else (
+                held.number_value == float(value))
     # the training loss is a scalar curve beside the validation metrics
     tags = mux.Runs()["mlp"]
     assert "ray/tune/train_loss" in set(tags.get("scalars", [])) | set(tags.get("tensors", []))
