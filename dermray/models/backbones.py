@@ -55,6 +55,7 @@ class BackboneSpec:
     # so an actor holding both computes the network once
     slice_of: tuple[str, int, int] | None = None
     # Keras' ImageNet "notop" weights file (its name is the URL's last segment) and Keras' md5
+    # (the hash keras.applications pins: a file with it is Keras' own, which may be downloaded)
     imagenet_url: str = ""
     imagenet_md5: str = ""
     # an activation map instead of a pooled vector: the unpooled output of this layer (the
@@ -169,20 +170,27 @@ def resolve_weights(weights: str | None) -> str | None:
 
 
 WEIGHT_SUFFIXES = (".h5", ".keras")
-_SHA256: dict[tuple[str, int, int], str] = {}
+_DIGESTS: dict[tuple[str, int, int], tuple[str, str]] = {}
+
+
+def _digests(path: str | Path) -> tuple[str, str]:
+    """('sha256:<hex>', md5 hex) of a file, in one read (remembered per path, size and mtime
+    within a process)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                sha.update(block)
+                md5.update(block)
+        _DIGESTS[key] = (f"sha256:{sha.hexdigest()}", md5.hexdigest())
+    return _DIGESTS[key]
 
 
 def sha256_file(path: str | Path) -> str:
     """'sha256:<hex>' of a file (remembered per path, size and mtime within a process)."""
-    stat = os.stat(path)
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA256:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        _SHA256[key] = f"sha256:{digest.hexdigest()}"
-    return _SHA256[key]
+    return _digests(path)[0]
 
 
 def imagenet_name(backbone: str) -> str:
@@ -230,45 +238,125 @@ def weights_name(weights: str | None, backbone: str) -> str:
     return imagenet_name(backbone) if resolved == "imagenet" else Path(resolved).name
 
 
+# where a backbone's weights come from, as a bundle records it: seeded random weights (a demo:
+# meaningless on real images), Keras' own ImageNet file (the one keras.applications pins, which
+# predict may download) or a file of the user's (found, never downloaded)
+RANDOM, KERAS, FILE = "random", "keras", "file"
+WEIGHTS_ORIGINS = (RANDOM, KERAS, FILE)
+
+
+def weights_hint(weights: str | None, backbone: str) -> str:
+    """The absolute path a run read its weights file at ('' for random weights): where predict
+    looks first. A hint only: the file there is used only if its sha256 is the identity."""
+    resolved = resolve_weights(weights)
+    if resolved is None:
+        return ""
+    path = imagenet_file(backbone) if resolved == "imagenet" else resolved
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def is_keras_file(backbone: str, path: str | Path) -> bool:
+    """Whether a file is Keras' own ImageNet weights of the backbone (the md5 Keras pins)."""
+    md5 = get_spec(backbone).imagenet_md5
+    return bool(md5) and Path(path).is_file() and _digests(path)[1] == md5
+
+
+def weights_origin(backbone: str, identity: str, path: str | Path = "") -> str:
+    """RANDOM, KERAS or FILE for weights of ``identity`` read at ``path``."""
+    if identity == "none":
+        return RANDOM
+    if identity == _keras_identity(backbone) or (
+            path and is_keras_file(backbone, path) and sha256_file(path) == identity):
+        return KERAS
+    return FILE
+
+
 def weights_search_dirs(extra: Sequence[str | Path] = ()) -> list[Path]:
     """Where weights are looked for by identity: the folders given, $DERMRAY_WEIGHTS_DIR
     (os.pathsep-separated), then the Keras cache ($KERAS_HOME or ~/.keras, subfolder models)."""
+    return [path for _, path in _weights_places(extra)]
+
+
+def _weights_places(extra: Sequence[str | Path] = ()) -> list[tuple[str, Path]]:
+    """(what the place is, the folder) of ``weights_search_dirs``, for messages."""
     env = [d for d in os.environ.get("DERMRAY_WEIGHTS_DIR", "").split(os.pathsep) if d]
     keras_home = os.environ.get("KERAS_HOME") or os.path.join("~", ".keras")
-    return [Path(d).expanduser() for d in (*extra, *env, os.path.join(keras_home, "models"))]
+    return [*(("--weights-dir", Path(d).expanduser()) for d in extra),
+            *(("$DERMRAY_WEIGHTS_DIR", Path(d).expanduser()) for d in env),
+            ("the Keras cache", Path(keras_home, "models").expanduser())]
+
+
+def _look_in(folder: Path, identity: str, name: str) -> tuple[str, str]:
+    """(the file in ``folder`` whose sha256 is ``identity`` or '', why not found)."""
+    if not folder.is_dir():
+        return "", "no such folder"
+    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    files.sort(key=lambda p: p.name != name)  # the recorded name first: usually one hash
+    for path in files:
+        if sha256_file(path) == identity:
+            return str(path), ""
+    named = [p for p in files if p.name == name]
+    if named:
+        return "", f"{name} there has other content ({sha256_file(named[0])[:19]}...)"
+    return "", f"none of its {len(files)} weights file(s) has that sha256"
 
 
 def find_weights(backbone: str, identity: str, name: str = "",
-                 search_dirs: Sequence[str | Path] = ()) -> str:
-    """The weights to build ``backbone`` with, found by identity, never by a recorded path.
+                 search_dirs: Sequence[str | Path] = (), hint: str = "", origin: str = "") -> str:
+    """The weights to build ``backbone`` with, found by identity (sha256), never trusted by path.
 
-    Looks in ``weights_search_dirs(search_dirs)`` (the recorded file name first, then every
-    .h5/.keras file), then, for Keras' ImageNet file, downloads it and checks its hash.
+    Tries, in order: the ``hint`` (the path the weights were read at in training), the folders
+    given (``search_dirs``: --weights-dir), $DERMRAY_WEIGHTS_DIR, the Keras cache; then, only
+    for Keras' own ImageNet file (``origin`` KERAS), Keras' download, whose hash is checked.
+    A file of the user's (origin FILE) is never downloaded: Keras' file of the same name is
+    another file. The message of a miss names the identity, the file name and every place
+    looked.
     """
     if identity in ("none", "imagenet"):  # seeded random weights; or an unhashed old record
         return identity
-    dirs = weights_search_dirs(search_dirs)
-    for folder in dirs:
-        if not folder.is_dir():
-            continue
-        files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-        files.sort(key=lambda p: p.name != name)  # the recorded name first: usually one hash
-        for path in files:
-            if sha256_file(path) == identity:
-                return str(path)
-    if name and name == imagenet_name(backbone):
-        path = imagenet_file(backbone)
+    looked: list[str] = []
+    if hint:
+        path = Path(hint)
+        if path.is_file() and sha256_file(path) == identity:
+            return str(path)
+        looked.append(f"{hint} (where training read it: "
+                      f"{'other content' if path.is_file() else 'not there'})")
+    for label, folder in _weights_places(search_dirs):
+        found, why = _look_in(folder, identity, name)
+        if found:
+            return found
+        looked.append(f"{folder} ({label}: {why})")
+    what = (f"the {backbone} weights with {identity}"
+            f"{f' (file name {name})' if name else ''}")
+    where = "; ".join(looked)
+    if (origin or weights_origin(backbone, identity)) == KERAS:
+        try:
+            path = imagenet_file(backbone)
+        except BackboneError as exc:
+            raise BackboneError(f"Could not find {what}. Looked in: {where}. Then: {exc}") from None
         found = sha256_file(path)
         if found != identity:
             raise BackboneError(
-                f"Keras' ImageNet weights for {backbone} ({path}) are {found}, but the model was "
-                f"trained with {identity}. Put the training weights file in a folder and pass it "
-                "as --weights-dir.")
+                f"Keras' ImageNet weights for {backbone} ({path}) are {found}, not {identity}, "
+                f"the file the model was trained with. Looked in: {where}. Put the training "
+                "weights file in a folder and pass it as --weights-dir.")
         return path
     raise BackboneError(
-        f"No weights file for backbone {backbone} with {identity} (trained with "
-        f"{name or 'an unnamed file'}) in {', '.join(str(d) for d in dirs)}. Put that file in a "
-        "folder and pass --weights-dir FOLDER (or set DERMRAY_WEIGHTS_DIR).")
+        f"Could not find {what}. Looked in: {where}. It is not Keras' own ImageNet file, so it "
+        "cannot be downloaded: copy that file into a folder and pass --weights-dir FOLDER (or "
+        "set DERMRAY_WEIGHTS_DIR), or put it back where training read it.")
+
+
+def _keras_identity(backbone: str) -> str:
+    """The sha256 of Keras' own file where it is known here (VGG19's, from the file Keras
+    pins); '' where not."""
+    return KERAS_SHA256.get(imagenet_name(backbone), "")
+
+
+# sha256 of Keras' own ImageNet files, by file name (Keras pins an md5; this is the same file's
+# sha256, which is what runs record), so that a record without an origin is still recognised
+KERAS_SHA256 = {"vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5":
+                "sha256:bde7da0dfd621cbf86e11ce04e4946a9a42634c2cfd21318bba090d860699e35"}
 
 
 def configure_devices(mixed_precision: bool = False) -> list[str]:

@@ -32,6 +32,8 @@ from dermray.models.backbones import (
     BACKBONES,
     IMAGE_SIZE_RULE,
     PREPROCESSING,
+    RANDOM,
+    WEIGHTS_ORIGINS,
     FrozenExtractor,
     find_weights,
     get_spec,
@@ -44,7 +46,7 @@ from dermray.models.policies import decide, get_policy
 logger = logging.getLogger(__name__)
 
 BUNDLE_FILE = "bundle.json"
-FORMAT = 3  # bundle.json's layout; another one is refused (export the bundle again)
+FORMAT = 4  # bundle.json's layout; another one is refused (export the bundle again)
 VIEWS = 8  # the dihedral group's views (augment.dihedral): tta_views counts the extra ones
 HEX = "0123456789abcdef"
 
@@ -68,18 +70,35 @@ def _is_number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class BackboneRecord:
-    """A frozen backbone as trained: its weights by content (never a path of the machine that
-    exported it) and the preprocessing its embeddings were made with."""
+    """A frozen backbone as trained: its weights by content, where they were found, where they
+    come from, and the preprocessing its embeddings were made with."""
 
     name: str
-    weights_identity: str  # 'none' (seeded random weights) or 'sha256:<hex>'
+    weights_identity: str  # 'none' (seeded random weights) or 'sha256:<hex>': decides
     weights_name: str  # the file name trained with: a hint for finding it, identity decides
     preprocessing: str  # a mode of backbones.PREPROCESSING
+    # the absolute path the weights were read at in training: predict looks there first (a
+    # hint: a file there is used only if its sha256 is the identity; '' for random weights)
+    weights_hint: str = ""
+    # 'random' (seeded random weights: a demo, meaningless on real images), 'keras' (Keras' own
+    # ImageNet file: may be downloaded) or 'file' (the user's own file: never downloaded)
+    weights_origin: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.weights_origin:  # derived where a caller does not say
+            object.__setattr__(self, "weights_origin",
+                               RANDOM if self.weights_identity == "none" else "file")
 
     @classmethod
-    def of(cls, name: str, weights_identity: str, weights_name: str = "") -> BackboneRecord:
+    def of(cls, name: str, weights_identity: str, weights_name: str = "",
+           weights_hint: str = "", weights_origin: str = "") -> BackboneRecord:
         """The record of a backbone as the registry defines it now (at export)."""
-        return cls(name, weights_identity, weights_name, get_spec(name).preprocessing)
+        return cls(name, weights_identity, weights_name, get_spec(name).preprocessing,
+                   weights_hint, weights_origin)
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights_origin == RANDOM
 
     def check(self, where: str, index: int) -> None:
         key = f"backbones[{index}]"
@@ -90,8 +109,16 @@ class BackboneRecord:
         if not (identity == "none" or (len(digest) == 64 and set(digest) <= set(HEX))):
             raise _problem(where, f"{key}.weights_identity", "'none' or 'sha256:<64 hex digits>'",
                            identity)
-        if not isinstance(self.weights_name, str):
-            raise _problem(where, f"{key}.weights_name", "a file name (or '')", self.weights_name)
+        for field_name in ("weights_name", "weights_hint"):
+            if not isinstance(getattr(self, field_name), str):
+                raise _problem(where, f"{key}.{field_name}", "a string (or '')",
+                               getattr(self, field_name))
+        if self.weights_origin not in WEIGHTS_ORIGINS:
+            raise _problem(where, f"{key}.weights_origin", f"one of {list(WEIGHTS_ORIGINS)}",
+                           self.weights_origin)
+        if (identity == "none") != (self.weights_origin == RANDOM):
+            raise _problem(where, f"{key}.weights_origin", f"'{RANDOM}' exactly when "
+                           "weights_identity is 'none'", self.weights_origin)
         if self.preprocessing not in PREPROCESSING:
             raise _problem(where, f"{key}.preprocessing", f"one of {sorted(PREPROCESSING)}",
                            self.preprocessing)
@@ -168,6 +195,12 @@ class BundleSpec:
     @property
     def takes_images(self) -> bool:
         return get_family(self.family).input == IMAGES
+
+    @property
+    def random_backbones(self) -> list[str]:
+        """The backbones on seeded random weights (a demo's): on real images its predictions
+        mean nothing."""
+        return [b.name for b in self.backbones if b.random_weights]
 
     # ---- bundle.json: the one writer and the one reader ---------------------------------------
 
@@ -369,12 +402,15 @@ class Bundle:
         return decide(proba, points, policy)
 
 
-def load_bundle(model: str | Path, weights_dirs: Sequence[str | Path] = ()) -> Bundle:
+def load_bundle(model: str | Path, weights_dirs: Sequence[str | Path] = (),
+                warn_random: bool = True) -> Bundle:
     """Load OUT/model (a folder or an ``s3://`` URI), checked against what it claims.
 
-    Each backbone's weights are found by their recorded identity (sha256) in ``weights_dirs``,
-    $DERMRAY_WEIGHTS_DIR or the Keras cache, or downloaded from Keras where they are its ImageNet
-    file; a file with another hash is never used.
+    Each backbone's weights are found by their recorded identity (sha256): where training read
+    them (the recorded hint), in ``weights_dirs``, $DERMRAY_WEIGHTS_DIR or the Keras cache, or
+    downloaded from Keras where they are its own ImageNet file; a file with another hash is never
+    used. ``warn_random``: warn (once, here) that a bundle on random weights predicts nothing
+    meaningful on real images (a Ray actor loading it again passes False).
     """
     directory = Path(model)
     if storage.is_remote(model):
@@ -385,9 +421,15 @@ def load_bundle(model: str | Path, weights_dirs: Sequence[str | Path] = ()) -> B
     where = storage.display(model)
     spec = read_spec(directory, where)
     weights = {b.name: find_weights(b.name, b.weights_identity, b.weights_name,
-                                    [*weights_dirs]) for b in spec.backbones}
+                                    [*weights_dirs], hint=b.weights_hint,
+                                    origin=b.weights_origin) for b in spec.backbones}
     head = load_head(spec.family, directory / "head")
     check_head(spec, head, where)
+    if warn_random and spec.random_backbones:
+        logger.warning("the model %s runs its backbone(s) %s on seeded random weights "
+                       "(weights: none, as the demo trains): its predictions on real images "
+                       "are meaningless. Train with ImageNet weights for real use.", where,
+                       ", ".join(spec.random_backbones))
     return Bundle(spec=spec, head=head, directory=directory, weights=weights)
 
 

@@ -150,6 +150,24 @@ def policy_lines(policies: dict[str, Any] | None,
     return lines
 
 
+WEIGHTS_WORDS = {"keras": "Keras' own ImageNet weights", "file": "a weights file of its own"}
+
+
+def weights_lines(bundle: BundleSpec) -> list[str]:
+    """The model card's backbone weights: by identity and origin; random weights said loudly."""
+    if not bundle.backbones:
+        return []
+    lines = ["## Backbone weights"]
+    if bundle.random_backbones:
+        names = ", ".join(bundle.random_backbones)
+        lines += [(f"**Random weights**: {names} ran on seeded random weights (weights: none, "
+                   "as the demo trains). The figures below are of that toy setting; on real "
+                   "images this model's predictions are meaningless."), ""]
+    lines += [f"- {b.name}: {WEIGHTS_WORDS[b.weights_origin]} `{b.weights_name}` "
+              f"({b.weights_identity})" for b in bundle.backbones if not b.random_weights]
+    return [*lines, ""] if lines[-1] else lines
+
+
 def model_card(bundle: BundleSpec, extract_record: dict[str, Any]) -> str:
     """model_card.md of a bundle: intended use, data and split, metrics per class and per
     policy, and the limits a user must know."""
@@ -172,7 +190,7 @@ def model_card(bundle: BundleSpec, extract_record: dict[str, Any]) -> str:
         f"{bundle.image_size}x{bundle.image_size} pixels; backbones: "
         f"{', '.join(b.name for b in bundle.backbones) or 'fine-tuned CNN'}; "
         f"test-time views: {bundle.tta_views}; augmentation: {ext.get('augment', 'n/a')}."),
-        "", "## Test metrics (argmax)",
+        "", *weights_lines(bundle), "## Test metrics (argmax)",
         (f"accuracy {test['accuracy']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, "
         f"macro-F1 {test['macro_f1']:.3f} on {test['n']} images."), "",
         "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |",

@@ -27,7 +27,14 @@ from dermray.data.catalog import frame_hash, read_manifest
 from dermray.errors import DermrayError
 from dermray.io import faults, storage
 from dermray.io.fingerprint import claim, make, versions
-from dermray.models.backbones import FrozenExtractor, limit_threads, weights_identity, weights_name
+from dermray.models.backbones import (
+    FrozenExtractor,
+    limit_threads,
+    weights_hint,
+    weights_identity,
+    weights_name,
+    weights_origin,
+)
 from dermray.models.embeddings import (
     backbone_dir,
     content_name,
@@ -272,6 +279,20 @@ def claim_outputs(cfg: ExtractConfig, manifest: pd.DataFrame, identities: dict[s
                    {**inputs, "weights": identities[name]}, OUTPUT_PACKAGES), fresh, root=cfg.out)
 
 
+def weights_record(weights: dict[str, str | None],
+                   identities: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """What extract_run.json says of each backbone's weights (``weights``: backbone -> as
+    configured): their identity (sha256 or 'none'), file name, the absolute path they were read
+    at (a bundle's first place to look) and their origin (random, Keras' own ImageNet file, which
+    predict may download, or the user's file, which it never downloads)."""
+    identities = identities or {b: weights_identity(w, b) for b, w in weights.items()}
+    hints = {b: weights_hint(w, b) for b, w in weights.items()}
+    return {"weights": identities,
+            "weights_names": {b: weights_name(w, b) for b, w in weights.items()},
+            "weights_hints": hints,
+            "weights_origins": {b: weights_origin(b, identities[b], hints[b]) for b in weights}}
+
+
 def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
     """Plan, run the Ray Data job over the pending views, reconcile, write the run record."""
     import ray
@@ -331,8 +352,7 @@ def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
     record = {
         "config": config_to_dict(cfg),
         "versions": _library_versions(),
-        "weights": identities,
-        "weights_names": {b: weights_name(cfg.weights_for(b), b) for b in backbones},
+        **weights_record({b: cfg.weights_for(b) for b in backbones}, identities),
         "cwd": os.getcwd(),  # what relative weights paths above are relative to
         "views_planned": len(plan),
         "views_pending_at_start": len(pending),

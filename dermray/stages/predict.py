@@ -70,7 +70,8 @@ class Predictor:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
             model = self._tmp
-        self.bundle = load_bundle(model, weights_dirs=weights_dirs)
+        # the driver warned already if the weights are random: not once more per actor
+        self.bundle = load_bundle(model, weights_dirs=weights_dirs, warn_random=False)
         self.policy, self.metadata = policy, metadata
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ from dermray.models.heads import ACTIVATIONS, EMBEDDINGS, IMAGES, FamilySpec, ge
 from dermray.report.evaluate import metrics
 from dermray.stages.progress import tune_callback_base, tune_callbacks
 from dermray.stages.raysession import ensure_ray, keep_credentials_out_of_tune
+from dermray.stages.tracking import hparams_logger
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,9 @@ def train_head(config: dict[str, Any], data: dict[str, Any], cfg: SearchConfig,
     head = spec.head_class(**spec.head_params(config, cfg, has_gpu=bool(ray.get_gpu_ids())))
     tags = {"family": spec.name, "features": key}
 
-    def progress(iteration: int, proba: np.ndarray) -> None:
-        tune.report({**val_metrics(y_val, proba), **tags})
+    def progress(iteration: int, proba: np.ndarray, train_loss: float | None = None) -> None:
+        train = {} if train_loss is None else {"train_loss": train_loss}
+        tune.report({**val_metrics(y_val, proba), **train, **tags})
 
     head.fit(X_train, y_train, eval_set=(X_val, y_val),
              progress=progress if spec.iterative else None)
@@ -199,7 +201,8 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
                                   storage_filesystem=filesystem,
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   # our progress lines (and MLflow) replace Tune's own output
-                                  callbacks=[*tune_callbacks(cfg), TrialFaults()], verbose=0),
+                                  callbacks=[*tune_callbacks(cfg), TrialFaults(),
+                                             *hparams_logger(cfg)], verbose=0),
     )
 
 

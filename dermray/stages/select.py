@@ -19,6 +19,7 @@ from dermray.data.catalog import read_manifest
 from dermray.domain import CLASSES
 from dermray.errors import DermrayError
 from dermray.io import storage
+from dermray.models.backbones import weights_origin
 from dermray.models.bundle import BUNDLE_FILE, BackboneRecord, BundleSpec
 from dermray.models.features import parse_features
 from dermray.models.heads import IMAGES, get_family, param_prefixes
@@ -122,15 +123,25 @@ def bundle_spec(row: pd.Series, cfg: SearchConfig, extract_record: dict[str, Any
             raise DermrayError(f"{storage.display(storage.join(cfg.out, 'extract_run.json'))} "
                                f"does not record the extraction of {', '.join(missing or names)}"
                                ": run `dermray extract` again before exporting.")
-        backbones = [BackboneRecord.of(n, extract_record["weights"][n],
-                                       extract_record.get("weights_names", {}).get(n, ""))
-                     for n in names]
+        backbones = [backbone_record(n, extract_record) for n in names]
         image_size = ext["image_size"]
     return BundleSpec(family=row["family"], features=row["features"],
                       params=json.loads(row["params"]), trial_id=row["trial_id"],
                       backbones=tuple(backbones), image_size=image_size,
                       tta_views=ext.get("tta_views", 0), seed=ext.get("seed", 0),
                       metrics=metrics, operating_points=operating_points)
+
+
+def backbone_record(name: str, extract_record: dict[str, Any]) -> BackboneRecord:
+    """A backbone as the extraction read it: its weights' identity, file name, the path they
+    were read at (a hint) and their origin (an older record without these: none, and the origin
+    from the identity)."""
+    identity = extract_record["weights"][name]
+    hint = extract_record.get("weights_hints", {}).get(name, "")
+    origin = (extract_record.get("weights_origins", {}).get(name)
+              or weights_origin(name, identity, hint))
+    return BackboneRecord.of(name, identity, extract_record.get("weights_names", {}).get(name, ""),
+                             hint, origin)
 
 
 def export_bundle(head, row: pd.Series, cfg: SearchConfig, extract_record: dict[str, Any],

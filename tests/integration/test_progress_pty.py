@@ -1,7 +1,8 @@
 """A tiny `dermray search` (on a copy of the session's embeddings, on the session's Ray) with its
 progress written to a pseudo-terminal and MLflow tracking to a local file store: the progress
 lines appear with their counts, each trial is an MLflow run with its parameters and metrics, and
-the winner's run holds the exported bundle."""
+the winner's run holds the exported bundle as an MLflow pyfunc model that predicts as `dermray
+predict` does."""
 
 from __future__ import annotations
 
@@ -122,8 +123,34 @@ def test_mlflow_runs_with_params_metrics_and_the_winners_bundle(tiny_search):
         result["policies"]["test"]["policies"]["melanoma"]["melanoma_sensitivity"]
     winner_id = json.loads((out / "metrics.json").read_text())["trial_id"]
     assert winners[0].data.tags["trial_name"].endswith(winner_id)
-    files = {f.path for f in client.list_artifacts(winners[0].info.run_id, "model")}
-    assert {"model/bundle.json", "model/model_card.md", "model/head"} <= files
-    local = client.download_artifacts(winners[0].info.run_id, "model/bundle.json")
+    run_id = winners[0].info.run_id
+    files = {f.path for f in client.list_artifacts(run_id, "model/artifacts/bundle")}
+    assert {f"model/artifacts/bundle/{f}" for f in ("bundle.json", "model_card.md", "head")} <= files
+    local = client.download_artifacts(run_id, "model/artifacts/bundle/bundle.json")
     bundle = json.loads(Path(local).read_text())
     assert bundle["trial_id"] == winner_id
+
+
+def test_the_winner_loads_as_an_mlflow_pyfunc_model_and_predicts_as_dermray(tiny_search,
+                                                                           tmp_path):
+    """An MLflow user's first call on the winner gives `dermray predict`'s rows."""
+    mlflow = pytest.importorskip("mlflow")
+    import pandas as pd
+
+    out, mlruns, _ = tiny_search
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    paths = [str(p) for p in manifest.query("split == 'test'")["path"].head(3)]
+    mlflow.set_tracking_uri(mlruns.as_uri())
+    run = mlflow.search_runs(experiment_names=["dermray-pty"],
+                             filter_string="tags.`dermray.winner` = 'true'")
+    model = mlflow.pyfunc.load_model(f"runs:/{run['run_id'].iloc[0]}/model")
+    got = model.predict(pd.DataFrame({"path": paths}), params={"policy": "melanoma"})
+    csv = tmp_path / "pred.csv"
+    assert main(["predict", "--model", str(out / "model"), "--no-ray", "--policy", "melanoma",
+                 "--out", str(csv), *paths]) == 0
+    want = pd.read_csv(csv)
+    assert list(got.columns) == list(want.columns)
+    assert got["path"].tolist() == want["path"].tolist()
+    assert got["dx"].tolist() == want["dx"].tolist()
+    probs = [c for c in want.columns if c.startswith("p_")]
+    assert (got[probs] - want[probs]).abs().to_numpy().max() < 1e-5  # the CSV's 5 decimals

@@ -79,7 +79,7 @@ def test_the_spec_round_trips_and_records_every_file(exported):
     assert bundle.spec == spec
     assert bundle.spec.backbones[0].preprocessing == "caffe"  # from the registry, at export
     body = json.loads((root / BUNDLE_FILE).read_text())
-    assert body["format"] == 3 and "preprocessing" not in body  # only per backbone now
+    assert body["format"] == 4 and "preprocessing" not in body  # only per backbone now
     assert sorted(body["files"]) == ["head/logistic.npz", "head/params.json", "model_card.md"]
     assert all(v.startswith("sha256:") and len(v) == 71 for v in body["files"].values())
 
@@ -125,8 +125,13 @@ BAD = [
     (set_backbone("preprocessing", "torch"), "'backbones\\[0\\].preprocessing' must be one of"),
     (set_backbone("weights_identity", "unknown"), "'backbones\\[0\\].weights_identity'"),
     (set_backbone("name", "alexnet"), "'backbones\\[0\\].name' must be one of"),
+    (set_backbone("weights_origin", "cloud"), "'backbones\\[0\\].weights_origin' must be one of"),
+    # random weights cannot pass for Keras' (a demo bundle must not lose its warning)
+    (set_backbone("weights_origin", "keras"),
+     "'backbones\\[0\\].weights_origin' must be 'random' exactly when"),
+    (set_backbone("weights_hint", 3), "'backbones\\[0\\].weights_hint' must be a string"),
     (lambda body: body.pop("seed"), "'seed' must be present"),
-    (set_key("format", 2), "is bundle format 2; this dermray reads format 3"),
+    (set_key("format", 2), "is bundle format 2; this dermray reads format 4"),
 ]
 
 

@@ -24,11 +24,14 @@ def test_beats_chance_round_trips_and_averages_flips(tmp_path):
     Xv, yv = _separable(70, seed=1)
     reported = []
     head = CachedFinetuneHead(weights="none", epochs=2, learning_rate=1e-3, batch_size=35)
-    head.fit(X, y, eval_set=(Xv, yv), progress=lambda epoch, p: reported.append(p))
+    head.fit(X, y, eval_set=(Xv, yv), progress=lambda epoch, p, **train: reported.append((p, train)))
     proba = head.predict_proba(Xv)
     assert proba.shape == (70, 7) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
     assert (proba.argmax(axis=1) == yv).mean() > 0.5  # chance: 1/7
-    assert len(reported) == 2 and reported[-1].shape == (70, 7)  # one report per epoch
+    assert len(reported) == 2 and reported[-1][0].shape == (70, 7)  # one report per epoch
+    # with the epoch's training loss (TensorBoard's training curve)
+    assert all(np.isfinite(train["train_loss"]) and train["train_loss"] > 0
+               for _, train in reported)
     head.save(tmp_path)
     loaded = CachedFinetuneHead.load(tmp_path)
     assert loaded.tta and loaded.n_features_in_ == 8192

@@ -25,9 +25,10 @@ def blobs(n_per_class=30, dim=16, seed=0):
 def test_head_learns_and_round_trips(family, tmp_path):
     X, y = blobs()
     Xv, yv = X + np.random.default_rng(2).normal(0, 0.5, X.shape).astype(np.float32), y
-    seen = []
+    seen, train = [], []
     head = make_head(family, PARAMS[family])
-    assert head.fit(X, y, eval_set=(Xv, yv), progress=lambda i, p: seen.append(p.shape)) is head
+    assert head.fit(X, y, eval_set=(Xv, yv), progress=lambda i, p, **figures: (
+        seen.append(p.shape), train.append(figures))) is head
     proba = head.predict_proba(Xv)
     assert proba.shape == (len(Xv), 7)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
@@ -35,6 +36,8 @@ def test_head_learns_and_round_trips(family, tmp_path):
     assert list(head.classes_) == list(range(7))
     if family != "logistic":
         assert seen and seen[0] == (len(Xv), 7)
+    if family == "mlp":  # a Keras head: the epoch's training loss with each report
+        assert all(f["train_loss"] > 0 for f in train) and len(train) == len(seen)
     head.save(tmp_path / "h")
     assert not list((tmp_path / "h").glob("*.pkl"))
     again = load_head(family, tmp_path / "h")

@@ -1,6 +1,8 @@
 """The winner's bundle to MLflow, without Ray: into the winning trial's run (found by Tune's
 trial name), into a run of its own when the trial was not tracked, and a tracking failure is a
-warning that loses nothing."""
+warning that loses nothing. The bundle is an MLflow pyfunc model: loaded from a file store with
+``mlflow.pyfunc.load_model('runs:/<run>/model')``, its ``predict`` on a DataFrame of image paths
+gives the rows of `dermray predict`'s local path (issue 20)."""
 
 from __future__ import annotations
 
@@ -9,23 +11,42 @@ import logging
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
 
+from dermray.data.synth import render_lesion
+from dermray.domain import CLASSES
+from dermray.models.bundle import BackboneRecord, BundleSpec, expected_inputs, load_bundle
+from dermray.models.heads import make_head
+from dermray.models.policies import fit_operating_points
+from dermray.models.predict_io import predict_files
 from dermray.stages import tracking
 
 pytest.importorskip("mlflow")
+SIZE = 32
 
 
 def config(uri: str = "") -> SimpleNamespace:
     return SimpleNamespace(mlflow_tracking_uri=uri, experiment="heads", out="out")
 
 
-@pytest.fixture
-def bundle(tmp_path):
-    folder = tmp_path / "model"
-    (folder / "head").mkdir(parents=True)
-    (folder / "bundle.json").write_text('{"trial_id": "abc123"}')
-    (folder / "head" / "weights.npz").write_bytes(b"\0" * 10)
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A logistic bundle on vgg19 (seeded random weights) with operating points, as exported."""
+    folder = tmp_path_factory.mktemp("out") / "model"
+    spec = BundleSpec(family="logistic", features="vgg19", image_size=SIZE, tta_views=0, seed=0,
+                      backbones=(BackboneRecord.of("vgg19", "none"),), params={},
+                      trial_id="abc123", metrics={})
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(len(CLASSES)), 10)
+    X = rng.normal(size=(len(y), expected_inputs(spec))) + y[:, None] * 0.05
+    head = make_head("logistic", {"C": 1.0}).fit(X, y)
+    points = fit_operating_points(head.predict_proba(X), y, np.bincount(y) / len(y),
+                                  {"melanoma_target": 0.9})
+    head.save(folder / "head")
+    BundleSpec(**{**spec.__dict__, "operating_points": points}).write(folder)
     return folder
 
 
@@ -61,7 +82,9 @@ def test_the_winners_run_gets_the_bundle_and_the_tag(tmp_path, bundle):
     assert client.get_run(run_id).data.tags[tracking.WINNER_TAG] == "true"
     assert tracking.WINNER_TAG not in client.get_run(runs["def456"]).data.tags
     files = {f.path for f in client.list_artifacts(run_id, "model")}
-    assert files == {"model/bundle.json", "model/head"}
+    assert {"model/MLmodel", "model/artifacts"} <= files
+    assert {f.path for f in client.list_artifacts(run_id, "model/artifacts/bundle")} == {
+        "model/artifacts/bundle/bundle.json", "model/artifacts/bundle/head"}
     points = client.download_artifacts(run_id, "operating_points.json", str(tmp_path))
     assert json.loads(Path(points).read_text())["policies"]["melanoma"]["threshold"] == 0.2
     # a trial the search did not track (resumed from before tracking was on): a run of its own
@@ -88,3 +111,29 @@ def test_trial_metrics_are_dermrays_own_not_rays_bookkeeping():
               "node_ip": "127.0.0.1"}
     assert tracking.own_metrics(result) == {"val_accuracy": 0.8, "val_log_loss": 0.5,
                                             "train_loss": 1.2}
+
+
+def test_the_logged_model_loads_with_pyfunc_and_predicts_dermrays_rows(tmp_path, bundle):
+    """An MLflow user's path: load_model('runs:/<run>/model'), predict on a DataFrame of paths
+    (one unreadable), with a policy; the rows are those of predict_io's local loop (the one
+    `dermray predict` runs), the unreadable file skipped as there."""
+    import mlflow
+
+    cfg = config((tmp_path / "mlruns").as_uri())
+    tracking._prepare(cfg.mlflow_tracking_uri)
+    run_id = tracking.log_winner_bundle(cfg, "abc123", str(bundle))
+    paths = []
+    for i, dx in enumerate(CLASSES[:4]):
+        paths.append(tmp_path / f"ISIC_{i}.png")
+        Image.fromarray(np.asarray(render_lesion(dx, i, i + 1, (SIZE, SIZE)))).save(paths[-1])
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    paths = [str(p) for p in [*paths[:2], tmp_path / "broken.jpg", *paths[2:]]]
+    mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    got = model.predict(pd.DataFrame({"path": paths}), params={"policy": "melanoma"})
+    local = load_bundle(bundle)
+    local._embedder = model.unwrap_python_model().bundle.embedder()  # one network build
+    want, problems = predict_files(local, paths, policy="melanoma")
+    assert len(problems) == 1 and len(got) == 4
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want)
+    assert set(got["policy"]) == {"melanoma"}

@@ -18,9 +18,10 @@ from dermray.domain import CLASSES
 from dermray.errors import DermrayError
 
 N_CLASSES = len(CLASSES)
-# called after each iteration of iterative heads with (iteration, val_proba); the search
-# stage reports to Ray Tune from here (and ASHA may stop the trial)
-ProgressFn = Callable[[int, np.ndarray], None]
+# called after each iteration of iterative heads with (iteration, val_proba), and by heads that
+# train by epochs with the epoch's training loss as ``train_loss=`` too; the search stage
+# reports to Ray Tune from here (and ASHA may stop the trial)
+ProgressFn = Callable[..., None]
 
 
 class HeadError(DermrayError):

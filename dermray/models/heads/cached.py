@@ -211,7 +211,9 @@ def extraction_weights(out: str, backbone: str) -> str:
     if os.path.isfile(local):
         return local
     return find_weights(backbone, record.get("weights", {}).get(backbone, "none"),
-                        record.get("weights_names", {}).get(backbone, ""))
+                        record.get("weights_names", {}).get(backbone, ""),
+                        hint=record.get("weights_hints", {}).get(backbone, ""),
+                        origin=record.get("weights_origins", {}).get(backbone, ""))
 
 
 def _fixed(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:

@@ -38,8 +38,13 @@ class KerasHead(Head):
             validation = (self._inputs(eval_set[0]), np.asarray(eval_set[1]))
             callbacks.append(self.early_stopping())
         if progress is not None and eval_set is not None:
-            callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: progress(
-                epoch + 1, self._proba(model, validation[0]))))
+            def epoch_end(epoch: int, logs: dict | None) -> None:
+                # the epoch's training loss (Keras' mean over its batches) beside the validation
+                # probabilities: the training curve in TensorBoard and MLflow
+                train = {"train_loss": float(logs["loss"])} if logs and "loss" in logs else {}
+                progress(epoch + 1, self._proba(model, validation[0]), **train)
+
+            callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=epoch_end))
         model.fit(self._inputs(X), np.asarray(y), epochs=self.epochs, batch_size=self.batch_size,
                   validation_data=validation, callbacks=callbacks, verbose=0,
                   class_weight=class_weights(np.asarray(y), self.class_weight))
