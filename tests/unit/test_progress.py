@@ -30,11 +30,16 @@ def out(monkeypatch):
     progress.set_mode("auto")
 
 
-def screen(stream: io.StringIO) -> list[str]:
-    """What a terminal shows: each line's text after its last in-place redraw."""
-    lines = []
+def screen(stream: io.StringIO, join: bool = True) -> list[str]:
+    """What a terminal shows: each line's text after its last in-place redraw; a permanent line
+    wrapped to the width (continuation lines indented) joined back into one (``join``)."""
+    lines: list[str] = []
     for raw in stream.getvalue().split("\n"):
-        lines.append(raw.split("\r")[-1].replace("\x1b[2K", ""))
+        text = raw.split("\r")[-1].replace("\x1b[2K", "")
+        if join and text.startswith("    ") and lines:
+            lines[-1] += " " + text.strip()
+        else:
+            lines.append(text)
     return [ln for ln in lines if ln]
 
 
