@@ -51,8 +51,8 @@ def run_summary(result: Mapping[str, Any]) -> list[str]:
              f"{_num(win.get('test_balanced_accuracy'))})")]
     rows = policy_rows(result.get("policies") or {})
     if rows:
-        lines.append("  per decision policy (chosen on val; `dermray predict --policy NAME`):")
-        lines += table(["policy", *(c for c, _, _ in COLUMNS)], rows, indent="    ")
+        lines.append("  decision policies (chosen on val; `dermray predict --policy NAME`):")
+        lines += table(["policy", *(c for c, _, _ in COLUMNS)], rows, indent="  ")
     paths = [("report", result.get("report_html")), ("model", result.get("model")),
              ("trials", result.get("trials")), ("logs", result.get("logs"))]
     lines += [f"{name + ':':8}{path}" for name, path in paths if path]
