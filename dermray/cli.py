@@ -117,8 +117,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_split(args: argparse.Namespace) -> int:
 
     cfg = _data_config(args)
-    console.log_to(cfg.out)  # OUT made (or refused with a message) before anything runs
+    console.check_out(cfg.out)  # OUT made (or refused with a message) before anything runs
     with hold(cfg.out, "dermray data split"):
+        console.log_to(cfg.out)
         path, manifest = run_split(cfg, fresh=args.fresh)
 
     print(split_summary(manifest).to_string())
@@ -145,11 +146,12 @@ def _before_ray(args: argparse.Namespace, out: str,
                 check_packages: Callable[[], None]) -> None:
     """Before a stage starts Ray: the progress mode from --quiet / -v, the packages it needs (a
     missing one is a message with the install command, not a traceback from an actor minutes
-    later), and OUT: made, writable, and from now on the home of the other libraries' logs."""
+    later), and OUT: made and writable (a message otherwise). Once OUT's lock is held, its log
+    file takes the other libraries' logs (``console.log_to``)."""
 
     set_mode(mode_from_flags(args.quiet, args.verbose))
     check_packages()
-    console.log_to(out)
+    console.check_out(out)
 
 
 def _print_result(result: dict[str, Any]) -> None:
@@ -168,6 +170,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     cfg = preflight(args)["extract"]
     _before_ray(args, cfg.out, lambda: require_all(extract_needs()))
     with hold(cfg.out, "dermray extract"):
+        console.log_to(cfg.out)
         record = run_extract(cfg, fresh=args.fresh)
     print(json.dumps({k: record[k] for k in ("rows", "quarantined", "wall_s", "images_per_s",
                                              "embeddings")}, indent=2))
@@ -179,6 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     preflight(args)
     _before_ray(args, args.out, lambda: check_run(args.config, args.out))
     with hold(args.out, "dermray run"):
+        console.log_to(args.out)
         result = run_pipeline(args.config, args.out, fresh=args.fresh)
     _print_result(result)
     return 0
@@ -192,6 +196,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     _before_ray(args, args.out, lambda: check_stages(args.config, ["search"], args.out,
                                                      overrides))
     with hold(args.out, "dermray search"):
+        console.log_to(args.out)
         result = run_search_stage(args.config, args.out,
                                   args.manifest or join(args.out, "manifest.parquet"), overrides,
                                   fresh=args.fresh)

@@ -171,18 +171,28 @@ def log_file_for(out: str) -> Path:
     return Path(out).expanduser() / LOG_DIR / LOG_NAME
 
 
-def log_to(out: str) -> Path:
-    """Send every log record to OUT's log file from now on (appended; one header line per
-    command). OUT is made here: one that cannot be made or written to is a message."""
-    global _file_handler
-    path = log_file_for(out)
+def _open(out: str, path: Path) -> logging.FileHandler:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path, encoding="utf-8")
+        return logging.FileHandler(path, encoding="utf-8")
     except OSError as exc:
         raise DermrayError(f"Cannot write to the output folder {storage.display(out)} "
                            f"({exc.strerror or exc}: {path.parent}). Choose an --out you can "
                            "write to.") from None
+
+
+def check_out(out: str) -> None:
+    """OUT made and its log file writable, before any work (and before Ray starts): a folder
+    that cannot be made or written to is a message. Nothing is written to the file."""
+    _open(out, log_file_for(out)).close()
+
+
+def log_to(out: str) -> Path:
+    """Send every log record to OUT's log file from now on (appended; one header line per
+    command); call it once OUT's lock is held. An OUT that cannot be written is a message."""
+    global _file_handler
+    path = log_file_for(out)
+    handler = _open(out, path)
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
