@@ -12,6 +12,10 @@ The levers, each where its library reads it:
 - Output of Ray's worker processes: ``ray.init(log_to_driver=False)`` (``raysession``).
 - TensorFlow's C++ logs (also absl's): ``TF_CPP_MIN_LOG_LEVEL`` set before TensorFlow is imported,
   in this process and so in the workers of a local Ray, which inherit its environment.
+- What C++ code writes to this process's stderr (Ray's core worker sends its ERROR lines there
+  unconditionally, e.g. ``core_worker.cc``; TensorFlow's C++ logs): where stderr is a terminal,
+  file descriptor 2 is pointed at the log file while a command runs, and Python's
+  ``sys.stderr`` (dermray's messages) at the terminal (``log_to``).
 - Ray Data's progress bars: ``DataContext.enable_progress_bars`` (dermray shows its own).
 - Tune's experiment table and its TensorBoard hint: Tune's classic output, silent at verbose=0.
 
@@ -41,6 +45,7 @@ FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _verbose = False
 _file_handler: logging.FileHandler | None = None
+_stderr_swap: tuple[int, object, object] | None = None  # (the terminal's fd, old, new sys.stderr)
 
 
 def is_own(record: logging.LogRecord) -> bool:
@@ -150,6 +155,7 @@ def session(verbose: bool = False) -> Iterator[None]:
     try:
         yield
     finally:
+        _restore_stderr()
         logging.captureWarnings(False)
         if _file_handler is not None:
             root.removeHandler(_file_handler)
@@ -201,11 +207,55 @@ def log_to(out: str) -> Path:
         _file_handler.close()
     _file_handler = handler
     root.addHandler(handler)
+    if not _verbose:
+        _stderr_to(handler)
     # the command that starts here, in the file only
     handler.handle(logging.LogRecord(__name__, logging.INFO, __file__, 0, "dermray %s (pid %d, %s)",
                                      (" ".join(storage.redact(a) for a in sys.argv[1:]),
                                       os.getpid(), time.strftime("%Y-%m-%dT%H:%M:%S%z")), None))
     return path
+
+
+def _stderr_to(handler: logging.FileHandler) -> None:
+    """File descriptor 2 (what C++ libraries write to) into the log file, where it is a
+    terminal; Python's ``sys.stderr`` stays on the terminal (a copy of the old fd 2) when it
+    wrote to fd 2. Undone when the session ends."""
+    global _stderr_swap
+    if _stderr_swap is not None or handler.stream is None:
+        return
+    try:
+        if not os.isatty(2):
+            return
+        sys.stderr.flush()
+        writes_to_2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a replaced stream without a descriptor
+        writes_to_2 = False
+    terminal = os.dup(2)
+    old = sys.stderr
+    new = old
+    if writes_to_2:
+        new = os.fdopen(os.dup(terminal), "w", buffering=1, encoding=getattr(
+            old, "encoding", None) or "utf-8", errors="backslashreplace")
+        sys.stderr = new
+    os.dup2(handler.stream.fileno(), 2)
+    _stderr_swap = (terminal, old, new)
+
+
+def _restore_stderr() -> None:
+    global _stderr_swap
+    if _stderr_swap is None:
+        return
+    terminal, old, new = _stderr_swap
+    _stderr_swap = None
+    try:
+        new.flush()  # type: ignore[attr-defined]
+    except (OSError, ValueError):
+        pass
+    os.dup2(terminal, 2)
+    os.close(terminal)
+    if new is not old:
+        sys.stderr = old
+        new.close()  # type: ignore[attr-defined]
 
 
 def current_log_file() -> str:

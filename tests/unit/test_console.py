@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import pty
+import select
 import sys
 from types import SimpleNamespace
 
@@ -101,3 +104,41 @@ def test_the_closing_summary_names_the_winner_policies_paths_and_next_commands()
     assert "dermray predict --model /runs/a/model" in text
     assert "dermray report /runs/a" in text and "tensorboard --logdir /runs/a/tune" in text
     assert all(len(ln) <= 79 for ln in lines)
+
+
+def test_what_cpp_code_writes_to_a_terminal_stderr_goes_to_the_log_file(tmp_path):
+    """Ray's core worker writes its ERROR lines to fd 2 itself, past Python's logging: with fd 2
+    on a terminal, they land in OUT/logs; dermray's own lines still reach the terminal."""
+    master, slave = pty.openpty()
+    sys.stderr.flush()
+    saved, saved_stream = os.dup(2), sys.stderr
+    os.dup2(slave, 2)
+    sys.stderr = os.fdopen(os.dup(2), "w", buffering=1)  # Python's stderr on fd 2's terminal
+    try:
+        with console.session(verbose=False):
+            path = console.log_to(str(tmp_path / "out"))
+            os.write(2, b"[2026-12-03 04:57:21,864 E 1 2] core_worker.cc:123: constructor\n")
+            logging.getLogger("dermray.x").warning("one of ours")
+            print("error: also ours", file=sys.stderr)
+        os.write(2, b"after the session\n")  # fd 2 is the terminal again
+    finally:
+        sys.stderr.close()
+        sys.stderr = saved_stream
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(slave)
+    shown = b""
+    while select.select([master], [], [], 0.2)[0]:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the slave side is closed and everything was read
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    shown_text = shown.decode()
+    assert "warning: one of ours" in shown_text and "error: also ours" in shown_text
+    assert "after the session" in shown_text
+    assert "core_worker.cc" not in shown_text
+    assert "core_worker.cc:123: constructor" in path.read_text()
