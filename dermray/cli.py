@@ -214,12 +214,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.metadata:
 
         metadata = read_metadata(args.metadata).drop_duplicates("image_id").set_index("image_id")
-    if _predict_on_ray(args):
-        return _predict_ray(args, limits, metadata)
     set_mode(mode_from_flags(args.quiet, args.verbose))
     # progress on a terminal when the rows go to a file (printed rows are their own progress)
-    shown = PredictProgress() if args.out else None
+    shown = PredictProgress() if args.out and not args.quiet else None
     try:
+        if _predict_on_ray(args):
+            return _predict_ray(args, limits, metadata, shown)
         result = run_predict_local(args.model, args.inputs, args.out, args.policy, metadata,
                                    limits, weights_dirs=args.weights_dir or (), fmt=args.format,
                                    on_problem=_warn, on_progress=shown)
@@ -251,14 +251,15 @@ def _predict_on_ray(args: argparse.Namespace) -> bool:
                                    for i in args.inputs)
 
 
-def _predict_ray(args: argparse.Namespace, limits: Any, metadata: Any) -> int:
+def _predict_ray(args: argparse.Namespace, limits: Any, metadata: Any,
+                 shown: PredictProgress | None = None) -> int:
 
     # the actors embed with TensorFlow: a missing one is a message here, not an actor's traceback
     require_all([("tensorflow", "`dermray predict --ray` embeds images with Keras on TensorFlow")])
     result = run_predict_ray(args.model, args.inputs, args.out, args.policy, metadata, limits,
                              weights_dirs=args.weights_dir or (), fmt=args.format,
                              num_actors=args.num_actors or 0,
-                             on_problem=_warn)
+                             on_problem=_warn, on_progress=shown)
     if args.out:
         print(f"wrote {result['rows']} predictions to {args.out} ({result['skipped']} file(s) "
               f"skipped; Ray Data, {result['images_per_s']} images/s)")
