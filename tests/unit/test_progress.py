@@ -265,3 +265,17 @@ def test_predict_progress_on_a_terminal_only(monkeypatch):
         bar.close()
         assert ("predict 10/10 images" in stream.getvalue()) is shown
     assert tty.getvalue().endswith("\r\x1b[2K")  # cleared when done: the CLI's line comes next
+
+
+def test_predict_drain_reports_files_done_after_each_batch(tmp_path):
+    """The local loop's (and the Ray job's) progress: files done, rows and skipped alike."""
+    from dermray.models.predict_io import PredictionWriter, drain
+
+    batches = [(pd.DataFrame({"path": ["a", "b"], "dx": ["nv", "mel"]}), []),
+               (pd.DataFrame({"path": ["c"], "dx": ["nv"]}), ["d: not an image"])]
+    seen: list[tuple[int, int]] = []
+    writer = PredictionWriter(str(tmp_path / "p.csv"))
+    with writer:
+        skipped = drain(iter(batches), writer, 4, on_progress=lambda d, t: seen.append((d, t)))
+    assert skipped == 1 and seen == [(2, 4), (4, 4)]
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 3
