@@ -32,7 +32,14 @@ from dermray.stages import console
 from dermray.stages.extract import run_extract
 from dermray.stages.pipeline import run_pipeline, run_search_stage, run_split
 from dermray.stages.predict import run_predict_ray
-from dermray.stages.progress import PredictProgress, break_status, mode_from_flags, set_mode
+from dermray.stages.progress import (
+    PredictProgress,
+    break_status,
+    mode_from_flags,
+    set_mode,
+    term_width,
+    wrap,
+)
 from dermray.stages.raysession import hide_credentials_in_cmdline, joined_cluster
 
 logger = logging.getLogger("dermray")
@@ -160,7 +167,10 @@ def _print_result(result: dict[str, Any]) -> None:
     if console.current_log_file():
         result["logs"] = console.current_log_file()
     if "winner" in result:
-        print("\n".join(run_summary(result)))
+        lines = run_summary(result)
+        if sys.stdout.isatty():  # each line within the terminal's width
+            lines = [wrap(line, term_width(sys.stdout)) for line in lines]
+        print("\n".join(lines))
     if not (sys.stdout.isatty() and "winner" in result):
         print(json.dumps(result, indent=2, default=str))
 

@@ -58,7 +58,7 @@ def run_summary(result: Mapping[str, Any]) -> list[str]:
     lines += [f"{name + ':':8}{path}" for name, path in paths if path]
     model, out = result.get("model", "OUT/model"), result.get("out", "OUT")
     lines += ["next:",
-              f"  dermray predict --model {shlex.quote(str(model))} IMAGES...",
+              f"  dermray predict --model {shlex.quote(str(model))} IMAGE_DIR",
               f"  dermray report {shlex.quote(str(out))}",
               f"  tensorboard --logdir {shlex.quote(str(result.get('tune_logs', 'OUT/tune')))}"]
     return lines

@@ -96,6 +96,8 @@ def cut(text: str, width: int) -> str:
 def wrap(text: str, width: int) -> str:
     """``text`` wrapped in lines of at most ``width - 1`` characters, continuation lines
     indented; words are not broken (a path longer than the width stays whole)."""
+    if len(text) < width:
+        return text
     return "\n".join(textwrap.wrap(text, max(20, width - 1), subsequent_indent="    ",
                                     break_long_words=False, break_on_hyphens=False)) or text
 
