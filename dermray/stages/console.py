@@ -144,6 +144,7 @@ def session(verbose: bool = False) -> Iterator[None]:
     saved = (root.level, list(root.handlers), _verbose)
     _verbose = verbose
     handler = TerminalHandler(verbose)
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
     handler.addFilter(RedactingFilter())  # no s3://KEY:SECRET@ in a log line
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -200,6 +201,9 @@ def log_to(out: str) -> Path:
     path = log_file_for(out)
     handler = _open(out, path)
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
+    # a library may set its own logger to DEBUG (Ray Data does): its records reach the root's
+    # handlers whatever the root's level, so the level is the handler's
+    handler.setLevel(logging.DEBUG if _verbose else logging.INFO)
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     if _file_handler is not None:
