@@ -96,8 +96,8 @@ def tiny_search(extracted, tmp_path_factory):
 
 
 def screen(text: str) -> list[str]:
-    """What the terminal shows, line by line: each line's text after its last in-place redraw,
-    a wrapped line's continuation (indented) joined back to it."""
+    """What the terminal showed, line by line: every line and every in-place redraw of the
+    status line (``\r``), a wrapped line's continuation (indented) joined back to it."""
     lines: list[str] = []
     for raw in text.splitlines():
         for seg in raw.split("\r"):
