@@ -225,6 +225,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         metadata = read_metadata(args.metadata).drop_duplicates("image_id").set_index("image_id")
     set_mode(mode_from_flags(args.quiet, args.verbose))
+    # TensorFlow's C++ lines (absl's, past TF_CPP_MIN_LOG_LEVEL) and Ray's: not on the terminal
+    console.log_to(None, "predict")
     # progress on a terminal when the rows go to a file (printed rows are their own progress)
     shown = PredictProgress() if args.out and not args.quiet else None
     try:

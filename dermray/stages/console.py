@@ -169,17 +169,28 @@ def session(verbose: bool = False) -> Iterator[None]:
         _verbose = saved[2]
 
 
-def log_file_for(out: str) -> Path:
-    """OUT/logs/dermray.log for a local OUT; for an s3:// OUT a local file in the temp folder
-    (appending to an object is not possible)."""
+def temp_log_dir() -> Path:
+    """This user's log folder in the temp folder, for the logs of a command without a local
+    OUT folder."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"dermray-logs-{uid}"
+
+
+def log_file_for(out: str | None, command: str = "dermray") -> Path:
+    """OUT/logs/dermray.log for a local OUT; for an s3:// OUT (appending to an object is not
+    possible) or none (``dermray predict``) a file in this user's temp log folder."""
+    if out is None:
+        return temp_log_dir() / f"{command}.log"
     if storage.is_remote(out):
         name = storage.display(out).replace("://", "_").replace("/", "_").strip("_")
-        return Path(tempfile.gettempdir()) / "dermray-logs" / f"{name}.log"
+        return temp_log_dir() / f"{name}.log"
     return Path(out).expanduser() / LOG_DIR / LOG_NAME
 
 
 def _open(out: str, path: Path) -> logging.FileHandler:
     try:
+        if path.parent == temp_log_dir():  # in a shared temp folder: this user's only
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         return logging.FileHandler(path, encoding="utf-8")
     except OSError as exc:
@@ -194,12 +205,13 @@ def check_out(out: str) -> None:
     _open(out, log_file_for(out)).close()
 
 
-def log_to(out: str) -> Path:
+def log_to(out: str | None, command: str = "dermray") -> Path:
     """Send every log record to OUT's log file from now on (appended; one header line per
-    command); call it once OUT's lock is held. An OUT that cannot be written is a message."""
+    command); call it once OUT's lock is held. An OUT that cannot be written is a message.
+    ``out`` None: a command without an OUT folder (``command``'s file in the temp folder)."""
     global _file_handler
-    path = log_file_for(out)
-    handler = _open(out, path)
+    path = log_file_for(out, command)
+    handler = _open(str(out or path.parent), path)
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
     # a library may set its own logger to DEBUG (Ray Data does): its records reach the root's
     # handlers whatever the root's level, so the level is the handler's
