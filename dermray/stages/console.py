@@ -10,12 +10,13 @@ The levers, each where its library reads it:
   logger propagates to the root instead (``route_foreign_logs``; called again after ``ray.init``
   and after Tune's imports, which add handlers of their own).
 - Output of Ray's worker processes: ``ray.init(log_to_driver=False)`` (``raysession``).
-- TensorFlow's C++ logs (also absl's): ``TF_CPP_MIN_LOG_LEVEL`` set before TensorFlow is imported,
-  in this process and so in the workers of a local Ray, which inherit its environment.
+- TensorFlow's C++ logs: ``TF_CPP_MIN_LOG_LEVEL`` set before TensorFlow is imported, in this
+  process and so in the workers of a local Ray, which inherit its environment. (TensorFlow 2.21
+  writes some lines through absl, which does not read it: "oneDNN custom operations are on".)
 - What C++ code writes to this process's stderr (Ray's core worker sends its ERROR lines there
-  unconditionally, e.g. ``core_worker.cc``; TensorFlow's C++ logs): where stderr is a terminal,
-  file descriptor 2 is pointed at the log file while a command runs, and Python's
-  ``sys.stderr`` (dermray's messages) at the terminal (``log_to``).
+  unconditionally, e.g. ``core_worker.cc``; absl's lines): where stderr is a terminal, file
+  descriptor 2 is pointed at the log file while a command runs, and Python's ``sys.stderr``
+  (dermray's messages) at the terminal (``log_to``).
 - Ray Data's progress bars: ``DataContext.enable_progress_bars`` (dermray shows its own).
 - Tune's experiment table and its TensorBoard hint: Tune's classic output, silent at verbose=0.
 
@@ -111,13 +112,10 @@ def route_foreign_logs() -> None:
             item.removeHandler(handler)
         if console:
             item.propagate = True
-    try:  # a lazily made default handler, made on optuna's first logger
-        import optuna
-
+    optuna = sys.modules.get("optuna")  # imported (by Tune's OptunaSearch): its own handler
+    if optuna is not None:
         optuna.logging.disable_default_handler()
         optuna.logging.enable_propagation()
-    except ImportError:
-        pass
 
 
 def quiet_libraries(verbose: bool) -> None:
