@@ -379,12 +379,14 @@ class SearchProgress(tune_callback_base()):
                 else f"best {self.metric} -")
         # the words of dermray.report.trials, as trials.csv and the report use them
         failed = f", {len(self.failed)} {ERROR}" if self.failed else ""
-        eta = "" if final else f"ETA {self.eta(finished)} | "
-        # the counts and the ETA first: a narrow terminal cuts the end of the line
-        return (f"search {finished}/{self.num_samples} trials: {len(self.done)} {DONE}, "
-                f"{self.running(trials)} {RUNNING}, {len(self.stopped)} {STOPPED}{failed}, "
-                f"{pending} {PENDING} | {eta}"
-                f"elapsed {duration(time.monotonic() - self.start)} | {best}")
+        counts = (f"{len(self.done)} {DONE}, {self.running(trials)} {RUNNING}, "
+                  f"{len(self.stopped)} {STOPPED}{failed}, {pending} {PENDING}")
+        elapsed = f"elapsed {duration(time.monotonic() - self.start)}"
+        if final:
+            return f"search {finished}/{self.num_samples} trials: {counts} | {elapsed} | {best}"
+        # live: what matters most first, as a narrow terminal cuts the end of the line
+        return (f"search {finished}/{self.num_samples} | ETA {self.eta(finished)} | {best} | "
+                f"{counts} | {elapsed}")
 
     def _note(self, trial: Any, result: Mapping[str, Any] | None) -> None:
         if result:

@@ -121,8 +121,8 @@ def test_search_progress_done_stopped_failed_and_best(out):
     cb.on_trial_error(0, trials, c)
     assert (cb.done, cb.stopped, cb.failed) == ({"a"}, {"b"}, {"c"})
     text = cb.status_text(trials)
-    assert re.search(r"3/5 trials: 1 done, 0 running, 1 stopped early, 1 error, 2 pending",
-                     text), text
+    assert text.startswith("search 3/5 | ETA ")
+    assert "1 done, 0 running, 1 stopped early, 1 error, 2 pending" in text, text
     assert "0.8000 (xgboost on resnet50)" in text
     cb.on_experiment_end(trials)
     shown = screen(out)
@@ -163,7 +163,8 @@ def test_a_resumed_search_counts_the_trials_that_ended_before(out):
            trial("b", "xgboost", "TERMINATED", val_accuracy=0.9),
            trial("c", "mlp", "ERROR")]
     text = cb.status_text(old)
-    assert re.search(r"3/3 trials: 1 done, 0 running, 1 stopped early, 1 error, 0 pending", text)
+    assert text.startswith("search 3/3 | ")
+    assert "1 done, 0 running, 1 stopped early, 1 error, 0 pending" in text, text
     assert "0.9000 (xgboost on resnet50)" in text
     assert not [ln for ln in screen(out) if ln.startswith("trial ")]  # no lines for old trials
 
