@@ -234,8 +234,10 @@ def predict_files(bundle: Bundle, paths: Iterable[str | Path],
 
 
 def drain(batches: Iterable[tuple[pd.DataFrame, list[str]]], writer: PredictionWriter,
-          files: int, on_problem: Callable[[str], None] | None = None) -> int:
+          files: int, on_problem: Callable[[str], None] | None = None,
+          on_progress: Callable[[int, int], None] | None = None) -> int:
     """Write every batch's rows, report every skipped file; returns how many were skipped.
+    ``on_progress(files done, files)`` after each batch.
 
     Call it inside ``with writer``: counts that do not reconcile (``files`` = rows + skipped)
     raise, and the writer then leaves nothing behind."""
@@ -245,6 +247,8 @@ def drain(batches: Iterable[tuple[pd.DataFrame, list[str]]], writer: PredictionW
         skipped += len(problems)
         for problem in problems:
             (on_problem or (lambda m: None))(problem)
+        if on_progress is not None:
+            on_progress(writer.rows + skipped, files)
     if writer.rows + skipped != files:
         raise DermrayError(f"Counts do not reconcile: {files} files, {writer.rows} rows written, "
                            f"{skipped} skipped. Run the prediction again.")
@@ -339,9 +343,11 @@ def run_predict_local(model: str | Path, inputs: Sequence[str], out: str | None 
                       policy: str = "accuracy", metadata: pd.DataFrame | None = None,
                       limits: Limits | None = None, weights_dirs: Sequence[str] = (),
                       fmt: str | None = None,
-                      on_problem: Callable[[str], None] | None = None) -> dict[str, Any]:
+                      on_problem: Callable[[str], None] | None = None,
+                      on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """``dermray predict`` in this process (``run_predict_ray``'s twin, without Ray): every image
-    named by ``inputs``, batch by batch, into ``out`` (stdout without it).
+    named by ``inputs``, batch by batch, into ``out`` (stdout without it); ``on_progress(files
+    done, files)`` after each batch.
 
     Returns counts: ``files`` = ``rows`` + ``skipped``."""
     limits = limits or Limits()
@@ -352,5 +358,5 @@ def run_predict_local(model: str | Path, inputs: Sequence[str], out: str | None 
     writer = PredictionWriter(out, fmt)
     with writer:
         skipped = drain(iter_predictions(bundle, paths, metadata, policy, limits), writer,
-                        len(paths), on_problem)
+                        len(paths), on_problem, on_progress)
     return {"files": len(paths), "rows": writer.rows, "skipped": skipped, "out": out}

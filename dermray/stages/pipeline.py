@@ -13,7 +13,14 @@ from typing import Any
 
 import pandas as pd
 
-from dermray.config import DataConfig, config_to_dict, load_section, output_settings, read_yaml
+from dermray.config import (
+    DataConfig,
+    SearchConfig,
+    config_to_dict,
+    load_section,
+    output_settings,
+    read_yaml,
+)
 from dermray.data.catalog import (
     build_catalog,
     build_manifest,
@@ -23,7 +30,11 @@ from dermray.data.catalog import (
     write_manifest,
 )
 from dermray.data.synth import METADATA_NAME, write_synth_dataset
+from dermray.errors import DermrayError
 from dermray.io import fingerprint, storage
+from dermray.models.embeddings import backbone_dir
+from dermray.models.features import parse_features
+from dermray.models.heads import ACTIVATIONS, EMBEDDINGS, get_family
 from dermray.stages.extract import run_extract
 from dermray.stages.search import run_search, storage_path
 from dermray.stages.select import finish
@@ -118,17 +129,49 @@ def run_search_stage(config_path: str | None, out: str, manifest_path: str,
 
     out, manifest_path = storage.strip_credentials((out, manifest_path))
     cfg = load_section("search", config_path, {"out": out, **(overrides or {})})
+    check_search_inputs(cfg, manifest_path)  # before Ray starts: a message in a second
     results = run_search(cfg, manifest_path, fresh=fresh)
     summary = finish(results, cfg, manifest_path, out)
     win = summary["winner"]
+    keys = ("accuracy", "balanced_accuracy", "melanoma_sensitivity", "melanoma_specificity")
     return {
+        "out": out,
         "winner": {"family": win["family"], "features": win["features"],
+                   "trial_id": win["trial_id"],
                    "val_accuracy": round(win["val"]["accuracy"], 4),
                    "test_accuracy": round(win["test"]["accuracy"], 4),
                    "test_balanced_accuracy": round(win["test"]["balanced_accuracy"], 4)},
+        # each decision policy's figures on val and test ({split: {"policies": {name: ...}}})
+        "policies": {split: {"policies": {name: {k: m.get(k) for k in keys}
+                                          for name, m in report["policies"].items()}}
+                     for split, report in summary["policies"].items()},
         "trials": storage.join(out, "trials.csv"),
         "metrics": storage.join(out, "metrics.json"),
         "report": storage.join(out, "report.md"),
+        "report_html": storage.join(out, "report.html"),
         "model": storage.join(out, "model"),
         "tune_logs": storage_path(cfg),
     }
+
+
+def check_search_inputs(cfg: SearchConfig, manifest_path: str) -> None:
+    """What the search reads, present before Ray starts: the manifest, and the embeddings (or
+    activation maps) of every backbone its families read, each with a part file."""
+    if not storage.is_file(manifest_path):
+        raise DermrayError(f"No manifest at {storage.display(manifest_path)}: run `dermray data "
+                           "split --out OUT` (or `dermray run`) first, or pass --manifest.")
+    needed: dict[str, str] = {}
+    for fam in cfg.families:
+        spec = get_family(fam)
+        if spec.input == EMBEDDINGS:
+            for features in cfg.features:
+                needed.update(dict.fromkeys(parse_features(features)[0], f"features '{features}'"))
+        elif spec.input == ACTIVATIONS:
+            needed.update(dict.fromkeys(spec.input_key(cfg), f"family '{fam}'"))
+    missing = [(name, why) for name, why in needed.items()
+               if not storage.list_files(backbone_dir(cfg.out, name), ".parquet")]
+    if missing:
+        names = ", ".join(f"{name} (for {why})" for name, why in missing)
+        raise DermrayError(f"No embeddings in {storage.display(cfg.out)} for {names}: run "
+                           f"`dermray extract --out {storage.display(cfg.out)}` with these "
+                           "backbones first (or `dermray run`, which extracts before it searches).")

@@ -96,8 +96,10 @@ def run_predict_ray(model: str, inputs: Sequence[str], out: str | None = None,
                     policy: str = "accuracy", metadata: pd.DataFrame | None = None,
                     limits: Limits | None = None, weights_dirs: Sequence[str] = (),
                     fmt: str | None = None, num_actors: int = 0,
-                    on_problem: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Predict every image named by ``inputs`` on Ray Data; rows stream into ``out``.
+                    on_problem: Callable[[str], None] | None = None,
+                    on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Predict every image named by ``inputs`` on Ray Data; rows stream into ``out``;
+    ``on_progress(files done, files)`` after each batch (Ray Data's own bars stay off).
 
     Returns counts: ``files`` = ``rows`` + ``skipped``, the wall time and images/s.
     """
@@ -139,7 +141,7 @@ def run_predict_ray(model: str, inputs: Sequence[str], out: str | None = None,
             yield split_rows(batch)
 
     with writer:  # counts that do not reconcile raise inside: no output is left behind
-        skipped = drain(batches(), writer, len(paths), on_problem)
+        skipped = drain(batches(), writer, len(paths), on_problem, on_progress)
     wall = time.perf_counter() - start
     return {"files": len(paths), "rows": writer.rows, "skipped": skipped,
             "wall_s": round(wall, 2), "images_per_s": round(len(paths) / wall, 2),

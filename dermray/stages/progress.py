@@ -15,6 +15,10 @@ on whether stdout is a terminal:
 | verbose | the same, plus one line per started trial | every line, and the summaries |
 | quiet | nothing | nothing |
 
+On a terminal every line fits its width: the status line is cut (one line per redraw), a
+permanent line is wrapped with an indent. A log line written while the status line is shown
+(``break_status``) starts on a line of its own.
+
 Lines go to ``sys.stdout`` as it is when written (so a test can swap it for a pseudo-terminal);
 the callback keeps no stream, so Tune can pickle it with the experiment and restore it.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +41,7 @@ SUMMARY_EVERY_S = 30.0  # where stdout is not a terminal: one summary line this 
 REDRAW_EVERY_S = 0.5  # the terminal status line is redrawn at most this often
 
 _mode = "auto"
+_status_owner: Printer | None = None  # the printer whose status line is on the terminal now
 
 
 def set_mode(mode: str) -> None:
@@ -66,12 +72,51 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def term_width(stream: Any) -> int:
+    """The columns of the terminal behind ``stream``; else $COLUMNS; else 80."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):  # not a terminal, or a stream without a fd
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = int(os.environ.get("COLUMNS", ""))
+        except ValueError:
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+def cut(text: str, width: int) -> str:
+    """``text`` in at most ``width - 1`` characters (the last column stays free, so that no
+    terminal wraps the line), cut with an ellipsis."""
+    room = max(8, width - 1)
+    return text if len(text) <= room else text[: room - 1] + "\u2026"
+
+
+def wrap(text: str, width: int) -> str:
+    """``text`` wrapped in lines of at most ``width - 1`` characters, continuation lines
+    indented; words are not broken (a path longer than the width stays whole)."""
+    if len(text) < width:
+        return text
+    return "\n".join(textwrap.wrap(text, max(20, width - 1), subsequent_indent="    ",
+                                    break_long_words=False, break_on_hyphens=False)) or text
+
+
+def break_status() -> None:
+    """Another line is about to reach the terminal (a log line): clear the status line first,
+    so that the line starts at the left margin instead of after the status text. The status
+    comes back at its next redraw."""
+    if _status_owner is not None:
+        _status_owner.clear()
+
+
 class Printer:
     """Writes permanent lines and a status line that is redrawn in place on a terminal, and
     rate-limits the status line (on a terminal) and the summary lines (elsewhere)."""
 
-    def __init__(self, summary_every_s: float = SUMMARY_EVERY_S) -> None:
+    def __init__(self, summary_every_s: float = SUMMARY_EVERY_S, stderr: bool = False) -> None:
         self.summary_every_s = summary_every_s
+        self.stderr = stderr  # the stream by name: resolved at each write, never kept
         self.last_draw = self.last_summary = float("-inf")
         self.status_shown = False
 
@@ -79,48 +124,60 @@ class Printer:
     def mode(self) -> str:
         return _mode
 
-    @staticmethod
-    def tty() -> bool:
+    @property
+    def stream(self) -> Any:
+        return sys.stderr if self.stderr else sys.stdout
+
+    def tty(self) -> bool:
         try:
-            return sys.stdout.isatty()
+            return self.stream.isatty()
         except (AttributeError, ValueError):  # a closed or replaced stream
             return False
 
     def _write(self, text: str) -> None:
         try:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            self.stream.write(text)
+            self.stream.flush()
         except (OSError, ValueError):  # progress must never fail a run
             pass
 
-    def line(self, text: str, always: bool = False) -> None:
-        """A permanent line: on a terminal (auto, verbose), in verbose mode anywhere, and with
-        ``always`` in every mode but quiet."""
-        if self.mode == "quiet" or not (always or self.mode == "verbose" or self.tty()):
-            return
+    def clear(self) -> None:
+        """Erase the status line where it is shown (the cursor back at the left margin)."""
+        global _status_owner
         if self.status_shown and self.tty():
             self._write("\r\x1b[2K")
-            self.status_shown = False
+        self.status_shown = False
+        if _status_owner is self:
+            _status_owner = None
+
+    def line(self, text: str, always: bool = False) -> None:
+        """A permanent line: on a terminal (auto, verbose), in verbose mode anywhere, and with
+        ``always`` in every mode but quiet. On a terminal it is wrapped to the width."""
+        if self.mode == "quiet" or not (always or self.mode == "verbose" or self.tty()):
+            return
+        self.clear()
+        if self.tty():
+            text = wrap(text, term_width(self.stream))
         self._write(text + "\n")
 
     def status(self, text: str, force: bool = False) -> None:
         """The live status: redrawn in place on a terminal; elsewhere a summary line every
         ``summary_every_s`` seconds (``force``: now)."""
+        global _status_owner
         if self.mode == "quiet":
             return
         now = time.monotonic()
         if self.tty():
             if force or now - self.last_draw >= REDRAW_EVERY_S:
-                self._write("\r\x1b[2K" + text)
+                self._write("\r\x1b[2K" + cut(text, term_width(self.stream)))
                 self.last_draw, self.status_shown = now, True
+                _status_owner = self
         elif force or now - self.last_summary >= self.summary_every_s:
             self._write(text + "\n")
             self.last_summary = now
 
     def close(self) -> None:
-        if self.status_shown and self.tty():
-            self._write("\n")
-        self.status_shown = False
+        self.clear()
 
 
 class ExtractProgress:
@@ -179,11 +236,41 @@ class ExtractProgress:
         self.printer.line(self.text().replace("extract ", "extract done: ", 1), always=True)
 
 
+class PredictProgress:
+    """Images done/total, img/s and ETA of a local ``dermray predict``, on stderr, and only on
+    a terminal (a log or a pipe gets nothing); cleared when done.
+
+    Call it as ``on_progress(done, total)``."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.printer = Printer(stderr=True)
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.printer.tty():
+            return
+        elapsed = time.monotonic() - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = duration((total - done) / rate) if rate > 0 else "?"
+        self.printer.status(f"predict {done}/{total} images  {rate:.1f} img/s  ETA {eta}  "
+                            f"elapsed {duration(elapsed)}", force=done >= total)
+
+    def close(self) -> None:
+        self.printer.clear()
+
+
 def _family(trial: Any) -> str:
     config = getattr(trial, "config", None) or {}
     fam = str(config.get("family", "?"))
     feats = config.get("features")
     return f"{fam} on {feats}" if feats else fam
+
+
+def _finite(value: Any, sign: float = 1.0) -> float:
+    """A metric as a sort key, ascending (``sign`` -1: a larger value first); a missing or NaN
+    figure ranks last (+inf), as selection's ``na_position='last'``."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    return sign * float(value) if ok else math.inf
 
 
 def _fmt(value: Any) -> str:
@@ -206,16 +293,22 @@ def tune_callback_base() -> type:
 class SearchProgress(tune_callback_base()):
     """A Ray Tune callback: the search's live status and one line per finished trial.
 
+    The best figure shown is the one selection ranks on (``dermray.stages.select``): each ended
+    trial's last reported ``metric``, failed trials left out, ties broken by balanced accuracy
+    and then log-loss; not the best of any iteration.
+
     Args:
         num_samples: the trials the search will run (for "n/total").
         metric: the validation metric shown and ranked on (max).
         summary_every_s: where stdout is not a terminal, a summary line this often.
+        time_budget_s: the search's time budget (0: none); the ETA never passes its end.
     """
 
     def __init__(self, num_samples: int, metric: str = "val_accuracy",
-                 summary_every_s: float = SUMMARY_EVERY_S) -> None:
+                 summary_every_s: float = SUMMARY_EVERY_S, time_budget_s: float = 0.0) -> None:
         self.num_samples, self.metric = int(num_samples), metric
         self.summary_every_s = summary_every_s
+        self.time_budget_s = float(time_budget_s or 0.0)
         self._reset()
 
     def _reset(self) -> None:
@@ -223,18 +316,20 @@ class SearchProgress(tune_callback_base()):
         self.done: set[str] = set()
         self.stopped: set[str] = set()
         self.failed: set[str] = set()
+        self.ended_here = 0  # trials that ended while this callback watched (the ETA's rate)
         self.seen: dict[str, int] = {}  # trial id -> its number, in the order trials started
         self.best: tuple[float, str, str] | None = None  # value, family, trial id
+        self.best_key: tuple[Any, ...] | None = None
         self.last: dict[str, Mapping[str, Any]] = {}  # trial id -> its last result
         self.printer = Printer(self.summary_every_s)
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles the callbacks with the experiment: keep the settings, not the run's state
         return {"num_samples": self.num_samples, "metric": self.metric,
-                "summary_every_s": self.summary_every_s}
+                "summary_every_s": self.summary_every_s, "time_budget_s": self.time_budget_s}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"time_budget_s": 0.0, **state})
         self._reset()
 
     def setup(self, **info: Any) -> None:
@@ -260,8 +355,23 @@ class SearchProgress(tune_callback_base()):
                 self.failed.add(t.trial_id)
             else:
                 (self.done if (t.last_result or {}).get("final") else self.stopped).add(t.trial_id)
+                self._rank(t, t.last_result or {})
 
-    def status_text(self, trials: list[Any]) -> str:
+    def eta(self, finished: int) -> str:
+        """Time left: the trials still to run at the pace of those that ended in this run
+        (wall time per ended trial, so concurrency is in it), capped by the time budget."""
+        left = self.num_samples - finished
+        if left <= 0:
+            return "0s"
+        elapsed = time.monotonic() - self.start
+        estimates = []
+        if self.ended_here:
+            estimates.append(elapsed / self.ended_here * left)
+        if self.time_budget_s > 0:
+            estimates.append(max(0.0, self.time_budget_s - elapsed))
+        return duration(min(estimates)) if estimates else "?"
+
+    def status_text(self, trials: list[Any], final: bool = False) -> str:
         self._absorb(trials)
         finished = len(self.done) + len(self.stopped) + len(self.failed)
         pending = max(0, self.num_samples - finished - self.running(trials))
@@ -269,18 +379,28 @@ class SearchProgress(tune_callback_base()):
                 else f"best {self.metric} -")
         # the words of dermray.report.trials, as trials.csv and the report use them
         failed = f", {len(self.failed)} {ERROR}" if self.failed else ""
-        return (f"search {finished}/{self.num_samples} trials: {len(self.done)} {DONE}, "
-                f"{self.running(trials)} {RUNNING}, {len(self.stopped)} {STOPPED}{failed}, "
-                f"{pending} {PENDING} | {best} | "
-                f"elapsed {duration(time.monotonic() - self.start)}")
+        counts = (f"{len(self.done)} {DONE}, {self.running(trials)} {RUNNING}, "
+                  f"{len(self.stopped)} {STOPPED}{failed}, {pending} {PENDING}")
+        elapsed = f"elapsed {duration(time.monotonic() - self.start)}"
+        if final:
+            return f"search {finished}/{self.num_samples} trials: {counts} | {elapsed} | {best}"
+        # live: what matters most first, as a narrow terminal cuts the end of the line
+        return (f"search {finished}/{self.num_samples} | ETA {self.eta(finished)} | {best} | "
+                f"{counts} | {elapsed}")
 
     def _note(self, trial: Any, result: Mapping[str, Any] | None) -> None:
-        if not result:
-            return
-        self.last[trial.trial_id] = result
+        if result:
+            self.last[trial.trial_id] = result
+
+    def _rank(self, trial: Any, result: Mapping[str, Any]) -> None:
+        """An ended trial joins the ranking by its last result, as selection ranks it."""
         value = result.get(self.metric)
-        if isinstance(value, (int, float)) and math.isfinite(value) and (
-                self.best is None or value > self.best[0]):
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            return
+        key = (-float(value), _finite(result.get("val_balanced_accuracy"), -1.0),
+               _finite(result.get("val_log_loss")), _family(trial))
+        if self.best_key is None or key < self.best_key:
+            self.best_key = key
             self.best = (float(value), _family(trial), trial.trial_id)
 
     # Tune's hooks
@@ -301,6 +421,8 @@ class SearchProgress(tune_callback_base()):
                           **info: Any) -> None:
         result = trial.last_result or self.last.get(trial.trial_id) or {}
         self._note(trial, result)
+        self._rank(trial, result)
+        self.ended_here += 1
         if result.get("final"):
             self.done.add(trial.trial_id)
             how = "done"
@@ -312,6 +434,7 @@ class SearchProgress(tune_callback_base()):
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
                        **info: Any) -> None:
         self.failed.add(trial.trial_id)
+        self.ended_here += 1
         where = getattr(trial, "path", None) or getattr(trial, "local_path", "") or ""
         self._trial_line(trial, trials, trial.last_result or {},
                          f"FAILED (error.txt under {where})" if where else "FAILED")
@@ -321,7 +444,8 @@ class SearchProgress(tune_callback_base()):
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         self.printer.close()
-        self.printer.line(self.status_text(trials).replace("search ", "search finished: ", 1),
+        self.printer.line(self.status_text(trials, final=True).replace(
+            "search ", "search finished: ", 1),
                           always=True)
 
     def _trial_line(self, trial: Any, trials: list[Any], result: Mapping[str, Any],
@@ -342,9 +466,11 @@ def tune_callbacks(cfg: Any) -> list[Any]:
     ``search.mlflow_tracking_uri`` is set."""
     # Tune's newer console output prints an experiment header even at verbose=0 (with a
     # TensorBoard hint pointing into Ray's session folder, not OUT/tune); its classic output is
-    # silent at verbose=0. A user's own setting wins.
+    # silent at verbose=0. A user's own setting wins. (Also set before a restore:
+    # dermray.stages.console.quiet_libraries.)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    callbacks: list[Any] = [SearchProgress(cfg.num_samples)]
+    callbacks: list[Any] = [SearchProgress(cfg.num_samples, time_budget_s=60.0 * float(
+        getattr(cfg, "time_budget_minutes", 0) or 0))]
     uri = getattr(cfg, "mlflow_tracking_uri", "")
     if uri:
 

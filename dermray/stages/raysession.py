@@ -24,6 +24,7 @@ from typing import Any
 
 from dermray.errors import DermrayError
 from dermray.io import storage
+from dermray.stages.console import route_foreign_logs
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def ensure_ray() -> None:
         make_private_token()
     logger.info("ray.init(address=%r)", address)
     ray.init(address=address, log_to_driver=False)
+    route_foreign_logs()  # ray.init may (re)configure Ray's loggers: theirs go to OUT/logs
     check_token_private()
     if address != "local" and storage.adopted_credentials():
         logger.warning("the S3 credentials read from the URIs stay in this driver; the cluster's "

@@ -26,6 +26,7 @@ from dermray.models.embeddings import backbone_dir, load_activations
 from dermray.models.features import embedding_features, image_arrays, parse_features
 from dermray.models.heads import ACTIVATIONS, EMBEDDINGS, IMAGES, FamilySpec, get_family
 from dermray.report.evaluate import metrics
+from dermray.stages.console import quiet_libraries, route_foreign_logs, verbose
 from dermray.stages.progress import tune_callback_base, tune_callbacks
 from dermray.stages.raysession import ensure_ray, keep_credentials_out_of_tune
 from dermray.stages.tracking import hparams_logger
@@ -165,7 +166,8 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-
+    quiet_libraries(verbose())  # before a restore too: no Tune table, no /tmp/ray TB hint
+    route_foreign_logs()  # Optuna's own console handler, made on its import
     has_gpus = bool(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else False
     keep_credentials_out_of_tune()
     specs = {fam: get_family(fam) for fam in cfg.families}

@@ -1,36 +1,43 @@
-"""A tiny `dermray search` (on a copy of the session's embeddings, on the session's Ray) with its
-progress written to a pseudo-terminal and MLflow tracking to a local file store: the progress
-lines appear with their counts, each trial is an MLflow run with its parameters and metrics, and
-the winner's run holds the exported bundle as an MLflow pyfunc model that predicts as `dermray
-predict` does."""
+"""A tiny `dermray search` (on a copy of the session's embeddings, on the session's Ray) with
+everything this process writes (its stdout and stderr, Python's and the C++ libraries' alike)
+going to an 80-column pseudo-terminal, and MLflow tracking to a local file store: the progress
+lines appear with their counts; every line on the terminal is dermray's and fits in 80 columns;
+the closing summary names report.html; the other libraries' logs are in OUT/logs; each trial is
+an MLflow run with its parameters and metrics, and the winner's run holds the exported bundle as
+an MLflow pyfunc model that predicts as `dermray predict` does."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import re
 import select
 import shutil
+import struct
+import sys
+import termios
 import threading
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from dermray.cli import main
-from dermray.stages import progress
 
 N_TRIALS = 2
+COLUMNS = 80
 
 
 class PtyReader:
     """The master side of a pseudo-terminal, drained by a thread (a full pty would block the
     writer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, columns: int = COLUMNS) -> None:
         self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
         self.stream = os.fdopen(slave, "w", buffering=1)
         self.chunks: list[bytes] = []
         self.thread = threading.Thread(target=self._drain, daemon=True)
@@ -70,29 +77,85 @@ def tiny_search(extracted, tmp_path_factory):
         "families": ["logistic"], "features": ["resnet50"], "num_samples": N_TRIALS,
         "max_concurrent": 2, "experiment": "pty", "mlflow_tracking_uri": mlruns.as_uri()}}))
     term = PtyReader()
-    saved = progress.sys
-    progress.sys = SimpleNamespace(stdout=term.stream)  # progress writes to the terminal
+    # the terminal is this process's fds 1 and 2 (what Ray's and TensorFlow's C++ code writes
+    # to) and Python's sys.stdout / sys.stderr
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
     try:
-        code = main(["search", "--out", str(out), "--config", str(config)])
+        os.dup2(term.stream.fileno(), 1)
+        os.dup2(term.stream.fileno(), 2)
+        with redirect_stdout(term.stream), redirect_stderr(term.stream):
+            code = main(["search", "--out", str(out), "--config", str(config)])
     finally:
-        progress.sys = saved
+        for fd, old in zip((1, 2), saved, strict=True):
+            os.dup2(old, fd)
+            os.close(old)
         text = term.close()
-    assert code == 0
+    assert code == 0, text[-3000:]
     return out, mlruns, text
+
+
+def screen(text: str) -> list[str]:
+    """What the terminal showed, line by line: every line and every in-place redraw of the
+    status line (``\r``), a wrapped line's continuation (indented) joined back to it."""
+    lines: list[str] = []
+    for raw in text.splitlines():
+        for seg in raw.split("\r"):
+            seg = seg.replace("\x1b[2K", "")
+            if not seg.strip():
+                continue
+            if seg.startswith("    ") and lines:
+                lines[-1] += " " + seg.strip()
+            else:
+                lines.append(seg)
+    return lines
+
+
+# the starts of dermray's own lines: progress, its log lines, the closing summary
+OWN = re.compile(r"(trial \d+/\d+ |search |info: |warning: |winner: |  |report: |model: |"
+                 r"trials: |logs: |next:)")
+# a foreign log line: a source file and line (Ray's `tune.py:1007 --`, `core_worker.cc:`, TF's
+# `cpu_feature_guard.cc:`), glog's `I1203 ...`, or a library's name in brackets
+FOREIGN = re.compile(r"\b\w+\.(py|cc|h):\d+\b|^[IWEF]\d{4} |\b(optuna|absl|tensorflow)\b",
+                     re.IGNORECASE)
+
+
+def test_every_line_on_the_terminal_is_dermrays_and_fits_80_columns(tiny_search):
+    out, _, text = tiny_search
+    pieces = [seg.replace("\x1b[2K", "") for raw in text.splitlines() for seg in raw.split("\r")]
+    long = [p for p in pieces if len(p) > COLUMNS]
+    assert not long, long  # every redraw of the status line too, not only what stays
+    lines = screen(text)
+    assert not [ln for ln in lines if FOREIGN.search(ln)], "\n".join(lines)
+    assert all(OWN.match(ln) for ln in lines), [ln for ln in lines if not OWN.match(ln)]
+    log = (out / "logs" / "dermray.log").read_text()  # where the other libraries' lines went
+    assert re.search(r"^\S+ \S+ \w+ (ray|optuna)[.:]", log, re.MULTILINE), log[-3000:]
+
+
+def test_the_search_ends_with_a_summary_naming_report_html(tiny_search):
+    out, _, text = tiny_search
+    lines = screen(text)
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("winner: logistic on resnet50"))
+    summary = lines[start:]
+    assert f"report: {out / 'report.html'}" in summary
+    assert any(ln.startswith("model: ") and ln.endswith(str(out / "model")) for ln in summary)
+    assert (out / "report.html").is_file()
+    assert any(ln.strip().startswith("dermray predict --model") for ln in summary)
+    assert not any(ln.startswith("{") for ln in lines)  # a terminal gets no JSON blob
 
 
 def test_progress_lines_in_a_pseudo_terminal(tiny_search):
     _, _, text = tiny_search
     assert "\r" in text  # the status line is redrawn in place on a terminal
-    screen = [seg.replace("\x1b[2K", "") for line in text.splitlines()
-              for seg in line.split("\r") if seg.strip()]
-    trials = [ln for ln in screen if re.match(rf"trial \d+/{N_TRIALS} logistic on resnet50", ln)]
+    screen_lines = screen(text)
+    trials = [ln for ln in screen_lines if re.match(rf"trial \d+/{N_TRIALS} logistic on resnet50", ln)]
     assert len(trials) == N_TRIALS  # one line per finished trial, with its val accuracy
     assert all(re.search(r"val_accuracy \d\.\d{4}", ln) and ln.rstrip().endswith("]")
                for ln in trials)
-    status = [ln for ln in screen if ln.startswith("search ")]
+    status = [ln for ln in screen_lines if ln.startswith("search ")]
     assert any(re.search(r"\d+ running", ln) for ln in status)
-    final = [ln for ln in screen if ln.startswith("search finished:")]
+    final = [ln for ln in screen_lines if ln.startswith("search finished:")]
     assert final and re.search(rf"{N_TRIALS}/{N_TRIALS} trials: {N_TRIALS} done, 0 running",
                                final[-1])
     assert re.search(r"best val_accuracy \d\.\d{4} \(logistic on resnet50\)", final[-1])

@@ -264,3 +264,62 @@ def test_an_unwritable_out_is_refused_before_predicting(tmp_path, capsys):
             err = capsys.readouterr().err
             assert code == 2 and fragment in err and "Traceback" not in err, (out, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "i.jpg"]  # no probe left
+
+
+# issue 20: an OUT, --out or input path that cannot be used, each ending in one `error:` line
+# with exit 2 and no traceback, before Ray starts ({demo}: the shipped demo config; {meta}: the
+# synthetic metadata; {manifest}: a folder holding only a manifest, no embeddings)
+BAD_PATHS = [
+    (["run", "--config", "{demo}", "--out", "/proc/dermray-x"], "/proc/dermray-x"),
+    (["run", "--config", "{demo}", "--out", "{tmp}/afile/out"], "{tmp}/afile/out"),
+    (["extract", "--config", "{demo}", "--manifest", "{tmp}/m.parquet", "--out",
+      "/proc/dermray-x"], "/proc/dermray-x"),
+    (["extract", "--config", "{demo}", "--manifest", "{tmp}/none.parquet", "--out", "{tmp}/o4"],
+     "{tmp}/none.parquet"),
+    (["search", "--config", "{demo}", "--out", "/proc/dermray-x"], "/proc/dermray-x"),
+    (["search", "--config", "{demo}", "--out", "{tmp}/afile"], "{tmp}/afile"),
+    (["search", "--config", "{demo}", "--out", "{tmp}/empty"], "No manifest at {tmp}/empty"),
+    (["search", "--config", "{demo}", "--out", "{manifest}"], "No embeddings in {manifest}"),
+    (["search", "--config", "{demo}", "--out", "{tmp}/o3", "--manifest", "/proc/nope.parquet"],
+     "No manifest at /proc/nope.parquet"),
+    (["data", "split", "--metadata", "{meta}", "--out", "/proc/dermray-x"], "/proc/dermray-x"),
+    (["data", "split", "--metadata", "{meta}", "--out", "{tmp}/afile/out"], "{tmp}/afile/out"),
+    (["data", "validate", "--metadata", "{tmp}/afile/m.csv"], "{tmp}/afile/m.csv"),
+    (["explain", "--model", "{tmp}/no_model", "--out", "/proc/dermray-x", "{tmp}/i.jpg"],
+     "/proc/dermray-x"),
+    (["predict", "--model", "{tmp}/afile", "--no-ray", "{tmp}/i.jpg"], "{tmp}/afile"),
+    (["predict", "--model", "{tmp}/no_model", "--no-ray", "{tmp}/i.jpg"], "{tmp}/no_model"),
+    (["report", "/proc/dermray-x"], "/proc/dermray-x"),
+    (["report", "{tmp}/afile"], "{tmp}/afile"),
+]
+
+
+def test_every_bad_path_is_one_error_line_before_ray(synth_dir, synth_manifest, tmp_path,
+                                                     capsys, monkeypatch):
+    """Tried, and ended in a message: exit 2, one `error:` line naming the path, no traceback,
+    and Ray never started (a search on an OUT without embeddings fails at once, not after
+    Ray's 30 s start)."""
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "i.jpg").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    holding = tmp_path / "manifest_only"
+    holding.mkdir()
+    holding.joinpath("manifest.parquet").write_bytes(synth_manifest.read_bytes())
+    fill = {"{demo}": str(REPO / "ray_jobs/configs/demo.yaml"), "{tmp}": str(tmp_path),
+            "{meta}": str(synth_dir / "HAM10000_metadata.csv"), "{manifest}": str(holding)}
+    tried = messages = 0
+    for argv, fragment in BAD_PATHS:
+        for key, value in fill.items():
+            argv = [a.replace(key, value) for a in argv]
+            fragment = fragment.replace(key, value)
+        tried += 1
+        code = main(argv)
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and fragment in lines[0], (argv, err)
+        assert "Traceback" not in err, (argv, err)
+        messages += 1
+    assert (tried, messages) == (len(BAD_PATHS), 17)

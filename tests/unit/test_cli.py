@@ -1,5 +1,7 @@
 """The command line: exit codes and messages a user sees, `python -m dermray`."""
 
+import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +96,29 @@ def test_synth_smallest_n_still_splits(tmp_path):
     assert main(["data", "synth", "--dest", str(tmp_path), "--n", "28", "--size", "16x12"]) == 0
     assert main(["data", "split", "--metadata", str(tmp_path / "HAM10000_metadata.csv"),
                  "--out", str(tmp_path / "out")]) == 0
+
+
+def _every_parser(parser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _every_parser(sub)
+
+
+def test_every_option_has_help_and_one_meaning_of_verbose(capsys):
+    parser = build_parser()
+    parsers = list(_every_parser(parser))
+    assert len(parsers) >= 12  # dermray, data and its four, and the six other commands
+    bare = [(p.prog, a.option_strings or a.dest) for p in parsers for a in p._actions
+            if not a.help and not isinstance(a, argparse._SubParsersAction)]
+    assert bare == []
+    for argv in (["-v", "report", "o"], ["report", "o", "-v"], ["report", "--verbose", "o"],
+                 ["run", "--config", "c", "--out", "o", "--verbose"], ["-v", "run", "--config",
+                                                                        "c", "--out", "o"]):
+        assert parser.parse_args(argv).verbose is True, argv
+    assert not getattr(parser.parse_args(["report", "o"]), "verbose", False)
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--version"])
+    assert exit_.value.code == 0
+    assert re.match(r"dermray \S+ \(Ray \S+, Python 3\.\d+\.\d+\)", capsys.readouterr().out)
