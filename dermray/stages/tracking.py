@@ -40,6 +40,8 @@ def experiment_name(cfg: Any) -> str:
 
 def _prepare(uri: str) -> None:
     require("mlflow", "search.mlflow_tracking_uri is set")
+    # MLflow's own tqdm bars (artifact up- and downloads) would write over the terminal
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if uri.startswith("file:") or "://" not in uri:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 

@@ -137,19 +137,19 @@ def test_a_bundle_whose_weights_are_gone_names_what_and_where(trained, tmp_path,
 
 
 def test_random_weights_are_said_in_the_bundle_and_the_card_and_warned_once(trained, tmp_path,
-                                                                           caplog):
+                                                                           caplog, capsys):
     model = trained["random"]
     body = json.loads((model / BUNDLE_FILE).read_text())
     assert body["backbones"][0]["weights_origin"] == "random"
     assert body["backbones"][0]["weights_identity"] == "none"
     assert "Random weights" in (model / "model_card.md").read_text()
     assert "Random weights" not in (trained["model"] / "model_card.md").read_text()
-    with caplog.at_level(logging.WARNING, logger="dermray.models.bundle"):
-        assert main(["predict", "--model", str(model), "--no-ray", "--batch-size", "4",
-                     "--out", str(tmp_path / "p.csv"), str(trained["images"])]) == 0
-    warned = [r for r in caplog.records if r.name == "dermray.models.bundle"
-              and r.levelno == logging.WARNING]
-    assert len(warned) == 1 and "vgg19" in warned[0].args
+    # the CLI's own terminal logging (stages/console.py) prints the warning on stderr
+    assert main(["predict", "--model", str(model), "--no-ray", "--batch-size", "4",
+                 "--out", str(tmp_path / "p.csv"), str(trained["images"])]) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines()
+              if ln.startswith("warning:") and "random" in ln]
+    assert len(warned) == 1 and "vgg19" in warned[0]
     assert len(pd.read_csv(tmp_path / "p.csv")) == 14  # four batches, one warning
     with caplog.at_level(logging.WARNING, logger="dermray.models.bundle"):
         caplog.clear()
