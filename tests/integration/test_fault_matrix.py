@@ -139,6 +139,7 @@ def test_other_weights_are_refused(reference, synth_dir, tmp_path, resnet50_weig
         run_pipeline(changed, str(out))
 
 
+@pytest.mark.slow  # a whole pipeline again (23 s); test_confinement covers what --fresh deletes: run with -m slow
 def test_fresh_redoes_the_stage_with_the_new_settings(reference, synth_dir, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference[1], out, symlinks=True)  # a finished run of the base settings

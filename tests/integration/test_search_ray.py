@@ -148,6 +148,7 @@ def test_predict_command_skips_a_bad_file(searched, tmp_path, capsys):
     assert "notes.jpg" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two searches back to back (30 s): run with -m slow
 def test_deterministic_mode_repeats_the_trial_sequence(extracted, tmp_path):
     """search.deterministic: suggestions in batches of max_concurrent, each batch waiting for
     the last, no early stopping; two runs (two experiments) give the same trials and numbers."""

@@ -69,6 +69,7 @@ def test_unknown_family():
     assert FAMILIES == ("logistic", "xgboost", "mlp", "finetune", "cached_cnn")
 
 
+@pytest.mark.slow  # a Keras ResNet50 trained end to end (20 s); the search fixture's finetune trial covers the family: run with -m slow
 def test_finetune_runs_on_tiny_images(tmp_path):
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(7), 4)
