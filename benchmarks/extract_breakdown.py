@@ -206,13 +206,13 @@ class _CountRows:
 def batching(n_views: int, batch_size: int, decode_batch_size: int) -> dict[str, dict]:
     """The batches the embedding actor gets for a job of ``n_views`` views, through Ray Data's
     own batching (the job's decode -> actor chain, with a counting actor), for the blocks the
-    job makes now (``extract.batch_blocks``) and for the even repartition it made before. The
+    job makes now (``raysession.batch_blocks``) and for the even repartition it made before. The
     actor pads a short batch to ``batch_size``: ``useful`` is the share of the network's work
     spent on real views."""
     import ray
 
     try:
-        from dermray.stages.extract import batch_blocks
+        from dermray.stages.raysession import batch_blocks
     except ImportError:  # an older tree
         batch_blocks = None
     frame = pd.DataFrame({"image_id": [f"v{i}" for i in range(n_views)]})

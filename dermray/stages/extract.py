@@ -45,7 +45,13 @@ from dermray.models.embeddings import (
     to_table,
 )
 from dermray.stages.progress import ExtractProgress
-from dermray.stages.raysession import cluster_shape, ensure_ray, joined_cluster, pool_layout
+from dermray.stages.raysession import (
+    batch_blocks,
+    cluster_shape,
+    ensure_ray,
+    joined_cluster,
+    pool_layout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -187,23 +193,6 @@ def actor_layout(cfg: ExtractConfig) -> dict[str, Any]:
     else:  # a local OUT on a multi-node cluster exists only on the head: the driver writes it
         writer = "driver" if nodes > 1 and not storage.is_remote(cfg.out) else "actors"
     return {**layout, "num_cpus": cfg.cpus_per_actor, "writer": writer}
-
-
-MAX_BLOCKS = 200  # Ray Data blocks of a job: enough to spread over a cluster's decode tasks
-
-
-def batch_blocks(frame: pd.DataFrame, batch_size: int,
-                 max_blocks: int = MAX_BLOCKS) -> list[pd.DataFrame]:
-    """The views as Ray Data blocks of whole embedding batches (a multiple of ``batch_size``
-    rows; only the last may be short), at most ``max_blocks`` of them.
-
-    An embedding actor gets a block's rows in batches of ``batch_size``, and pads a short batch
-    to the full size (XLA compiles one shape). Blocks of any other size cost a padded batch
-    each: 10,033 views in 200 even blocks of ~50 rows reached the actor as 400 batches (32 + 18
-    rows), so the network did 12,800 views' work for 10,033 (0.78); in blocks of 64 rows it is
-    314 batches, all but the last full (0.999)."""
-    per = batch_size * max(1, -(-len(frame) // (max_blocks * batch_size)))
-    return [frame.iloc[i:i + per] for i in range(0, len(frame), per)] or [frame]
 
 
 def actor_summary(rows: pd.DataFrame) -> list[dict[str, Any]]:

@@ -43,7 +43,7 @@ from dermray.models.predict_io import (
     predict_decoded,
     split_rows,
 )
-from dermray.stages.raysession import cluster_shape, ensure_ray, pool_layout
+from dermray.stages.raysession import batch_blocks, cluster_shape, ensure_ray, pool_layout
 
 
 def bundle_files(directory: str | Path) -> dict[str, bytes]:
@@ -118,8 +118,8 @@ def run_predict_ray(model: str, inputs: Sequence[str], out: str | None = None,
     writer = PredictionWriter(out, fmt)
     ensure_ray()
     layout = actor_layout(num_actors)
-    blocks = max(1, min(len(paths) // limits.batch_size, 1000))
-    ds = ray.data.from_pandas(pd.DataFrame({"path": paths})).repartition(blocks)
+    ds = ray.data.from_pandas(batch_blocks(pd.DataFrame({"path": paths}), limits.batch_size,
+                                           max_blocks=1000))
     ds = ds.map_batches(decode_files, batch_size=limits.batch_size, num_cpus=1,
                         fn_kwargs={"image_size": bundle.spec.image_size,
                                    "max_bytes": limits.max_bytes,

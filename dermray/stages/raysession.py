@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from dermray.errors import DermrayError
 from dermray.io import storage
 from dermray.stages.console import route_foreign_logs
@@ -167,3 +169,21 @@ def pool_layout(gpus: int, nodes: int, cpus: int, num_actors: int = 0, max_actor
         max_size = max(min_size, max_actors)
     return {"min_size": min_size, "max_size": max_size, "initial_size": initial,
             "num_gpus": num_gpus, "threads": threads_per_actor or (0 if num_gpus else cpus)}
+
+
+MAX_BLOCKS = 200  # Ray Data blocks of a job: enough to spread over a cluster's decode tasks
+
+
+def batch_blocks(frame: pd.DataFrame, batch_size: int,
+                 max_blocks: int = MAX_BLOCKS) -> list[pd.DataFrame]:
+    """The rows as Ray Data blocks of whole model batches (a multiple of ``batch_size`` rows;
+    only the last may be short), at most ``max_blocks`` of them: for extract's embedders and
+    predict's predictors, which both pad a short batch.
+
+    An embedding actor gets a block's rows in batches of ``batch_size``, and pads a short batch
+    to the full size (XLA compiles one shape). Blocks of any other size cost a padded batch
+    each: 10,033 views in 200 even blocks of ~50 rows reached the actor as 400 batches (32 + 18
+    rows), so the network did 12,800 views' work for 10,033 (0.78); in blocks of 64 rows it is
+    314 batches, all but the last full (0.999)."""
+    per = batch_size * max(1, -(-len(frame) // (max_blocks * batch_size)))
+    return [frame.iloc[i:i + per] for i in range(0, len(frame), per)] or [frame]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from dermray.stages.extract import batch_blocks
+from dermray.stages.raysession import batch_blocks
 
 
 @pytest.mark.parametrize("n, batch, max_blocks, sizes", [
