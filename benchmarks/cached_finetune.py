@@ -10,8 +10,18 @@ Each is timed over its second epoch (the first one builds and compiles). Also re
 storage per view of the cached map (float16 in memory; the Parquet files of a real run when
 ``--activations`` names its folder).
 
+(c) the family's own path: ``CachedFinetuneHead.fit`` with a validation set, as a search trial
+    runs it (an epoch = training, then one pass over validation with the four flip views, whose
+    accuracy the stopping rule watches). ``--from-run OUT`` takes the maps of a real run's
+    extraction (its first ``--images`` train views and ``--val`` val images) instead of
+    computing them, so that a measurement over thousands of maps costs no extraction. Its rate,
+    ``family_maps_s``, is train maps per second of whole epochs (validation included), the
+    figure issue 18 sets at >= 100 on 2 idle cores.
+
     python benchmarks/cached_finetune.py --images 128 --json out/bench_cached.json \
         [--activations out/ham10000/activations/backbone=resnet50_c5b2]
+    python benchmarks/cached_finetune.py --from-run out/ham10000 --images 2048 --val 512 \
+        --epochs 3 --skip-end-to-end --json out/bench_family.json
 """
 
 from __future__ import annotations
@@ -93,7 +103,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--activations", help="a real run's activation folder (storage/view)")
     parser.add_argument("--json")
+    parser.add_argument("--from-run", help="a real run's OUT: its cached maps, not new ones")
+    parser.add_argument("--val", type=int, default=256, help="val maps of the family's path")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the family's path")
+    parser.add_argument("--skip-end-to-end", action="store_true",
+                        help="only the family's path (with --from-run: no images decoded)")
     args = parser.parse_args()
+    if args.from_run:
+        family_path(args)
+        return
 
     import keras
 
@@ -146,6 +164,44 @@ def main() -> None:
         size = sum(f.stat().st_size for f in files)
         result.update({"parquet_views": views, "parquet_bytes_per_view": int(size / views),
                        "parquet_total_gib": round(size / 2**30, 2)})
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def family_path(args: argparse.Namespace) -> None:
+    """(c): the head's own fit, validation per epoch included, on a real run's maps."""
+    from dermray.models.embeddings import load_activations
+    from dermray.models.heads.cached import CachedFinetuneHead
+
+    X, y, _ = load_activations(args.from_run, "resnet50_c5b2", "train", views="all")
+    pick = np.random.default_rng(0).permutation(len(X))[:args.images]
+    X, y = X[pick], y[pick]
+    Xv, yv, _ = load_activations(args.from_run, "resnet50_c5b2", "val", views="original")
+    Xv, yv = Xv[:args.val], yv[:args.val]
+    ends: list[float] = []
+    head = CachedFinetuneHead(weights=str(WEIGHTS), epochs=args.epochs, patience=args.epochs,
+                              batch_size=args.batch_size)
+    start = time.perf_counter()
+    head.fit(X, y, eval_set=(Xv, yv), progress=lambda *a, **k: ends.append(time.perf_counter()))
+    epochs = np.diff([start, *ends])
+    # the same maps through the same model without the validation pass: its share of an epoch
+    start = time.perf_counter()
+    head.model_.fit(X, y, epochs=1, batch_size=args.batch_size, verbose=0)
+    train_only = time.perf_counter() - start
+    start = time.perf_counter()
+    head.predict_proba(Xv)
+    validation = time.perf_counter() - start
+    result = {"train_maps": len(X), "val_maps": len(Xv), "batch_size": args.batch_size,
+              "cpus": os.cpu_count(), "epoch_s": [round(t, 2) for t in epochs],
+              "family_maps_s": round(len(X) / float(np.median(epochs[1:] if len(epochs) > 1
+                                                                else epochs)), 1),
+              "train_only_maps_s": round(len(X) / train_only, 1),
+              "validation_tta_s": round(validation, 2),
+              "validation_tta_maps_s": round(4 * len(Xv) / validation, 1)}
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")

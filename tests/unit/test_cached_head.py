@@ -32,6 +32,13 @@ def test_beats_chance_round_trips_and_averages_flips(tmp_path):
     # with the epoch's training loss (TensorBoard's training curve)
     assert all(np.isfinite(train["train_loss"]) and train["train_loss"] > 0
                for _, train in reported)
+    # one validation pass per epoch: what the stopping rule watched (Keras' history) is the
+    # accuracy of the very probabilities reported, the four flips' mean (no second pass of
+    # Keras' own without them)
+    history = head.model_.history.history
+    assert "val_accuracy" in history and len(history["val_accuracy"]) == 2
+    for (p, _), watched in zip(reported, history["val_accuracy"], strict=True):
+        assert watched == (p.argmax(axis=1) == yv).mean()
     head.save(tmp_path)
     loaded = CachedFinetuneHead.load(tmp_path)
     assert loaded.tta and loaded.n_features_in_ == 8192

@@ -9,6 +9,14 @@ import numpy as np
 from dermray.models.heads.base import N_CLASSES, Head, HeadError, KerasScores, class_weights
 
 
+def epoch_scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """Validation accuracy and loss as Keras names and computes them (the sparse categorical
+    cross-entropy clips probabilities at Keras' epsilon, 1e-7)."""
+    p = np.clip(proba[np.arange(len(y)), y], 1e-7, 1.0)
+    return {"val_accuracy": float(np.mean(np.argmax(proba, axis=1) == y)),
+            "val_loss": float(-np.mean(np.log(p)))}
+
+
 class KerasHead(Head):
     """Subclasses build ``self._build(input_shape)`` and may transform inputs in ``_inputs``."""
 
@@ -33,20 +41,27 @@ class KerasHead(Head):
         model.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         callbacks = []
-        validation = None
         if eval_set is not None:
-            validation = (self._inputs(eval_set[0]), np.asarray(eval_set[1]))
-            callbacks.append(self.early_stopping())
-        if progress is not None and eval_set is not None:
-            def epoch_end(epoch: int, logs: dict | None) -> None:
-                # the epoch's training loss (Keras' mean over its batches) beside the validation
-                # probabilities: the training curve in TensorBoard and MLflow
-                train = {"train_loss": float(logs["loss"])} if logs and "loss" in logs else {}
-                progress(epoch + 1, self._proba(model, validation[0]), **train)
+            X_val, y_val = self._inputs(eval_set[0]), np.asarray(eval_set[1])
 
-            callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=epoch_end))
+            def validate(epoch: int, logs: dict) -> None:
+                # one pass over validation per epoch, with the head's own probabilities (its
+                # test-time views too): the numbers the stopping rule watches, the progress
+                # reports and selection are the same numbers, and Keras' own validation pass
+                # (a second one, without the views) is not run
+                proba = self._proba(model, X_val)
+                logs.update(epoch_scores(y_val, proba))
+                if progress is not None:
+                    # the epoch's training loss (Keras' mean over its batches) beside the
+                    # validation probabilities: the training curve in TensorBoard and MLflow
+                    train = {"train_loss": float(logs["loss"])} if "loss" in logs else {}
+                    progress(epoch + 1, proba, **train)
+
+            # before EarlyStopping: Keras hands every callback the same logs of the epoch
+            callbacks += [keras.callbacks.LambdaCallback(on_epoch_end=validate),
+                          self.early_stopping()]
         model.fit(self._inputs(X), np.asarray(y), epochs=self.epochs, batch_size=self.batch_size,
-                  validation_data=validation, callbacks=callbacks, verbose=0,
+                  callbacks=callbacks, verbose=0,
                   class_weight=class_weights(np.asarray(y), self.class_weight))
         self.model_ = model
         self._set_fitted(X)
