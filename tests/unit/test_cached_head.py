@@ -80,30 +80,28 @@ def test_the_stopping_rule_restores_the_best_accuracy_epoch():
 
 
 @pytest.fixture(scope="module")
-def source_network(tmp_path_factory):
-    """A ResNet50 weights file with seeded random weights and batch norms that are not the
-    identity (random scales, shifts and statistics), so that a block copied without its batch
-    norms' weights differs; and the frozen network the extraction builds from it (64 px)."""
+def source_network():
+    """The frozen ResNet50 the extraction builds (64 px; resnet50's pooled output and both cuts'
+    maps from one pass), with seeded random weights and batch norms that are not the identity
+    (random scales, shifts and statistics), so that a block copied without its batch norms'
+    weights differs."""
     import keras
 
     from dermray.models.backbones import build_network
 
     keras.utils.set_random_seed(3)
-    base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(64, 64, 3))
+    network = build_network(["resnet50", *sorted(TOP_BLOCKS)], None, 64)
     rng = np.random.default_rng(4)
-    for layer in base.layers:
+    for layer in network.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             shape = layer.gamma.shape
             layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.2, shape),
                                rng.normal(0, 0.2, shape), rng.uniform(0.5, 2.0, shape)])
-    path = tmp_path_factory.mktemp("weights") / "resnet50.weights.h5"
-    base.save_weights(path)
-    keras.backend.clear_session()
-    return str(path), build_network(["resnet50", *sorted(TOP_BLOCKS)], str(path), 64)
+    return network
 
 
 @pytest.mark.parametrize("cut", sorted(TOP_BLOCKS))
-def test_the_copied_blocks_are_the_frozen_networks_own(cut, source_network):
+def test_the_copied_blocks_are_the_frozen_networks_own(cut, source_network, monkeypatch):
     """With dropout 0 the head's pooled features from a cut's map are the frozen network's own
     pooled conv5_block3_out for the same image: the copied blocks (conv5_block3 from
     resnet50_c5b2; all of stage 5, conv5_block1's projection shortcut and stride included, from
@@ -113,18 +111,20 @@ def test_the_copied_blocks_are_the_frozen_networks_own(cut, source_network):
 
     from dermray.models.backbones import get_spec, preprocess
 
-    weights, network = source_network
-    spec = get_spec(cut)
+    network, spec = source_network, get_spec(cut)
     images = np.random.default_rng(5).integers(0, 256, (2, 64, 64, 3)).astype(np.uint8)
     outputs = network(preprocess("resnet50", images), training=False)
     pooled = np.asarray(outputs[0])
     maps = np.asarray(outputs[1 + sorted(TOP_BLOCKS).index(cut)]).reshape(
         2, *spec.map_shape(64)).astype(np.float16)  # as the extraction caches them
-    head = CachedFinetuneHead(cut=cut, weights=weights, channels=spec.channels, dropout=0.0)
+    head = CachedFinetuneHead(cut=cut, weights="none", channels=spec.channels, dropout=0.0)
+    # the blocks are copied from this network's layers (what _source_layers builds from the
+    # weights file: the same network, without building it again)
+    monkeypatch.setattr(head, "_source_layers", lambda: {l.name: l for l in network.layers})
     model = head._build(maps.shape[1:])
     gap = next(layer for layer in model.layers
                if isinstance(layer, keras.layers.GlobalAveragePooling2D))
-    ours = np.asarray(keras.Model(model.inputs, gap.output)(maps, training=False))
+    ours = np.asarray(keras.Model(model.input, gap.output)(maps, training=False))
     # the same (float16) map through the source network's own layers above the cut: equal
     top = keras.Model(network.get_layer(spec.layer).output,
                       network.get_layer("resnet50_avg").output)

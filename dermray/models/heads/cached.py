@@ -183,15 +183,14 @@ def _residual(x, shortcut, block: str, source: dict[str, Any]):
 
 
 def _copy(x, old):
-    """``old`` layer's copy (same config and weights) applied to ``x``; a batch norm's copy is
-    frozen."""
+    """``old`` layer's copy (same config and weights) applied to ``x``: trainable, but a batch
+    norm, which stays frozen (whether or not the source network was frozen)."""
     import keras
 
     layer = type(old).from_config(old.get_config())
     x = layer(x)
     layer.set_weights(old.get_weights())
-    if isinstance(layer, keras.layers.BatchNormalization):
-        layer.trainable = False
+    layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
     return x
 
 
