@@ -109,6 +109,11 @@ register_backbone(BackboneSpec(
 register_backbone(BackboneSpec(
     "resnet50_c5b2", "ResNet50", 0, gflops_224=8.2, layer="conv5_block2_out", channels=2048,
     **RESNET50_IMAGENET))
+# the deeper cut: ResNet50's activations at the input of its last stage (14x14x1024 at 224, twice
+# c5b2's storage per view), from which cached_cnn trains the whole of stage 5 (conv5_block1..3)
+register_backbone(BackboneSpec(
+    "resnet50_c4b6", "ResNet50", 0, gflops_224=8.2, layer="conv4_block6_out", channels=1024,
+    stride=16, **RESNET50_IMAGENET))
 
 
 # a layer every full weights file of the application holds (its last convolution): a file
@@ -465,8 +470,9 @@ class FrozenExtractor:
     """Frozen backbones, built once: one batch of uint8 RGB images in, embeddings out. No Ray.
 
     Backbones of one network with the same weights (``resnet50``, ``resnet50_ms`` and the
-    ``resnet50_c5b2`` activation map) share one forward pass: ``resnet50`` is a column slice of
-    ``resnet50_ms``, and the others are outputs of one multi-output model.
+    ``resnet50_c5b2`` and ``resnet50_c4b6`` activation maps) share one forward pass:
+    ``resnet50`` is a column slice of ``resnet50_ms``, and the others are outputs of one
+    multi-output model.
 
     ``preprocessing``: a mode per backbone (a bundle's record); by default each registry entry's.
     """

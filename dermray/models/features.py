@@ -27,8 +27,9 @@ LOCALIZATIONS = tuple(loc for loc in checks.LOCALIZATIONS if loc != "unknown")
 def parse_features(spec: str, maps: bool = False) -> tuple[list[str], bool]:
     """Backbone names and whether metadata is added; a clear error for an unknown token.
 
-    An activation-map backbone (``resnet50_c5b2``) is a feature spec only on its own, and only
-    where ``maps`` says so (the cached fine-tune family's input, not the embedding heads')."""
+    An activation-map backbone (``resnet50_c5b2``, ``resnet50_c4b6``) is a feature spec only on
+    its own, and only where ``maps`` says so (the cached fine-tune family's input, not the
+    embedding heads')."""
     tokens = [t for t in spec.split("+") if t]
     unknown = [t for t in tokens if t != "meta" and t not in BACKBONES]
     backbones = [t for t in tokens if t in BACKBONES]
@@ -38,8 +39,9 @@ def parse_features(spec: str, maps: bool = False) -> tuple[list[str], bool]:
     found = [b for b in backbones if BACKBONES[b].is_map]
     if found and (not maps or len(tokens) > 1):
         raise ConfigError(
-            f"Feature spec {spec!r}: {found[0]} is an activation map (a 7x7x2048 tensor per view at "
-            "224), the input of the cached_cnn family, not a feature set for the embedding heads. "
+            f"Feature spec {spec!r}: {found[0]} is an activation map (a "
+            f"{'x'.join(map(str, BACKBONES[found[0]].map_shape(224)))} tensor per view at 224), "
+            "the input of the cached_cnn family, not a feature set for the embedding heads. "
             "Leave it out of search.features; list it in extract.backbones and add cached_cnn to "
             "search.families.")
     return backbones, "meta" in tokens

@@ -24,7 +24,8 @@ def test_caffe_preprocessing_equals_keras():
 
 
 def test_unknown_backbone_lists_known_names():
-    with pytest.raises(BackboneError, match="Known backbones: resnet50, resnet50_c5b2, resnet50_ms, vgg19"):
+    with pytest.raises(BackboneError, match="Known backbones: resnet50, resnet50_c4b6, resnet50_c5b2, resnet50_ms, "
+                                            "vgg19"):
         get_spec("vgg16")
 
 
@@ -76,24 +77,30 @@ def test_frozen_extractor_embeds_one_batch_without_ray():
 
 
 def test_activation_map_comes_from_the_same_forward_pass():
-    """resnet50_c5b2 (the conv5_block2_out map, flattened) is an output of the one ResNet50 that
-    also gives resnet50_ms: one network, and the same values as a model of that layer alone."""
+    """resnet50_c5b2 and resnet50_c4b6 (the conv5_block2_out and conv4_block6_out maps,
+    flattened) are outputs of the one ResNet50 that also gives resnet50_ms: one network, and the
+    same values as a model of each layer alone."""
     import keras
 
     from dermray.models.backbones import FrozenExtractor, preprocess
 
     images = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3)).astype(np.uint8)
-    names = ["resnet50_ms", "resnet50_c5b2"]
+    names = ["resnet50_ms", "resnet50_c5b2", "resnet50_c4b6"]
     extractor = FrozenExtractor(names, dict.fromkeys(names, "none"), 64, batch_size=2,
                                 jit_compile=False)
     assert [n for n, _ in extractor.networks] == [names]
     assert get_spec("resnet50_c5b2").map_shape(224) == (7, 7, 2048)
     assert get_spec("resnet50_c5b2").map_shape(64) == (2, 2, 2048)
+    assert get_spec("resnet50_c4b6").map_shape(224) == (14, 14, 1024)
+    assert get_spec("resnet50_c4b6").map_shape(64) == (4, 4, 1024)
+    assert get_spec("resnet50_c4b6").dim(224) == 200_704  # values per view: 401,408 B as float16
     every = np.ones(3, bool)
-    out = extractor.embed_rows(images, {"resnet50_ms": every, "resnet50_c5b2": every})
+    out = extractor.embed_rows(images, dict.fromkeys(names, every))
     assert out["resnet50_c5b2"].shape == (3, 2 * 2 * 2048)
+    assert out["resnet50_c4b6"].shape == (3, 4 * 4 * 1024)
     keras.utils.set_random_seed(0)  # the extractor's seed: the same random weights
     base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(64, 64, 3))
-    alone = keras.Model(base.input, base.get_layer("conv5_block2_out").output)
-    ref = np.asarray(alone(preprocess("resnet50", images), training=False)).reshape(3, -1)
-    np.testing.assert_allclose(out["resnet50_c5b2"], ref, rtol=1e-4, atol=1e-4)
+    for name, layer in (("resnet50_c5b2", "conv5_block2_out"), ("resnet50_c4b6", "conv4_block6_out")):
+        alone = keras.Model(base.input, base.get_layer(layer).output)
+        ref = np.asarray(alone(preprocess("resnet50", images), training=False)).reshape(3, -1)
+        np.testing.assert_allclose(out[name], ref, rtol=1e-4, atol=1e-4)

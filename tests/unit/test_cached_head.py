@@ -7,7 +7,7 @@ import pytest
 
 from dermray.models.heads import get_family
 from dermray.models.heads.base import HeadError
-from dermray.models.heads.cached import CachedFinetuneHead
+from dermray.models.heads.cached import TOP_BLOCKS, CachedFinetuneHead
 
 
 def _separable(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -84,3 +84,76 @@ def test_the_stopping_rule_restores_the_best_accuracy_epoch():
     stop.on_train_end()
     assert model.stop_training and epoch == 5  # three epochs without a better accuracy
     assert float(model.layers[0].kernel.numpy()[0, 0]) == 2.0  # epoch 2's weights (0-based)
+
+
+@pytest.fixture(scope="module")
+def source_network():
+    """The frozen ResNet50 the extraction builds (64 px; resnet50's pooled output and both cuts'
+    maps from one pass), with seeded random weights and batch norms that are not the identity
+    (random scales, shifts and statistics), so that a block copied without its batch norms'
+    weights differs."""
+    import keras
+
+    from dermray.models.backbones import build_network
+
+    keras.utils.set_random_seed(3)
+    network = build_network(["resnet50", *sorted(TOP_BLOCKS)], None, 64)
+    rng = np.random.default_rng(4)
+    for layer in network.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.gamma.shape
+            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.2, shape),
+                               rng.normal(0, 0.2, shape), rng.uniform(0.5, 2.0, shape)])
+    return network
+
+
+@pytest.mark.parametrize("cut", sorted(TOP_BLOCKS))
+def test_the_copied_blocks_are_the_frozen_networks_own(cut, source_network, monkeypatch):
+    """With dropout 0 the head's pooled features from a cut's map are the frozen network's own
+    pooled conv5_block3_out for the same image: the copied blocks (conv5_block3 from
+    resnet50_c5b2; all of stage 5, conv5_block1's projection shortcut and stride included, from
+    resnet50_c4b6) reproduce the source's, weights, batch norm statistics and all. Only the
+    blocks' convolutions and the classifier train."""
+    import keras
+
+    from dermray.models.backbones import get_spec, preprocess
+
+    network, spec = source_network, get_spec(cut)
+    images = np.random.default_rng(5).integers(0, 256, (2, 64, 64, 3)).astype(np.uint8)
+    outputs = network(preprocess("resnet50", images), training=False)
+    pooled = np.asarray(outputs[0])
+    maps = np.asarray(outputs[1 + sorted(TOP_BLOCKS).index(cut)]).reshape(
+        2, *spec.map_shape(64)).astype(np.float16)  # as the extraction caches them
+    head = CachedFinetuneHead(cut=cut, weights="none", channels=spec.channels, dropout=0.0)
+    # the blocks are copied from this network's layers (what _source_layers builds from the
+    # weights file: the same network, without building it again)
+    monkeypatch.setattr(head, "_source_layers", lambda: {l.name: l for l in network.layers})
+    model = head._build(maps.shape[1:])
+    gap = next(layer for layer in model.layers
+               if isinstance(layer, keras.layers.GlobalAveragePooling2D))
+    ours = np.asarray(keras.Model(model.input, gap.output)(maps, training=False))
+    # the same (float16) map through the source network's own layers above the cut: equal
+    top = keras.Model(network.get_layer(spec.layer).output,
+                      network.get_layer("resnet50_avg").output)
+    theirs = np.asarray(top(maps.astype(np.float32), training=False))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * np.abs(theirs).max())
+    # and from the image: the network's pooled output, up to the cache's float16 rounding
+    np.testing.assert_allclose(ours, pooled, rtol=0, atol=1e-2 * np.abs(pooled).max())
+    trainable = {w.path.split("/")[0] for w in model.trainable_weights}
+    convs = {f"{block}_{i}_conv" for block in TOP_BLOCKS[cut] for i in (1, 2, 3)}
+    if cut == "resnet50_c4b6":
+        convs.add("conv5_block1_0_conv")  # the projection shortcut
+    assert trainable == convs | {model.layers[-1].name}  # and the softmax; no batch norm
+
+
+def test_the_deeper_cut_is_a_setting_of_the_family(tmp_path):
+    """search.cached_cnn_features takes resnet50_c4b6: in the search's fingerprint, the maps
+    the family reads, and the head's channels."""
+    from dermray.config import build_section, output_settings
+
+    cfg = build_section("search", {"cached_cnn_features": "resnet50_c4b6", "out": str(tmp_path)})
+    spec = get_family("cached_cnn")
+    assert output_settings(cfg)["cached_cnn_features"] == "resnet50_c4b6"
+    assert spec.input_key(cfg) == ["resnet50_c4b6"]
+    params = spec.head_params(spec.first_point(cfg), cfg)
+    assert (params["cut"], params["channels"]) == ("resnet50_c4b6", 1024)

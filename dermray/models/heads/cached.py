@@ -5,6 +5,11 @@ float16 per view at 224). The layers below the cut are the frozen extractor's, s
 per view at extraction, not once per epoch: on 2 CPU cores an epoch over ~6,000 images takes about
 a minute instead of end-to-end fine-tuning's several (benchmarks/cached_finetune.py).
 
+The deeper cut (``resnet50_c4b6``: conv4_block6_out, 14x14x1024 float16 per view at 224, twice
+the storage) trains the whole of ResNet50's stage 5 (conv5_block1 to conv5_block3, the first
+with its projection shortcut) from the same kind of cache; ``TOP_BLOCKS`` maps each cut to the
+blocks above it.
+
 Augmentation at this depth: random horizontal and vertical flips of the maps. A flipped map is
 close to the map of the flipped image (ResNet's filters are not flip-symmetric, so not equal);
 it worked as augmentation when measured (docs/results.md). Test-time augmentation (``tta``)
@@ -47,15 +52,21 @@ from dermray.models.heads.registry import (
 if TYPE_CHECKING:
     from dermray.config import SearchConfig
 
-# activation-map backbone -> the residual blocks above its cut, which this family trains
-TOP_BLOCKS = {"resnet50_c5b2": ("conv5_block3",)}
+# activation-map backbone -> the residual blocks above its cut, which this family trains: the
+# last block from conv5_block2_out, or the whole of stage 5 from conv4_block6_out (the deeper
+# cut: its first block has a projection shortcut and halves the map, 14x14 -> 7x7 at 224)
+TOP_BLOCKS = {"resnet50_c5b2": ("conv5_block3",),
+              "resnet50_c4b6": ("conv5_block1", "conv5_block2", "conv5_block3")}
 # the layers of one ResNet bottleneck block with an identity shortcut, in order
 BOTTLENECK = ("_1_conv", "_1_bn", "_1_relu", "_2_conv", "_2_bn", "_2_relu", "_3_conv", "_3_bn")
+# the projection shortcut of a stage's first block (a strided 1x1 convolution and its batch norm)
+PROJECTION = ("_0_conv", "_0_bn")
 
 
 class CachedFinetuneHead(KerasHead):
-    """conv5_block3 (from ``weights``) + global pooling + dropout + optional dense layer +
-    softmax, fitted on activation maps (N, H, W, C) or their flattened rows (N, H*W*C)."""
+    """The blocks above the cut (``TOP_BLOCKS[cut]``, from ``weights``) + global pooling +
+    dropout + optional dense layer + softmax, fitted on activation maps (N, H, W, C) or their
+    flattened rows (N, H*W*C)."""
 
     # the best epoch by validation accuracy: a softmax that grows confident raises the val loss
     # while the accuracy still climbs (stopping on the loss restored epoch 2 of 6 on the real
@@ -116,8 +127,10 @@ class CachedFinetuneHead(KerasHead):
         x = keras.layers.RandomFlip("horizontal_and_vertical", seed=self.seed)(inputs) \
             if self.flips else inputs
         x = keras.layers.Activation("linear", dtype="float32", name="to_float32")(x)
+        source = self._source_layers()
         for block in TOP_BLOCKS[self.cut]:
-            x = _bottleneck(x, block, self._source_layers())
+            build = _projection_bottleneck if block + PROJECTION[0] in source else _bottleneck
+            x = build(x, block, source)
         x = keras.layers.GlobalAveragePooling2D()(x)
         x = keras.layers.Dropout(self.dropout)(x)
         if self.width:
@@ -146,18 +159,39 @@ class CachedFinetuneHead(KerasHead):
 def _bottleneck(x, block: str, source: dict[str, Any]):
     """A copy of a ResNet bottleneck block (identity shortcut) with the source's weights; its
     batch norms stay frozen (inference statistics), as in any small-batch fine-tune."""
+    return _residual(x, x, block, source)
+
+
+def _projection_bottleneck(x, block: str, source: dict[str, Any]):
+    """A copy of a stage's first ResNet bottleneck block, whose shortcut is a projection
+    (``_0_conv``, strided like the block's ``_1_conv``, then ``_0_bn``), with the source's
+    weights; its batch norms, the shortcut's too, stay frozen (inference statistics)."""
+    shortcut = x
+    for suffix in PROJECTION:
+        shortcut = _copy(shortcut, source[block + suffix])
+    return _residual(x, shortcut, block, source)
+
+
+def _residual(x, shortcut, block: str, source: dict[str, Any]):
+    """The block's main path on ``x`` (copied layers), added to ``shortcut``, then ReLU."""
     import keras
 
-    shortcut = x
     for suffix in BOTTLENECK:
-        old = source[block + suffix]
-        layer = type(old).from_config(old.get_config())
-        x = layer(x)
-        layer.set_weights(old.get_weights())
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
+        x = _copy(x, source[block + suffix])
     x = keras.layers.Add(name=f"{block}_add")([shortcut, x])
     return keras.layers.Activation("relu", name=f"{block}_out")(x)
+
+
+def _copy(x, old):
+    """``old`` layer's copy (same config and weights) applied to ``x``: trainable, but a batch
+    norm, which stays frozen (whether or not the source network was frozen)."""
+    import keras
+
+    layer = type(old).from_config(old.get_config())
+    x = layer(x)
+    layer.set_weights(old.get_weights())
+    layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+    return x
 
 
 def _flips(X: np.ndarray) -> list[np.ndarray]:
