@@ -112,7 +112,12 @@ def check_claim(folder: str, stage: str, current: dict[str, Any], fresh: bool = 
     storage.inside(folder, root)
     path = storage.join(folder, FILE)
     if storage.is_file(path):
-        old = read_fingerprint(path, flag)
+        try:
+            old = read_fingerprint(path, flag)
+        except DermrayError:
+            if not fresh:
+                raise
+            return [f"its {FILE} is damaged"]  # with fresh: started over, as for a change
         if old.get("key") == current["key"]:
             return None
         changed = differences(old, current)

@@ -540,8 +540,8 @@ REPORT_PROBES = [
     ("metrics.json", _drop("test")),
     ("metrics.json", _drop("trial_id")),
     ("metrics.json", lambda p: p.write_text(p.read_text().replace('"per_class": {',
-                                                                   '"per_class": [{', 1)
-                                            .replace('}}, "confusion', '}]}, "confusion', 1))),
+                                                                   '"per_class": [{')
+                                            .replace('}}, "confusion', '}]}, "confusion'))),
     ("trials.csv", lambda p: p.write_text("")),
     ("trials.csv", lambda p: p.write_bytes(bytes(range(256)) * 8)),
     ("trials.csv", lambda p: p.write_text("trial_id,family\nt1,logistic\n")),
@@ -571,7 +571,8 @@ def test_damaged_report_inputs_are_one_message(tmp_path, capsys):
     assert (tried, messages) == (len(REPORT_PROBES), 11)
 
 
-def test_a_damaged_fingerprint_or_manifest_record_is_one_message(synth_manifest, tmp_path):
+def test_a_damaged_fingerprint_or_manifest_record_is_one_message(synth_manifest, tmp_path,
+                                                                monkeypatch):
     """The stage records the reruns read back (a fingerprint, the manifest's own record):
     damaged, they are a message naming the file and --fresh."""
     from dermray.config import SearchConfig
@@ -585,11 +586,35 @@ def test_a_damaged_fingerprint_or_manifest_record_is_one_message(synth_manifest,
     (folder / FILE).write_text('{"key": ')
     with pytest.raises(DermrayError, match=f"{folder / FILE} is damaged .*pass --fresh"):
         search.run_search(cfg, str(synth_manifest))
+    # and --fresh starts it over (the damaged record deleted with the folder), as it says
+    monkeypatch.setattr(search, "ensure_ray", lambda: None)
+    monkeypatch.setattr(search, "check_trial_resources", lambda cfg: None)
+    class Reached(Exception):
+        pass
+
+    def reached(*a):
+        raise Reached
+
+    monkeypatch.setattr(search, "load_search_data", reached)
+    with pytest.raises(Reached):
+        search.run_search(cfg, str(synth_manifest), fresh=True)
+    assert json.loads((folder / FILE).read_text())["stage"] == "search"
     emb = out / "embeddings" / "backbone=resnet50"
     emb.mkdir(parents=True)
     (emb / FILE).write_text("[]")
     with pytest.raises(DermrayError, match=f"{emb / FILE} is damaged .*not a dict"):
         search.search_fingerprint(cfg, str(synth_manifest))
+
+    import pyarrow.parquet as pq
+
+    from dermray.data.catalog import manifest_meta
+
+    table = pq.read_table(synth_manifest)
+    for record in (b"{cut short", b"[]"):
+        damaged = tmp_path / "manifest.parquet"
+        pq.write_table(table.replace_schema_metadata({b"dermray": record}), damaged)
+        with pytest.raises(CatalogError, match=f"The manifest {damaged} is damaged .*--fresh"):
+            manifest_meta(str(damaged))
 
 
 def test_a_run_refuses_a_changed_search_before_extraction_starts_ray(synth_dir, tmp_path,
