@@ -176,8 +176,9 @@ def _too_much(remote: RemoteFile, limit: int, what: str) -> FetchError:
     bound = ("the size the listing gives" if remote.size >= 0 else
              "the ceiling for this file, as the listing gives no size")
     return FetchError(f"{remote.name}: the server {what} than {limit} bytes ({bound}); the "
-                      f"download was stopped and nothing kept. Is {remote.url} the HAM10000 "
-                      "dataset? Run the command again later, or download the files by hand.")
+                      "download was stopped (nothing of this answer kept). Is "
+                      f"{remote.url} the HAM10000 dataset? Run the command again later, or "
+                      "download the files by hand.")
 
 
 def unpack(archive: Path, dest: Path) -> Path:
