@@ -208,30 +208,30 @@ def test_fetch_is_bounded_by_size(monkeypatch, tmp_path):
     without sizes from an honest server fetches exactly (the reference)."""
     from dermray.data import fetch as fetch_module
 
-    honest = FakeDataverse()
-    ceiling = 2 * max(len(body) for _, body, _ in honest.files.values())
+    server = FakeDataverse()  # one server (each costs 0.5 s to shut down), reset per probe
+    knobs = {"sizes": True, "size_delta": 0, "extra": b"", "endless": set(), "listing_text": None}
+    ceiling = 2 * max(len(body) for _, body, _ in server.files.values())
     monkeypatch.setattr(fetch_module, "MAX_OTHER_FILE_BYTES", ceiling)
-    honest.sizes = False
+    tried = exactly = messages = 0
     try:
-        fetch(tmp_path / "ref", base_url=honest.url)
-        assert (tmp_path / "ref" / "HAM10000_metadata.csv").read_bytes() == honest.files[1][1]
+        server.sizes = False  # an honest server whose listing gives no sizes: the reference
+        fetch(tmp_path / "ref", base_url=server.url)
+        assert (tmp_path / "ref" / "HAM10000_metadata.csv").read_bytes() == server.files[1][1]
         assert len(list((tmp_path / "ref" / "HAM10000_images_part_1").glob("*.jpg"))) == 391
-    finally:
-        honest.server.shutdown()
-    tried, exactly, messages = 1, 1, 0
-    for i, (setup, fragment) in enumerate(FETCH_PROBES):
-        if "512 bytes" in fragment:
-            monkeypatch.setattr(fetch_module, "MAX_LISTING_BYTES", 512)
-        server = FakeDataverse()
-        setup(server)
-        dest = tmp_path / f"d{i}"
-        tried += 1
-        try:
+        tried, exactly = 1, 1
+        for i, (setup, fragment) in enumerate(FETCH_PROBES):
+            if "512 bytes" in fragment:
+                monkeypatch.setattr(fetch_module, "MAX_LISTING_BYTES", 512)
+            for key, value in knobs.items():
+                setattr(server, key, type(value)(value) if isinstance(value, set) else value)
+            setup(server)
+            dest = tmp_path / f"d{i}"
+            tried += 1
             with pytest.raises(FetchError) as err:
                 fetch(dest, base_url=server.url)
-        finally:
-            server.server.shutdown()
-        assert fragment.format(ceiling=ceiling) in str(err.value), str(err.value)
-        assert _no_extra_files(dest)
-        messages += 1
+            assert fragment.format(ceiling=ceiling) in str(err.value), str(err.value)
+            assert _no_extra_files(dest)
+            messages += 1
+    finally:
+        server.server.shutdown()
     assert (tried, exactly, messages) == (len(FETCH_PROBES) + 1, 1, 10)
