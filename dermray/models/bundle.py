@@ -494,7 +494,7 @@ def check_head_numbers(spec: BundleSpec, head: Any, where: str, want: int) -> No
                               "again.")
     model = getattr(head, "model_", None)
     for weight in getattr(model, "weights", []) if model is not None else []:
-        values = np.asarray(weight)
+        values = np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight)
         if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
             raise BundleError(f"{where}/head/{getattr(head, 'model_file', 'model')}: the weight "
                               f"'{getattr(weight, 'path', getattr(weight, 'name', '?'))}' holds "
