@@ -32,8 +32,8 @@ ZIP_NAMES = ("HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip")
 CHUNK = 1 << 20
 # what one answer may hold at most, so that no server (a listing without sizes, one sending more
 # than it announced, one that never ends) streams without bound: the listing; each file where
-# the listing gives no size (a file with a size is held to it); the HAM10000 files are 0.56 MB
-# (metadata) and about 1.4 GB (each zip)
+# the listing gives no size (a file with a size is held to it, and a listed size over the
+# ceiling is refused); the HAM10000 metadata is 0.56 MB, the two image zips a few GB together
 MAX_LISTING_BYTES = 16 << 20
 MAX_FILE_BYTES = {METADATA_NAME: 64 << 20}
 MAX_OTHER_FILE_BYTES = 4 << 30
