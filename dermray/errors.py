@@ -63,3 +63,8 @@ def check_unique(section: str, key: str, values: tuple[Any, ...]) -> None:
     repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
     check(not repeated, section, key, list(values),
           f"a list without repeats ({', '.join(map(str, repeated))} given more than once)")
+
+
+class DamagedOutputError(DermrayError):
+    """A file that a dermray stage wrote into OUT (a record, a table, a fingerprint) that
+    cannot be read back as what it must be."""

@@ -19,12 +19,21 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageEnhance, ImageOps
 
+from dermray.data.checks import HEADER_BYTES, MAX_PIXELS, header_size, too_many_pixels
 from dermray.domain import CLASSES
 from dermray.io import storage
 
 
 class DecodeError(ValueError):
     """An image that cannot be decoded; the message is the quarantine reason."""
+
+
+class TooManyPixels(DecodeError):
+    """An image whose header says it is over a pixel limit (``dims``, ``limit``)."""
+
+    def __init__(self, message: str, dims: tuple[int, int], limit: int) -> None:
+        super().__init__(message)
+        self.dims, self.limit = dims, limit
 
 
 BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
@@ -58,8 +67,8 @@ def decode_image(data: bytes, size: int, draft: bool = True,
     try:
         img = Image.open(io.BytesIO(data))
         if max_pixels and img.size[0] * img.size[1] > max_pixels:
-            raise DecodeError(f"image of {img.size[0]}x{img.size[1]} pixels is over the limit of "
-                              f"{max_pixels} pixels")
+            raise TooManyPixels(f"image of {img.size[0]}x{img.size[1]} pixels is over the limit "
+                                f"of {max_pixels} pixels", img.size, max_pixels)
         if draft and img.format == "JPEG":
             img.draft("RGB", (size, size))
         img.load()  # truncated files fail here, not later
@@ -122,9 +131,24 @@ def make_view(image: np.ndarray, split: str, image_id: str, aug_index: int, seed
     return dihedral(image, aug_index)
 
 
+def decode_pixels_limited(data: bytes, image_size: int, draft: bool = True,
+                          max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """``decode_image`` under validate's pixel limit, refused as validate reports it ('image
+    too large: WxH pixels, over LIMIT'), from the same header reading (``checks.header_size``;
+    PIL's where that cannot tell), before anything is decoded."""
+    dims = header_size(data[:HEADER_BYTES])
+    if dims is not None and too_many_pixels(dims, max_pixels):
+        raise DecodeError(f"image too large: {too_many_pixels(dims, max_pixels)}")
+    try:
+        return decode_image(data, image_size, draft=draft, max_pixels=max_pixels)
+    except TooManyPixels as exc:
+        raise DecodeError(f"image too large: {too_many_pixels(exc.dims, exc.limit)}") from None
+
+
 def decode_batch(batch: dict[str, np.ndarray], image_size: int, seed: int,
-                 draft: bool = True) -> dict[str, np.ndarray]:
-    """Read, decode, resize and augment each view; failures get an ``error`` and a blank image."""
+                 draft: bool = True, max_pixels: int = MAX_PIXELS) -> dict[str, np.ndarray]:
+    """Read, decode, resize and augment each view; failures get an ``error`` and a blank image.
+    An image over ``max_pixels`` (validate's limit, ``checks.MAX_PIXELS``) is one of them."""
     n = len(batch["image_id"])
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     errors = np.full(n, "", dtype=object)
@@ -134,7 +158,8 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, seed: int,
         if path not in cache:
             # the reason names the file (credentials redacted), as the quarantine shows it
             try:
-                cache[path] = decode_image(storage.read_bytes(path), image_size, draft=draft)
+                cache[path] = decode_pixels_limited(storage.read_bytes(path), image_size,
+                                                    draft=draft, max_pixels=max_pixels)
             except DecodeError as exc:
                 cache[path] = f"{storage.display(path)}: {exc}"
             except (FileNotFoundError, OSError) as exc:

@@ -321,8 +321,17 @@ def read_manifest(uri: str) -> pd.DataFrame:
 def manifest_meta(uri: str) -> dict[str, Any]:
     """What ``write_manifest`` stored beside the rows: ``config`` and ``fingerprint``."""
     fs, path = open_fs(uri)
-    meta = pq.read_schema(path, filesystem=fs).metadata or {}
-    return json.loads(meta.get(b"dermray", b"{}"))
+    try:
+        meta = pq.read_schema(path, filesystem=fs).metadata or {}
+        value = json.loads(meta.get(b"dermray", b"{}"))
+    except (pa.ArrowInvalid, ValueError) as exc:
+        raise CatalogError(f"The manifest {display(uri)} is damaged ({str(exc)[:160]}): "
+                           "write it again with `dermray data split --fresh` (or `dermray run "
+                           "--fresh`).") from None
+    if not isinstance(value, dict):
+        raise CatalogError(f"The manifest {display(uri)} is damaged (its dermray record is not "
+                           "a mapping): write it again with `dermray data split --fresh`.")
+    return value
 
 
 def manifest_config(uri: str) -> dict[str, Any]:

@@ -221,6 +221,14 @@ def _read_ends(path: str) -> tuple[int, bytes, bytes]:
         return size, head, (head[-2:] if size <= HEADER_BYTES else fh.read_at(2, size - 2))
 
 
+def too_many_pixels(dims: tuple[int, int], limit: int = MAX_PIXELS) -> str | None:
+    """The detail of an image over the pixel limit ('WxH pixels, over LIMIT'), or None: the
+    one wording of validate's report and extract's quarantine."""
+    if dims[0] * dims[1] > limit:
+        return f"{dims[0]}x{dims[1]} pixels, over {limit}"
+    return None
+
+
 def check_image_file(path: str, size: int | None = None) -> tuple[str, str] | None:
     """(kind, detail) when an image file is empty, not an image, truncated or too large, from
     its header and its last bytes; None when it looks like an image. No full decode: extract
@@ -245,8 +253,8 @@ def check_image_file(path: str, size: int | None = None) -> tuple[str, str] | No
             if is_jpeg and size > HEADER_BYTES:
                 return None  # a JPEG whose header runs past what was read: left to extract
             return "not an image", f"{size} bytes starting {head[:8]!r}"
-    if dims[0] * dims[1] > MAX_PIXELS:
-        return "image too large", f"{dims[0]}x{dims[1]} pixels, over {MAX_PIXELS}"
+    if too_many_pixels(dims):
+        return "image too large", too_many_pixels(dims)
     if is_jpeg and tail != b"\xff\xd9":
         return "truncated image", f"no JPEG end marker ({size} bytes)"
     return None

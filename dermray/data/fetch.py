@@ -30,6 +30,13 @@ DOI = "doi:10.7910/DVN/DBW86T"
 METADATA_NAME = "HAM10000_metadata.csv"
 ZIP_NAMES = ("HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip")
 CHUNK = 1 << 20
+# what one answer may hold at most, so that no server (a listing without sizes, one sending more
+# than it announced, one that never ends) streams without bound: the listing; each file where
+# the listing gives no size (a file with a size is held to it, and a listed size over the
+# ceiling is refused); the HAM10000 metadata is 0.56 MB, the two image zips a few GB together
+MAX_LISTING_BYTES = 16 << 20
+MAX_FILE_BYTES = {METADATA_NAME: 64 << 20}
+MAX_OTHER_FILE_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -62,22 +69,44 @@ def list_files(base_url: str = DATAVERSE, doi: str = DOI) -> dict[str, RemoteFil
     api = f"{base_url.rstrip('/')}/api/datasets/:persistentId/?persistentId={urllib.parse.quote(doi)}"
     try:
         with _open(api) as response:
-            payload = json.load(response)
+            body = response.read(MAX_LISTING_BYTES + 1)
     except urllib.error.HTTPError as exc:
         raise FetchError(f"The Dataverse API at {api} answered HTTP {exc.code}.") from None
-    except json.JSONDecodeError:
+    if len(body) > MAX_LISTING_BYTES:
+        raise FetchError(f"The Dataverse API at {api} answered more than {MAX_LISTING_BYTES} "
+                         "bytes for the file list; that is not the HAM10000 listing.")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
         raise FetchError(f"The Dataverse API at {api} did not answer JSON.") from None
-    files = {}
-    for entry in payload.get("data", {}).get("latestVersion", {}).get("files", []):
-        data = entry.get("dataFile", {})
-        original = data.get("originalFileName")
-        name = original or data.get("filename") or entry.get("label")
-        suffix = "?format=original" if original else ""
-        size = data.get("originalFileSize") if original else data.get("filesize")
-        md5 = data.get("md5") or (data.get("checksum") or {}).get("value", "")
-        files[name] = RemoteFile(name=name, url=f"{base_url.rstrip('/')}/api/access/datafile/"
-                                 f"{data['id']}{suffix}", size=int(size or -1), md5=md5)
-    return files
+    try:
+        return dict(_remote_file(entry, base_url)
+                    for entry in payload["data"]["latestVersion"]["files"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise FetchError(f"The Dataverse API at {api} answered a file list dermray cannot read "
+                         f"({type(exc).__name__}: {str(exc)[:120]}); is it a Dataverse "
+                         "server?") from None
+
+
+def _remote_file(entry: dict, base_url: str) -> tuple[str, RemoteFile]:
+    """One entry of the listing (KeyError, TypeError or ValueError where it is not one)."""
+    data = entry.get("dataFile", {})
+    original = data.get("originalFileName")
+    name = str(original or data.get("filename") or entry.get("label"))
+    suffix = "?format=original" if original else ""
+    size = data.get("originalFileSize") if original else data.get("filesize")
+    md5 = data.get("md5") or (data.get("checksum") or {}).get("value", "")
+    file_id = int(data["id"])
+    return name, RemoteFile(name=name, url=f"{base_url.rstrip('/')}/api/access/datafile/"
+                            f"{file_id}{suffix}", size=int(size if size is not None else -1),
+                            md5=str(md5))
+
+
+def max_bytes(remote: RemoteFile) -> int:
+    """The most bytes a download of ``remote`` may bring: its listed size, else the ceiling of
+    its name (``MAX_FILE_BYTES``, ``MAX_OTHER_FILE_BYTES``)."""
+    return remote.size if remote.size >= 0 else MAX_FILE_BYTES.get(remote.name,
+                                                                    MAX_OTHER_FILE_BYTES)
 
 
 def _md5(path: Path) -> str:
@@ -94,8 +123,14 @@ def download(remote: RemoteFile, target: Path,
     if target.exists() and (remote.size < 0 or target.stat().st_size == remote.size):
         return target
     part = target.with_name(target.name + ".part")
+    limit = max_bytes(remote)
+    ceiling = MAX_FILE_BYTES.get(remote.name, MAX_OTHER_FILE_BYTES)
+    if limit > ceiling:
+        raise FetchError(f"{remote.name}: the listing says {remote.size} bytes, over the "
+                         f"{ceiling} bytes this file can be; nothing was downloaded. Is "
+                         f"{remote.url} the HAM10000 dataset?")
     have = part.stat().st_size if part.exists() else 0
-    if 0 <= remote.size < have:
+    if limit < have:
         storage.remove(part, target.parent, "longer than the file it resumes")
         have = 0
     headers = {"Range": f"bytes={have}-"} if have else {}
@@ -111,12 +146,20 @@ def download(remote: RemoteFile, target: Path,
         with response:
             mode = "ab" if have and response.status == 206 else "wb"
             done = have if mode == "ab" else 0
+            announced = response.headers.get("Content-Length")
+            if announced and announced.isdigit() and done + int(announced) > limit:
+                raise _too_much(remote, limit, f"announces {done + int(announced)} bytes, more")
             with part.open(mode) as out:
-                while block := response.read(CHUNK):
+                while block := response.read(min(CHUNK, limit + 1 - done)):
                     out.write(block)
                     done += len(block)
+                    if done > limit:
+                        break
                     if on_progress:
                         on_progress(done, remote.size)
+            if done > limit:
+                storage.remove(part, target.parent, "longer than the file can be")
+                raise _too_much(remote, limit, "sent more")
     size = part.stat().st_size
     if remote.size >= 0 and size != remote.size:
         raise FetchError(f"{remote.name}: got {size} bytes, expected {remote.size}. Run the "
@@ -127,6 +170,15 @@ def download(remote: RemoteFile, target: Path,
                          "was removed, run the command again to download it afresh.")
     part.replace(target)
     return target
+
+
+def _too_much(remote: RemoteFile, limit: int, what: str) -> FetchError:
+    bound = ("the size the listing gives" if remote.size >= 0 else
+             "the ceiling for this file, as the listing gives no size")
+    return FetchError(f"{remote.name}: the server {what} than {limit} bytes ({bound}); the "
+                      "download was stopped (nothing of this answer kept). Is "
+                      f"{remote.url} the HAM10000 dataset? Run the command again later, or "
+                      "download the files by hand.")
 
 
 def unpack(archive: Path, dest: Path) -> Path:

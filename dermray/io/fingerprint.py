@@ -24,6 +24,7 @@ from typing import Any
 
 from dermray.errors import DermrayError
 from dermray.io import storage
+from dermray.io.outputs import read_json_output
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +94,32 @@ def claim(folder: str, stage: str, current: dict[str, Any], fresh: bool = False,
     naming what changed.
     """
     storage.inside(folder, root)
+    changed = check_claim(folder, stage, current, fresh, flag, root=root)
+    if changed is None:
+        return
+    if changed:
+        storage.remove(folder, root, f"{flag}: the {stage} settings or inputs changed: "
+                       + "; ".join(changed))
+    storage.write_text(storage.join(folder, FILE), json.dumps(current, indent=2, sort_keys=True))
+
+
+def check_claim(folder: str, stage: str, current: dict[str, Any], fresh: bool = False,
+                flag: str = "--fresh", *, root: str) -> list[str] | None:
+    """What ``claim`` would do, without doing it: None (the same key: nothing to do), [] (no
+    fingerprint yet: it would be written), the differences (``fresh``: the folder would start
+    over); raises where ``claim`` refuses. Nothing is written or deleted, so a run can check
+    every stage's claim before the first of them starts Ray."""
+    storage.inside(folder, root)
     path = storage.join(folder, FILE)
     if storage.is_file(path):
-        old = json.loads(storage.read_text(path))
+        try:
+            old = read_fingerprint(path, flag)
+        except DermrayError:
+            if not fresh:
+                raise
+            return [f"its {FILE} is damaged"]  # with fresh: started over, as for a change
         if old.get("key") == current["key"]:
-            return
+            return None
         changed = differences(old, current)
         if not fresh:
             raise StaleOutputError(
@@ -105,11 +127,17 @@ def claim(folder: str, stage: str, current: dict[str, Any], fresh: bool = False,
                 f"inputs ({'; '.join(changed) or 'the fingerprint differs'}). Reusing it would mix "
                 f"two results. Write to a new --out, or pass {flag} to redo the {stage} stage "
                 "there (its old output is deleted).")
-        storage.remove(folder, root, f"{flag}: the {stage} settings or inputs changed: "
-                       + "; ".join(changed))
-    elif storage.list_files(folder):
+        return changed or ["the fingerprint differs"]
+    if storage.list_files(folder):
         raise StaleOutputError(
             f"{storage.display(folder)} holds files but no {FILE}: it is not the output of a "
             f"dermray {stage} stage, so it is neither reused nor deleted. Write to a new --out, "
             "or move those files away.")
-    storage.write_text(path, json.dumps(current, indent=2, sort_keys=True))
+    return []
+
+
+def read_fingerprint(path: str, flag: str = "--fresh") -> dict[str, Any]:
+    """A stage's fingerprint file; a damaged one (not JSON, not a mapping) is a message naming
+    it and the way out."""
+    return read_json_output(path, f"pass {flag} to redo the stage that wrote it, or write to "
+                            "a new --out", expect=dict)

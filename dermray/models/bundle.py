@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from pathlib import Path
@@ -423,7 +424,13 @@ def load_bundle(model: str | Path, weights_dirs: Sequence[str | Path] = (),
     weights = {b.name: find_weights(b.name, b.weights_identity, b.weights_name,
                                     [*weights_dirs], hint=b.weights_hint,
                                     origin=b.weights_origin) for b in spec.backbones}
-    head = load_head(spec.family, directory / "head")
+    try:
+        head = load_head(spec.family, directory / "head")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError,
+            zipfile.BadZipFile, DermrayError) as exc:
+        raise BundleError(f"{where}/head cannot be loaded as a '{spec.family}' head "
+                          f"({type(exc).__name__}: {str(exc)[:200]}). The export wrote a "
+                          "damaged head: export the bundle again.") from None
     check_head(spec, head, where)
     if warn_random and spec.random_backbones:
         logger.warning("the model %s runs its backbone(s) %s on seeded random weights "
@@ -461,3 +468,42 @@ def check_head(spec: BundleSpec, head: Any, where: str) -> None:
     if classes is not None and len(classes) != len(spec.labels):
         raise BundleError(f"{where}: the head gives {len(classes)} classes, {BUNDLE_FILE}'s "
                           f"labels name {len(spec.labels)}. Export the bundle again.")
+    check_head_numbers(spec, head, where, want)
+
+
+def check_head_numbers(spec: BundleSpec, head: Any, where: str, want: int) -> None:
+    """The head's numbers are finite and of the declared shapes: each numeric array a head
+    declares (``Head.declared_arrays``: its shape from the bundle's feature count and its 7
+    classes), every weight of a Keras head's model; and a head on features gives finite
+    probabilities that sum to 1 on one input of zeros (an exporter that wrote NaN anywhere,
+    a tree's leaves included). The content hash cannot tell: an exporter's own bug is hashed
+    with the rest."""
+    target = f"{where}/head/{getattr(head, 'arrays_file', '') or ''}".rstrip("/")
+    declared = getattr(head, "declared_arrays", lambda *a: {})(want, len(spec.labels))
+    for name, (array, shape) in declared.items():
+        array = np.asarray(array)
+        if array.shape != shape:
+            raise BundleError(f"{target}: '{name}' has shape {array.shape}, but {BUNDLE_FILE} "
+                              f"declares {want} features and {len(spec.labels)} classes, so "
+                              f"{shape}. The export wrote a damaged head: export it again.")
+        if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
+            bad = (int(np.size(array) - np.isfinite(array).sum())
+                   if np.issubdtype(array.dtype, np.number) else "all")
+            raise BundleError(f"{target}: '{name}' holds {bad} value(s) that are not finite "
+                              "numbers (NaN or inf). The export wrote a damaged head: export it "
+                              "again.")
+    model = getattr(head, "model_", None)
+    for weight in getattr(model, "weights", []) if model is not None else []:
+        values = np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight)
+        if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
+            raise BundleError(f"{where}/head/{getattr(head, 'model_file', 'model')}: the weight "
+                              f"'{getattr(weight, 'path', getattr(weight, 'name', '?'))}' holds "
+                              "values that are not finite (NaN or inf). The export wrote a "
+                              "damaged head: export it again.")
+    if get_family(spec.family).input == EMBEDDINGS:
+        proba = np.asarray(head.predict_proba(np.zeros((1, want), dtype=np.float32)))
+        if (proba.shape != (1, len(spec.labels)) or not np.all(np.isfinite(proba))
+                or not np.allclose(proba.sum(axis=1), 1.0, atol=1e-3)):
+            raise BundleError(f"{where}/head: on an input of zeros it gives {proba.tolist()}, not "
+                              f"{len(spec.labels)} finite probabilities that sum to 1. The export "
+                              "wrote a damaged head: export it again.")

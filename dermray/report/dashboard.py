@@ -19,6 +19,7 @@ import pandas as pd
 
 from dermray.errors import DermrayError
 from dermray.io import storage
+from dermray.io.outputs import damaged, read_csv_output, read_json_output, reading
 from dermray.models.heads import FAMILY_SPECS, param_prefixes
 from dermray.models.policies import describe
 from dermray.report.embedding_map import html_section
@@ -198,6 +199,16 @@ def _trial_statuses(experiment: str) -> dict[str, str]:
         return {}
 
 
+def _params(path: str) -> dict[str, Any] | None:
+    """A trial's params.json (Tune's own file; None where it is absent, half-written or not a
+    mapping: the trial's last result holds its config too)."""
+    try:
+        value = json.loads(storage.read_text(path)) if storage.is_file(path) else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def live_trials(out: str) -> pd.DataFrame:
     """The trials of the Tune experiment(s) under OUT/tune so far, one row each, read from the
     trial folders as they are: params.json (the config) and result.json (one line per result;
@@ -222,8 +233,7 @@ def live_trials(out: str) -> pd.DataFrame:
             except ValueError:
                 continue
         params_path = storage.join(folder, "params.json")
-        config = (json.loads(storage.read_text(params_path)) if storage.is_file(params_path)
-                  else last.get("config", {}))
+        config = _params(params_path) or last.get("config") or {}
         trial_id = last.get("trial_id") or folder.rsplit("/", 1)[-1].split("_")[2]
         status = trial_state(statuses.get(trial_id, ""), bool(last.get("final")))
         family = config.get("family", "")
@@ -302,8 +312,20 @@ def write_dashboard(out: str) -> str:
                                "Tune trials under OUT/tune yet; run `dermray run` or `dermray "
                                "search` with --out there first.")
         return storage.write_text(storage.join(out, "report.html"), partial_page(out, live))
-    trials = pd.read_csv(io.BytesIO(storage.read_bytes(trials_uri)))
-    result: dict[str, Any] = json.loads(storage.read_text(metrics_uri))
+    fix = (f"run `dermray search --out {storage.display(out)}` again (a finished search is "
+           "not redone; its results are written again), or pass --fresh to redo it")
+    trials = read_csv_output(trials_uri, fix, columns=("trial_id", "family", "features",
+                                                       "val_accuracy"))
+    if not len(trials) or pd.to_numeric(trials["val_accuracy"], errors="coerce").isna().all():
+        raise damaged(trials_uri, "no trial with a val_accuracy", fix)
+    result: dict[str, Any] = read_json_output(metrics_uri, fix, expect=dict)
+    with reading(metrics_uri, fix):  # a key or value missing: metrics.json's damage
+        page = final_page(out, trials, result)
+    return storage.write_text(storage.join(out, "report.html"), page)
+
+
+def final_page(out: str, trials: pd.DataFrame, result: dict[str, Any]) -> str:
+    """The page of a finished search: trials.csv's trials and metrics.json's winner."""
     shown = trials[[c for c in ("trial_id", "family", "features", "val_accuracy",
                                 "val_balanced_accuracy", "val_macro_f1", "val_log_loss",
                                 "iterations", "time_total_s", "status", "ended_at", "params")
@@ -344,4 +366,4 @@ Test (scored once, after selection): accuracy {test['accuracy']:.4f}, balanced a
 <script>{SORT_JS}</script>
 </body></html>
 """
-    return storage.write_text(storage.join(out, "report.html"), page)
+    return page

@@ -28,8 +28,9 @@ import pandas as pd
 from sklearn.decomposition import PCA
 
 from dermray.domain import CLASSES
-from dermray.errors import DermrayError
+from dermray.errors import DamagedOutputError, DermrayError
 from dermray.io import storage
+from dermray.io.outputs import read_json_output, reading
 from dermray.models.backbones import BACKBONES
 from dermray.models.embeddings import backbone_dir, load_embeddings
 
@@ -192,10 +193,10 @@ def report_map(out: str | Path, features: str | None = None, method: str = "pca"
             return None
         key = _source_key(out, names, method)
         record_uri = storage.join(out, "embedding_map.json")
-        if storage.is_file(record_uri):
-            record = json.loads(storage.read_text(record_uri))
-            if record.get("key") == key and storage.is_file(storage.join(out,
-                                                                         "embedding_map.png")):
+        if storage.is_file(record_uri) and storage.is_file(storage.join(out,
+                                                                        "embedding_map.png")):
+            record = cached_record(record_uri, key)
+            if record is not None:
                 return record
         record = {**write_embedding_map(out, names, method=method), "key": key}
         storage.write_text(record_uri, json.dumps(record, indent=2))
@@ -203,6 +204,22 @@ def report_map(out: str | Path, features: str | None = None, method: str = "pca"
     except Exception:  # a plot must never cost the report
         logger.warning("no embedding map for %s", storage.display(out), exc_info=True)
         return None
+
+
+def cached_record(record_uri: str, key: str) -> dict[str, Any] | None:
+    """The map's record when it is of these embeddings and whole; None (the map is redrawn,
+    as the cache it is) when it is of others or damaged (not JSON, a field missing)."""
+    fix = "it is redrawn"
+    try:
+        record = read_json_output(record_uri, fix, expect=dict)
+        if record.get("key") != key:
+            return None
+        with reading(record_uri, fix):
+            _caption(record)
+    except DamagedOutputError as exc:
+        logger.info("%s", exc)
+        return None
+    return record
 
 
 def _caption(record: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ from dermray.data.augment import decode_batch, plan_views
 from dermray.data.catalog import frame_hash, read_manifest
 from dermray.errors import DermrayError
 from dermray.io import faults, storage
-from dermray.io.fingerprint import claim, make, versions
+from dermray.io.fingerprint import check_claim, claim, make, versions
 from dermray.models.backbones import (
     FrozenExtractor,
     limit_threads,
@@ -47,6 +47,7 @@ from dermray.models.embeddings import (
 from dermray.stages.progress import ExtractProgress
 from dermray.stages.raysession import (
     batch_blocks,
+    check_resources,
     cluster_shape,
     ensure_ray,
     joined_cluster,
@@ -195,6 +196,19 @@ def actor_layout(cfg: ExtractConfig) -> dict[str, Any]:
     return {**layout, "num_cpus": cfg.cpus_per_actor, "writer": writer}
 
 
+def actor_requests(cfg: ExtractConfig, layout: dict[str, Any]
+                   ) -> list[tuple[str, dict[str, float], str]]:
+    """What one embedding actor and one decode task ask of a node (for
+    ``raysession.check_resources``)."""
+    auto = "" if cfg.num_gpus_per_actor else f" (auto: {layout['num_gpus']:g})"
+    what = (f"An embedding actor (extract.cpus_per_actor: {cfg.cpus_per_actor:g}, "
+            f"extract.num_gpus_per_actor: {cfg.num_gpus_per_actor:g}{auto})")
+    return [(what,
+             {"CPU": float(layout["num_cpus"]), "GPU": float(layout["num_gpus"])},
+             "Lower extract.cpus_per_actor or extract.num_gpus_per_actor to what a node has."),
+            ("A decode task (1 CPU)", {"CPU": 1.0}, "Give the cluster a node with a CPU.")]
+
+
 def actor_summary(rows: pd.DataFrame) -> list[dict[str, Any]]:
     """Views embedded per actor (with its node and GPUs), from the batch summary rows."""
     if rows.empty:
@@ -250,22 +264,43 @@ def reconcile(plan: pd.DataFrame, out: str, backbones: list[str],
 OUTPUT_PACKAGES = ("keras", "tensorflow", "tensorflow-cpu", "numpy", "pillow")
 
 
+def output_claims(cfg: ExtractConfig, manifest: pd.DataFrame, identities: dict[str, str]
+                  ) -> dict[str, dict[str, Any]]:
+    """Folder -> the fingerprint that claims it: the quarantine, and each backbone's folder (the
+    output of exactly these settings, this manifest and that backbone's weights)."""
+    # the settings declared to change which views are made and what their rows hold (not the
+    # Ray layout: dermray.config declares each field's effect)
+    settings = output_settings(cfg)
+    inputs = {"manifest": frame_hash(manifest)}
+    claims = {quarantine_dir(cfg.out): make("extract", settings, inputs, OUTPUT_PACKAGES)}
+    for name in cfg.backbones:
+        claims[backbone_dir(cfg.out, name)] = make(
+            "extract", {**settings, "backbone": name}, {**inputs, "weights": identities[name]},
+            OUTPUT_PACKAGES)
+    return claims
+
+
 def claim_outputs(cfg: ExtractConfig, manifest: pd.DataFrame, identities: dict[str, str],
                   fresh: bool) -> None:
     """Each backbone's folder (and the quarantine) is the output of exactly these settings, this
     manifest and that backbone's weights: a rerun with anything else is refused, or with
     ``fresh`` starts that folder over (see dermray.io.fingerprint)."""
+    for folder, current in output_claims(cfg, manifest, identities).items():
+        claim(folder, "extract", current, fresh, root=cfg.out)
 
-    # the settings declared to change which views are made and what their rows hold (not the
-    # Ray layout: dermray.config declares each field's effect)
-    settings = output_settings(cfg)
-    inputs = {"manifest": frame_hash(manifest)}
-    claim(quarantine_dir(cfg.out), "extract", make("extract", settings, inputs, OUTPUT_PACKAGES),
-          fresh, root=cfg.out)
-    for name in cfg.backbones:
-        claim(backbone_dir(cfg.out, name), "extract",
-              make("extract", {**settings, "backbone": name},
-                   {**inputs, "weights": identities[name]}, OUTPUT_PACKAGES), fresh, root=cfg.out)
+
+def check_outputs(cfg: ExtractConfig, fresh: bool = False) -> dict[str, str]:
+    """What ``run_extract`` would refuse, refused now, with nothing written or deleted (a run
+    checks every stage before the first starts Ray); returns backbone -> the fingerprint key
+    its folder will hold."""
+    if not cfg.manifest:
+        raise DermrayError("extract.manifest is not set: pass --manifest OUT/manifest.parquet.")
+    manifest = read_manifest(cfg.manifest)
+    identities = {b: weights_identity(cfg.weights_for(b), b) for b in cfg.backbones}
+    claims = output_claims(cfg, manifest, identities)
+    for folder, current in claims.items():
+        check_claim(folder, "extract", current, fresh, root=cfg.out)
+    return {name: claims[backbone_dir(cfg.out, name)]["key"] for name in cfg.backbones}
 
 
 def weights_record(weights: dict[str, str | None],
@@ -304,6 +339,7 @@ def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
     if len(pending):
         ensure_ray()
         layout = actor_layout(cfg)
+        check_resources(actor_requests(cfg, layout))  # never queued forever
         ds = ray.data.from_pandas(batch_blocks(pending, cfg.batch_size))
         ds = ds.map_batches(decode_batch, batch_size=cfg.decode_batch_size, num_cpus=1,
                             fn_kwargs={"image_size": cfg.image_size, "seed": cfg.seed})

@@ -35,8 +35,8 @@ from dermray.io import fingerprint, storage
 from dermray.models.embeddings import backbone_dir
 from dermray.models.features import parse_features
 from dermray.models.heads import ACTIVATIONS, EMBEDDINGS, get_family
-from dermray.stages.extract import run_extract
-from dermray.stages.search import run_search, storage_path
+from dermray.stages.extract import check_outputs, run_extract
+from dermray.stages.search import check_search_claim, run_search, storage_path
 from dermray.stages.select import finish
 
 logger = logging.getLogger(__name__)
@@ -109,10 +109,14 @@ def run_pipeline(config_path: str, out: str, fresh: bool = False) -> dict[str, A
     manifest_path, manifest = run_split(data_cfg, fresh=fresh)
     result["manifest"] = manifest_path
     result["split_sizes"] = manifest["split"].value_counts().to_dict()
-    if "extract" in sections:
-
-        extract_cfg = load_section("extract", config_path,
-                                   {"manifest": manifest_path, "out": out})
+    extract_cfg = (load_section("extract", config_path, {"manifest": manifest_path, "out": out})
+                   if "extract" in sections else None)
+    if "search" in sections:
+        # every stage's settings checked before the first of them starts Ray (30 s)
+        extracting = check_outputs(extract_cfg, fresh) if extract_cfg else {}
+        search_cfg = load_section("search", config_path, {"out": out})
+        check_search_claim(search_cfg, manifest_path, extracting, fresh)
+    if extract_cfg is not None:
         record = run_extract(extract_cfg, fresh=fresh)
         result["embeddings"] = record["embeddings"]
         result["extract_rows"] = {k: v["rows"] for k, v in record["rows"].items()}

@@ -43,7 +43,13 @@ from dermray.models.predict_io import (
     predict_decoded,
     split_rows,
 )
-from dermray.stages.raysession import batch_blocks, cluster_shape, ensure_ray, pool_layout
+from dermray.stages.raysession import (
+    batch_blocks,
+    check_resources,
+    cluster_shape,
+    ensure_ray,
+    pool_layout,
+)
 
 
 def bundle_files(directory: str | Path) -> dict[str, bytes]:
@@ -118,6 +124,9 @@ def run_predict_ray(model: str, inputs: Sequence[str], out: str | None = None,
     writer = PredictionWriter(out, fmt)
     ensure_ray()
     layout = actor_layout(num_actors)
+    check_resources([(f"A predictor actor (1 CPU, {layout['num_gpus']:g} GPU)",
+                      {"CPU": 1.0, "GPU": float(layout["num_gpus"])},
+                      "Give the cluster a node with a CPU (and a GPU, where it has GPUs).")])
     ds = ray.data.from_pandas(batch_blocks(pd.DataFrame({"path": paths}), limits.batch_size,
                                            max_blocks=1000))
     ds = ds.map_batches(decode_files, batch_size=limits.batch_size, num_cpus=1,

@@ -187,3 +187,65 @@ def batch_blocks(frame: pd.DataFrame, batch_size: int,
     314 batches, all but the last full (0.999)."""
     per = batch_size * max(1, -(-len(frame) // (max_blocks * batch_size)))
     return [frame.iloc[i:i + per] for i in range(0, len(frame), per)] or [frame]
+
+
+def _amounts(resources: dict[str, float], keys: tuple[str, ...] = ("CPU", "GPU")) -> str:
+    return ", ".join(f"{k} {resources.get(k, 0.0):g}" for k in keys)
+
+
+def node_offers() -> tuple[list[tuple[str, dict[str, float]]], bool]:
+    """What one node can ever offer a task or an actor: (label, resources) for each live node
+    and, on a joined cluster, for each node type of its autoscaler config (read from the GCS,
+    where the autoscaler publishes it). The flag says whether the offers are complete: True on
+    dermray's own local Ray (nothing adds a node) or where the autoscaler config was read."""
+    import ray
+
+    offers = [(f"node {n.get('NodeManagerAddress', '?')}",
+               {k: float(v) for k, v in (n.get("Resources") or {}).items()})
+              for n in ray.nodes() if n.get("Alive")]
+    if not joined_cluster():
+        return offers, True
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # Ray's private API moved, or the GCS does not answer it
+        logger.debug("no autoscaler config", exc_info=True)
+        config = None
+    if config is None or not config.node_group_configs:
+        return offers, False
+    for group in config.node_group_configs:
+        if group.max_count != 0:
+            offers.append((f"node type {group.name}",
+                           {k: float(v) for k, v in dict(group.resources).items()}))
+    return offers, True
+
+
+def check_resources(requests: list[tuple[str, dict[str, float], str]]) -> None:
+    """Each request ``(what, resources, fix)``: the resources one task or actor asks for, with
+    what asks for them (a setting and its value) and how to change it. A request that no node
+    of the cluster can ever offer would wait forever (Ray Tune and Ray Data queue it without an
+    end): refused here, before the job starts, naming the request, the setting to change and
+    what the cluster has. On a joined cluster whose autoscaler config cannot be read, a warning
+    instead (an autoscaler may still add a node that fits)."""
+    offers, complete = node_offers()
+
+    def fits(resources: dict[str, float], offer: dict[str, float]) -> bool:
+        return all(offer.get(k, 0.0) >= v for k, v in resources.items() if v > 0)
+
+    for what, resources, fix in requests:
+        if any(fits(resources, offer) for _, offer in offers):
+            continue
+        keys = tuple(dict.fromkeys(["CPU", "GPU", *(k for k, v in resources.items() if v > 0)]))
+        has = "; ".join(f"{label}: {_amounts(offer, keys)}" for label, offer in offers) or "no node"
+        asked = _amounts(resources, tuple(k for k in keys if resources.get(k, 0) > 0))
+        if not complete:
+            logger.warning("%s asks for %s per task, which no node of this cluster has now (%s); "
+                           "its autoscaler's node types could not be read, so the job waits for "
+                           "one to be added. If none can be, it waits forever: %s", what, asked,
+                           has, fix)
+            continue
+        where = ("this local Ray has" if not joined_cluster() else
+                 "no node or node type of this cluster (its autoscaler config included) has it:")
+        raise DermrayError(f"{what} asks for {asked} per task, but {where} {has}. Nothing would "
+                           f"ever run it, and the job would wait forever. {fix}")

@@ -7,7 +7,6 @@ per family, metric ``val_accuracy`` (max). Selection, test scoring and export ar
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -21,14 +20,14 @@ from dermray.data.catalog import frame_hash, read_manifest
 from dermray.domain import CLASSES
 from dermray.errors import DermrayError
 from dermray.io import faults, storage
-from dermray.io.fingerprint import FILE, claim, make
+from dermray.io.fingerprint import FILE, check_claim, claim, make, read_fingerprint
 from dermray.models.embeddings import backbone_dir, load_activations
 from dermray.models.features import embedding_features, image_arrays, parse_features
 from dermray.models.heads import ACTIVATIONS, EMBEDDINGS, IMAGES, FamilySpec, get_family
 from dermray.report.evaluate import metrics
 from dermray.stages.console import quiet_libraries, route_foreign_logs, verbose
 from dermray.stages.progress import tune_callback_base, tune_callbacks
-from dermray.stages.raysession import ensure_ray, keep_credentials_out_of_tune
+from dermray.stages.raysession import check_resources, ensure_ray, keep_credentials_out_of_tune
 from dermray.stages.tracking import hparams_logger
 
 logger = logging.getLogger(__name__)
@@ -223,9 +222,11 @@ SEARCH_PACKAGES = ("scikit-learn", "xgboost", "keras", "tensorflow", "tensorflow
                    "numpy", "ray")
 
 
-def search_fingerprint(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
+def search_fingerprint(cfg: SearchConfig, manifest_path: str,
+                       extracting: dict[str, str] | None = None) -> dict[str, Any]:
     """What a Tune experiment is made of: the search settings declared to change its output,
-    the manifest's content and the fingerprints of the embeddings it reads."""
+    the manifest's content and the fingerprints of the embeddings it reads (``extracting``:
+    backbone -> the fingerprint key its extraction, still to run, will write)."""
     settings = output_settings(cfg)  # each family's own keys as their families declare them
     embeddings = {}
     read = {b for spec in cfg.features for b in parse_features(spec)[0]}
@@ -234,12 +235,51 @@ def search_fingerprint(cfg: SearchConfig, manifest_path: str) -> dict[str, Any]:
             read.update(get_family(fam).input_key(cfg))
     for name in sorted(read):
         path = storage.join(backbone_dir(cfg.out, name), FILE)
-        embeddings[name] = (json.loads(storage.read_text(path)).get("key")
-                            if storage.is_file(path) else None)
+        if name in (extracting or {}):
+            embeddings[name] = extracting[name]
+            continue
+        embeddings[name] = read_fingerprint(path).get("key") if storage.is_file(path) else None
     inputs = {"manifest": frame_hash(read_manifest(manifest_path)), "embeddings": embeddings}
     packages = dict.fromkeys([*SEARCH_PACKAGES,
                               *(p for fam in cfg.families for p in get_family(fam).packages)])
     return make("search", settings, inputs, packages)
+
+
+def trial_requests(cfg: SearchConfig, cluster_has_gpus: bool
+                   ) -> list[tuple[str, dict[str, float], str]]:
+    """Each searched family's resources per trial (``FamilySpec.resources``), with the settings
+    that ask for them and how to change them (for ``raysession.check_resources``)."""
+    requests = []
+    for fam in cfg.families:
+        spec = get_family(fam)
+        resources = spec.resources(cfg, cluster_has_gpus)
+        gpu_settings = [s for s in spec.settings if "gpu" in s.key]
+        asked = [f"search.cpus_per_trial: {cfg.cpus_per_trial:g}",
+                 *(f"search.{s.key}: {s.read(cfg)}" for s in gpu_settings)]
+        keys = ["search.cpus_per_trial", *(f"search.{s.key}" for s in gpu_settings)]
+        fix = (f"Lower {' or '.join(keys)} to what a node has, or leave '{fam}' out of "
+               "search.families.")
+        requests.append((f"A trial of family '{fam}' ({', '.join(asked)})",
+                         {k: float(v) for k, v in resources.items()}, fix))
+    return requests
+
+
+def check_trial_resources(cfg: SearchConfig) -> None:
+    import ray
+
+    check_resources(trial_requests(cfg, bool(ray.cluster_resources().get("GPU", 0))))
+
+
+def experiment_path(cfg: SearchConfig) -> str:
+    return storage.join(storage_path(cfg), cfg.experiment)
+
+
+def check_search_claim(cfg: SearchConfig, manifest_path: str, extracting: dict[str, str],
+                       fresh: bool = False) -> None:
+    """Refuse now what ``run_search`` would refuse once the extraction has run (``extracting``:
+    the fingerprint keys it will write): nothing is written or deleted."""
+    check_claim(experiment_path(cfg), "search", search_fingerprint(cfg, manifest_path, extracting),
+                fresh, root=storage_path(cfg))
 
 
 def run_search(cfg: SearchConfig, manifest_path: str, resume: bool = True, fresh: bool = False):
@@ -251,9 +291,10 @@ def run_search(cfg: SearchConfig, manifest_path: str, resume: bool = True, fresh
 
     # the fingerprint first: changed settings are refused before Ray starts (30 s) or the data
     # loads
-    claim(storage.join(storage_path(cfg), cfg.experiment), "search",
-          search_fingerprint(cfg, manifest_path), fresh, root=storage_path(cfg))
+    claim(experiment_path(cfg), "search", search_fingerprint(cfg, manifest_path), fresh,
+          root=storage_path(cfg))
     ensure_ray()
+    check_trial_resources(cfg)  # a trial no node can ever hold: refused, not queued forever
     data = load_search_data(cfg, manifest_path)
     tuner = build_tuner(cfg, data, resume=resume)
     return tuner.fit()

@@ -48,3 +48,27 @@ def test_one_pool_rule_for_both_stages(ray_local, monkeypatch):
     shared = ("min_size", "max_size", "initial_size", "num_gpus", "threads")
     assert {k: predictors[k] for k in shared} == {k: embedders[k] for k in shared}
     assert predictors["num_cpus"] == 1 and predict.actor_layout(2)["max_size"] == 2
+
+
+def test_requests_the_local_ray_can_never_hold_are_refused(ray_local, monkeypatch):
+    """Against the real local Ray (2 CPUs, no GPU): a trial, an embedding actor or a predictor
+    asking for more than its node has is refused naming the setting and the node's resources;
+    what fits passes (issue 22: `cpus_per_trial: 64` and `cpus_per_actor: 64` hung forever)."""
+    from dermray.config import SearchConfig
+    from dermray.stages.extract import actor_requests
+    from dermray.stages.raysession import check_resources
+    from dermray.stages.search import check_trial_resources
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(DermrayError, match=r"search.cpus_per_trial: 64\) asks for CPU 64 per "
+                       r"task, but this local Ray has node [0-9.]+: CPU 2, GPU 0"):
+        check_trial_resources(SearchConfig(families=("logistic",), cpus_per_trial=64))
+    check_trial_resources(SearchConfig(families=("logistic", "xgboost"), cpus_per_trial=2))
+    cfg = ExtractConfig(cpus_per_actor=64)
+    with pytest.raises(DermrayError, match="extract.cpus_per_actor: 64.* CPU 2, GPU 0"):
+        check_resources(actor_requests(cfg, actor_layout(cfg)))
+    cfg = ExtractConfig(cpus_per_actor=2)
+    check_resources(actor_requests(cfg, actor_layout(cfg)))
+    with pytest.raises(DermrayError, match="finetune.*GPU 0.5 per task"):
+        check_trial_resources(SearchConfig(families=("finetune",), features=("resnet50",),
+                                           family_settings={"gpus_per_finetune_trial": 0.5}))

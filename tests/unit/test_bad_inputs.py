@@ -4,20 +4,24 @@ exact, and they reconcile: rows in = rows clean + rows reported. No Ray."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from dermray.cli import main
 from dermray.data.augment import decode_batch
 from dermray.data.catalog import build_catalog
 from dermray.data.synth import write_synth_dataset
-from dermray.errors import CatalogError
+from dermray.errors import CatalogError, DermrayError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -323,3 +327,331 @@ def test_every_bad_path_is_one_error_line_before_ray(synth_dir, synth_manifest, 
         assert "Traceback" not in err, (argv, err)
         messages += 1
     assert (tried, messages) == (len(BAD_PATHS), 17)
+
+
+# ---- issue 22, round two: the classes left ------------------------------------------------
+
+def _fake_cluster(monkeypatch, nodes, node_types=None, joined=False):
+    """Ray's view of a cluster, as ``raysession`` reads it: live nodes (their resources) and,
+    on a joined cluster, the autoscaler config's node types (None: it cannot be read)."""
+    import ray
+    from ray._private import state
+
+    total: dict[str, float] = {}
+    for resources in nodes:
+        for key, value in resources.items():
+            total[key] = total.get(key, 0.0) + value
+    monkeypatch.setattr(ray, "nodes", lambda: [
+        {"Alive": True, "NodeManagerAddress": f"10.0.0.{i}", "Resources": r}
+        for i, r in enumerate(nodes, 1)])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(total))
+    if joined:
+        monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    groups = None if node_types is None else SimpleNamespace(node_group_configs=[
+        SimpleNamespace(name=n, resources=r, max_count=c) for n, r, c in node_types])
+    monkeypatch.setattr(state.state, "get_cluster_config", lambda: groups)
+
+
+LAPTOP = [{"CPU": 2.0, "memory": 4e9}]
+GPU_NODE = [{"CPU": 8.0, "GPU": 1.0}]
+AUTOSCALER = [("cpu_head", {"CPU": 4.0}, 1), ("gpu_worker", {"CPU": 8.0, "GPU": 1.0}, 4)]
+
+# (cluster, joined, node types, section, settings, None: it runs; else a fragment of the message)
+RESOURCE_PROBES = [
+    (LAPTOP, False, None, "search", {"cpus_per_trial": 64},
+     ("A trial of family 'logistic' (search.cpus_per_trial: 64) asks for CPU 64 per task, but "
+     "this local Ray has node 10.0.0.1: CPU 2, GPU 0. Nothing would ever run it")),
+    (LAPTOP, False, None, "search", {"cpus_per_trial": 2}, None),
+    (LAPTOP, False, None, "search", {"cpus_per_trial": 2.5}, "asks for CPU 2.5 per task"),
+    (LAPTOP, False, None, "search",
+     {"families": ("finetune",), "family_settings": {"gpus_per_finetune_trial": 1.0}},
+     "search.gpus_per_finetune_trial: 1.0) asks for CPU 1, GPU 1 per task"),
+    (LAPTOP, False, None, "search",
+     {"families": ("cached_cnn",), "family_settings": {"cached_cnn_gpus": 0.25}},
+     "Lower search.cpus_per_trial or search.cached_cnn_gpus"),
+    (GPU_NODE, False, None, "search",
+     {"families": ("finetune",), "family_settings": {"gpus_per_finetune_trial": 2.0}},
+     "this local Ray has node 10.0.0.1: CPU 8, GPU 1"),
+    (GPU_NODE, False, None, "search", {"families": ("xgboost",), "cpus_per_trial": 8}, None),
+    (LAPTOP, False, None, "extract", {"cpus_per_actor": 64},
+     ("An embedding actor (extract.cpus_per_actor: 64, extract.num_gpus_per_actor: 0 (auto: 0)) "
+     "asks for CPU 64 per task, but this local Ray has node 10.0.0.1: CPU 2, GPU 0")),
+    (LAPTOP, False, None, "extract", {"cpus_per_actor": 2}, None),
+    (GPU_NODE, False, None, "extract", {"num_gpus_per_actor": 2.0},
+     "asks for CPU 1, GPU 2 per task"),
+    (LAPTOP, False, None, "extract", {"num_gpus_per_actor": 1.0},
+     "this local Ray has no GPU and no autoscaler to add one"),
+    # a joined cluster whose autoscaler config names its node types: they decide
+    (LAPTOP, True, AUTOSCALER, "search", {"cpus_per_trial": 8}, None),
+    (LAPTOP, True, AUTOSCALER, "search", {"cpus_per_trial": 64},
+     ("no node or node type of this cluster (its autoscaler config included) has it: node "
+     "10.0.0.1: CPU 2, GPU 0; node type cpu_head: CPU 4, GPU 0; node type gpu_worker: CPU 8, "
+     "GPU 1")),
+    (LAPTOP, True, AUTOSCALER, "extract", {"num_gpus_per_actor": 1.0}, None),
+    (LAPTOP, True, AUTOSCALER, "extract", {"num_gpus_per_actor": 1.0, "cpus_per_actor": 16},
+     "node type gpu_worker: CPU 8, GPU 1"),
+    # a joined cluster whose node types cannot be read: a warning, and it runs (and waits)
+    (LAPTOP, True, None, "search", {"cpus_per_trial": 64}, None),
+]
+
+
+def test_unsatisfiable_resources_are_refused_before_the_job(synth_manifest, tmp_path,
+                                                            monkeypatch, caplog):
+    """Tried / ended exactly / ended in a message: a request no node (nor node type) can ever
+    hold is refused before the Tune run or the Ray Data job starts, naming the settings and
+    what the cluster has; one that fits goes on to the job (here: the data load / the dataset,
+    replaced by a marker)."""
+    from dermray.config import ExtractConfig, SearchConfig
+    from dermray.stages import extract, search
+
+    class Started(Exception):
+        pass
+
+    def started(*a, **k):
+        raise Started
+
+    monkeypatch.setattr(search, "ensure_ray", lambda: None)
+    monkeypatch.setattr(search, "load_search_data", started)
+    monkeypatch.setattr(extract, "ensure_ray", lambda: None)
+    monkeypatch.setattr(extract, "batch_blocks", started)  # the first step of the job
+    tried = exactly = messages = 0
+    for i, (nodes, joined, types, section, settings, fragment) in enumerate(RESOURCE_PROBES):
+        _fake_cluster(monkeypatch, nodes, types, joined)
+        out = tmp_path / f"o{i}"
+        if section == "search":
+            cfg = SearchConfig(**{"out": str(out), "families": ("logistic",),
+                                  "features": ("resnet50",), **settings})
+            run = lambda cfg=cfg: search.run_search(cfg, str(synth_manifest))
+        else:
+            cfg = ExtractConfig(**{"out": str(out), "manifest": str(synth_manifest),
+                                   "backbones": ("resnet50",), "weights": {"resnet50": "none"},
+                                   "image_size": 32, **settings})
+            run = lambda cfg=cfg: extract.run_extract(cfg)
+        tried += 1
+        caplog.clear()
+        if fragment is None:
+            with pytest.raises(Started):
+                run()
+            exactly += 1
+            if joined and types is None:  # said, not silent
+                assert "its autoscaler's node types could not be read" in caplog.text
+        else:
+            with pytest.raises(DermrayError) as err:
+                run()
+            assert fragment in str(err.value), (settings, str(err.value))
+            messages += 1
+    assert (tried, exactly, messages) == (len(RESOURCE_PROBES), 6, 10)
+
+
+def test_unsatisfiable_resources_exit_2_from_the_command(synth_manifest, tmp_path, monkeypatch,
+                                                          capsys):
+    """The same through `dermray search`: exit 2, one error line, before the data loads."""
+    from dermray.stages import search
+
+    _fake_cluster(monkeypatch, LAPTOP)
+    monkeypatch.setattr(search, "ensure_ray", lambda: None)
+    monkeypatch.setattr(search, "load_search_data", lambda *a: pytest.fail("the data loaded"))
+    out = tmp_path / "out"
+    (out / "embeddings" / "backbone=resnet50").mkdir(parents=True)
+    (out / "embeddings" / "backbone=resnet50" / "part.parquet").write_bytes(b"")
+    shutil.copy(synth_manifest, out / "manifest.parquet")
+    config = tmp_path / "c.yaml"
+    config.write_text("search:\n  families: [logistic]\n  features: [resnet50]\n"
+                      "  cpus_per_trial: 64\n")
+    code = main(["search", "--config", str(config), "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "search.cpus_per_trial: 64" in lines[0], err
+    assert "Traceback" not in err
+
+
+def _header_png(width: int, height: int) -> bytes:
+    return _png_header(width, height)
+
+
+def test_extract_quarantines_what_validate_calls_too_large(corpus, tmp_path):
+    """Validate's pixel limit, enforced by extract's decode in validate's words: an image whose
+    header is over the limit (7000 x 6000: under PIL's own bomb limit, so PIL would decode it)
+    is quarantined with the reason validate reports; the counts reconcile. With a tiny limit a
+    real image is refused the same way, and one under it decodes as before."""
+    from dermray.data.checks import MAX_PIXELS, check_image_file
+
+    big = tmp_path / "ISIC_0077777.jpg"
+    big.write_bytes(_header_png(7000, 6000))
+    files = sorted(corpus.glob("HAM10000_images_part_*/*.jpg"))
+    real = next(p for p in files if check_image_file(str(p)) is None)
+    huge = next(p for p in files if p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n")  # 50000 x 50000
+    paths = [str(big), str(huge), str(real)]
+    batch = {"image_id": np.array([Path(p).stem for p in paths], object),
+             "path": np.array(paths, object), "split": np.full(3, "val", object),
+             "aug_index": np.zeros(3, int)}
+    tried = exactly = messages = 0
+    decoded = decode_batch(batch, 32, seed=0)
+    for path, reason in zip(paths, decoded["error"]):
+        tried += 1
+        problem = check_image_file(path)
+        if problem is None:  # validate keeps it: extract decodes it
+            assert reason == ""
+            exactly += 1
+            continue
+        kind, detail = problem
+        assert kind == "image too large" and reason == f"{path}: image too large: {detail}"
+        messages += 1
+    assert decoded["error"][0].endswith(f"7000x6000 pixels, over {MAX_PIXELS}")
+    rows_in = len(paths)
+    assert rows_in == (decoded["error"] == "").sum() + (decoded["error"] != "").sum()
+
+    tiny = decode_batch({k: v[2:] for k, v in batch.items()}, 32, seed=0, max_pixels=100)
+    width, height = Image.open(real).size
+    assert tiny["error"][0] == f"{real}: image too large: {width}x{height} pixels, over 100"
+    tried += 1
+    messages += 1
+    assert (tried, exactly, messages) == (4, 1, 3)
+
+
+def _finished_out(root: Path) -> Path:
+    """An OUT as a finished search leaves it for the report: trials.csv and metrics.json."""
+    from test_dashboard import _metrics
+
+    root.mkdir()
+    pd.DataFrame([{"trial_id": f"t{i}", "family": "logistic", "features": "resnet50",
+                   "params": "{}", "val_accuracy": 0.5 + i / 10, "status": "done"}
+                  for i in range(2)]).to_csv(root / "trials.csv", index=False)
+    (root / "metrics.json").write_text(json.dumps(_metrics("t1")))
+    return root
+
+
+def _drop(key):
+    def edit(path: Path) -> None:
+        body = json.loads(path.read_text())
+        body.pop(key)
+        path.write_text(json.dumps(body))
+    return edit
+
+
+# (file in OUT, damage) -> the message must name the file and say what to do
+REPORT_PROBES = [
+    ("metrics.json", lambda p: p.write_text('{"family": "logistic", "tri')),  # cut short
+    ("metrics.json", lambda p: p.write_bytes(b"\xff\xfe\x00garbage")),
+    ("metrics.json", lambda p: p.write_text("[1, 2, 3]")),
+    ("metrics.json", lambda p: p.write_text("")),
+    ("metrics.json", _drop("test")),
+    ("metrics.json", _drop("trial_id")),
+    ("metrics.json", lambda p: p.write_text(p.read_text().replace('"per_class": {',
+                                                                   '"per_class": [{')
+                                            .replace('}}, "confusion', '}]}, "confusion'))),
+    ("trials.csv", lambda p: p.write_text("")),
+    ("trials.csv", lambda p: p.write_bytes(bytes(range(256)) * 8)),
+    ("trials.csv", lambda p: p.write_text("trial_id,family\nt1,logistic\n")),
+    ("trials.csv", lambda p: p.write_text("trial_id,family,features,val_accuracy\n")),
+]
+
+
+def test_damaged_report_inputs_are_one_message(tmp_path, capsys):
+    """`dermray report` on an OUT whose records are damaged: exit 2, one error line naming the
+    file and the fix, no traceback; the undamaged OUT gives the page."""
+    reference = _finished_out(tmp_path / "ref")
+    assert main(["report", str(reference)]) == 0
+    capsys.readouterr()
+    tried = messages = 0
+    for i, (name, damage) in enumerate(REPORT_PROBES):
+        out = shutil.copytree(reference, tmp_path / f"o{i}")
+        (out / "report.html").unlink()
+        damage(out / name)
+        tried += 1
+        code = main(["report", str(out)])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, (name, err)
+        assert f"{out / name} is damaged" in lines[0] and "--fresh" in lines[0], lines[0]
+        assert not (out / "report.html").exists()
+        messages += 1
+    assert (tried, messages) == (len(REPORT_PROBES), 11)
+
+
+def test_a_damaged_fingerprint_or_manifest_record_is_one_message(synth_manifest, tmp_path,
+                                                                monkeypatch):
+    """The stage records the reruns read back (a fingerprint, the manifest's own record):
+    damaged, they are a message naming the file and --fresh."""
+    from dermray.config import SearchConfig
+    from dermray.io.fingerprint import FILE
+    from dermray.stages import search
+
+    out = tmp_path / "out"
+    cfg = SearchConfig(out=str(out), families=("logistic",), features=("resnet50",))
+    folder = Path(search.experiment_path(cfg))
+    folder.mkdir(parents=True)
+    (folder / FILE).write_text('{"key": ')
+    with pytest.raises(DermrayError, match=f"{folder / FILE} is damaged .*pass --fresh"):
+        search.run_search(cfg, str(synth_manifest))
+    # and --fresh starts it over (the damaged record deleted with the folder), as it says
+    monkeypatch.setattr(search, "ensure_ray", lambda: None)
+    monkeypatch.setattr(search, "check_trial_resources", lambda cfg: None)
+    class Reached(Exception):
+        pass
+
+    def reached(*a):
+        raise Reached
+
+    monkeypatch.setattr(search, "load_search_data", reached)
+    with pytest.raises(Reached):
+        search.run_search(cfg, str(synth_manifest), fresh=True)
+    assert json.loads((folder / FILE).read_text())["stage"] == "search"
+    emb = out / "embeddings" / "backbone=resnet50"
+    emb.mkdir(parents=True)
+    (emb / FILE).write_text("[]")
+    with pytest.raises(DermrayError, match=f"{emb / FILE} is damaged .*not a dict"):
+        search.search_fingerprint(cfg, str(synth_manifest))
+
+    import pyarrow.parquet as pq
+
+    from dermray.data.catalog import manifest_meta
+
+    table = pq.read_table(synth_manifest)
+    for record in (b"{cut short", b"[]"):
+        damaged = tmp_path / "manifest.parquet"
+        pq.write_table(table.replace_schema_metadata({b"dermray": record}), damaged)
+        with pytest.raises(CatalogError, match=f"The manifest {damaged} is damaged .*--fresh"):
+            manifest_meta(str(damaged))
+
+
+def test_a_run_refuses_a_changed_search_before_extraction_starts_ray(synth_dir, tmp_path,
+                                                                      monkeypatch):
+    """`dermray run` with extraction still to do: a changed search setting is refused before
+    the extraction starts Ray (30 s) or writes anything; the same config (the reference) goes
+    on to the extraction's Ray job."""
+    from dermray.io.fingerprint import StaleOutputError
+    from dermray.stages import extract, pipeline, search
+
+    class RayStarted(Exception):
+        pass
+
+    def ray_started():
+        raise RayStarted
+
+    monkeypatch.setattr(extract, "ensure_ray", ray_started)
+    monkeypatch.setattr(search, "ensure_ray", ray_started)
+    out = tmp_path / "out"
+    text = (f"data:\n  metadata: {synth_dir / 'HAM10000_metadata.csv'}\n  images: [{synth_dir}]\n"
+            "extract:\n  backbones: [resnet50]\n  weights: {resnet50: none}\n  image_size: 32\n"
+            "search:\n  families: [logistic]\n  features: [resnet50]\n  seed: SEED\n")
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text(text.replace("SEED", "0"))
+    second.write_text(text.replace("SEED", "1"))
+    with pytest.raises(RayStarted):  # the first run: every claim made, extraction pending
+        pipeline.run_pipeline(str(first), str(out))
+    # the experiment claimed as the first run's search will claim it, once extraction ran
+    extracting = extract.check_outputs(pipeline.load_section(
+        "extract", str(first), {"manifest": str(out / "manifest.parquet"), "out": str(out)}))
+    cfg = pipeline.load_section("search", str(first), {"out": str(out)})
+    search.claim(search.experiment_path(cfg), "search",
+                 search.search_fingerprint(cfg, str(out / "manifest.parquet"), extracting),
+                 root=search.storage_path(cfg))
+    before = sorted(out.rglob("*"))
+    with pytest.raises(StaleOutputError, match="settings.seed: 0 -> 1"):
+        pipeline.run_pipeline(str(second), str(out))
+    assert sorted(out.rglob("*")) == before
+    with pytest.raises(RayStarted):  # the same settings: on to the extraction's job
+        pipeline.run_pipeline(str(first), str(out))

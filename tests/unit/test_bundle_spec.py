@@ -191,3 +191,74 @@ def test_a_policy_the_bundle_lacks_is_a_message(exported):
     without = replace(bundle, spec=replace(spec, operating_points=None))
     with pytest.raises(DermrayError, match="exported without operating points"):
         without.decide(proba, "balanced")
+
+
+def _arrays(edit):
+    """An exporter that wrote the head's arrays with ``edit`` applied to them."""
+    def damage(head_dir):
+        with np.load(head_dir / "logistic.npz") as f:
+            arrays = dict(f)
+        edit(arrays)
+        np.savez(head_dir / "logistic.npz", **arrays)
+    return damage
+
+
+def _set(key, value):
+    def edit(arrays):
+        arrays[key] = value(arrays[key])
+    return edit
+
+
+def _nan_at(a):
+    a = a.copy()
+    a.flat[3] = np.nan
+    return a
+
+
+# an exporter's bug, in the head's files, hashed consistently by the same export (so the
+# content hash passes): each is refused at load naming the file, never predicts
+HEAD_PROBES = [
+    (_arrays(_set("coef", _nan_at)), "head/logistic.npz: 'coef' holds 1 value(s) that are not"),
+    (_arrays(_set("coef", lambda a: np.full_like(a, np.inf))),
+     f"'coef' holds {len(CLASSES) * expected_inputs(make_spec())} value(s)"),
+    (_arrays(_set("intercept", lambda a: a * np.nan)), "'intercept' holds 7 value(s)"),
+    (_arrays(_set("scale", lambda a: np.where(np.arange(a.size) == 0, -np.inf, a))),
+     "'scale' holds 1 value(s)"),
+    (_arrays(_set("coef", lambda a: a[:, :-1])), "the head takes"),  # a feature short
+    (_arrays(_set("coef", lambda a: a[:-1])), "'coef' has shape (6, "),
+    (_arrays(_set("intercept", lambda a: a[:3])), "'intercept' has shape (3,)"),
+    (_arrays(_set("mean", lambda a: a[:-2])), "'mean' has shape"),
+    (_arrays(_set("classes", lambda a: a[:5])), "the head gives 5 classes"),
+    (_arrays(_set("coef", lambda a: a.astype(str))), "head/logistic.npz: 'coef' holds all"),
+    (_arrays(lambda arrays: arrays.pop("scale")), "cannot be loaded as a 'logistic' head"),
+    (lambda d: (d / "logistic.npz").write_bytes(b"not a zip"),
+     "cannot be loaded as a 'logistic' head"),
+    (lambda d: (d / "params.json").write_text("{not json"),
+     "cannot be loaded as a 'logistic' head"),
+    (lambda d: (d / "params.json").write_text('{"C": 1.0, "gamma": 3}'),
+     "cannot be loaded as a 'logistic' head"),
+]
+
+
+def test_head_numbers_are_finite_and_of_the_declared_shapes(exported, tmp_path, capsys):
+    """Tried / ended exactly / ended in a message: the bundle as exported loads and predicts
+    (the reference); every head an exporter's bug could write is refused at load, naming the
+    file, and `dermray predict` says so with exit 2."""
+    root, spec = exported
+    assert np.isfinite(load_bundle(root).head.predict_proba(
+        np.zeros((1, expected_inputs(spec))))).all()
+    tried, exactly, messages = 1, 1, 0
+    for i, (damage, message) in enumerate(HEAD_PROBES):
+        model = shutil.copytree(root, tmp_path / f"m{i}")
+        damage(model / "head")
+        spec.write(model)  # the export hashes what it wrote: the checksum passes
+        tried += 1
+        with pytest.raises(BundleError) as info:
+            load_bundle(model)
+        assert message in str(info.value) and str(model) in str(info.value), str(info.value)
+        messages += 1
+    assert main(["predict", "--model", str(tmp_path / "m0"), "--no-ray",
+                 str(tmp_path / "never_read.jpg")]) == 2
+    err = capsys.readouterr().err
+    assert "'coef' holds 1 value(s) that are not finite" in err and "Traceback" not in err
+    assert (tried, exactly, messages) == (len(HEAD_PROBES) + 1, 1, 14)

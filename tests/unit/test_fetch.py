@@ -40,6 +40,11 @@ class FakeDataverse:
         self.requests: list[tuple[str, str | None]] = []
         self.cut_once: set[int] = set()
         self.bad_md5 = False
+        self.sizes = True  # False: the listing gives no sizes
+        self.size_delta = 0  # the listing's sizes off by this many bytes
+        self.extra = b""  # bytes sent after each file's own (Content-Length omitted then)
+        self.endless: set[int] = set()  # files sent without end (no Content-Length)
+        self.listing_text: bytes | None = None  # the API's answer, instead of the listing
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,6 +54,8 @@ class FakeDataverse:
             def do_GET(self) -> None:
                 outer.requests.append((self.path, self.headers.get("Range")))
                 if self.path.startswith("/api/datasets/"):
+                    if outer.listing_text is not None:
+                        return self._send(200, outer.listing_text)
                     return self._send(200, json.dumps(outer.listing()).encode())
                 file_id = int(self.path.split("/api/access/datafile/")[1].split("?")[0])
                 body = outer.files[file_id][1]
@@ -58,9 +65,16 @@ class FakeDataverse:
                     if start >= len(body):
                         return self._send(416, b"")
                 self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(body) - start))
+                if not outer.extra and file_id not in outer.endless:
+                    self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
-                payload = body[start:]
+                payload = body[start:] + outer.extra
+                if file_id in outer.endless:
+                    try:
+                        while True:
+                            self.wfile.write(b"\0" * 65536)
+                    except OSError:  # the client stopped reading
+                        return
                 if file_id in outer.cut_once:
                     outer.cut_once.discard(file_id)
                     self.wfile.write(payload[: len(payload) // 3])
@@ -84,11 +98,14 @@ class FakeDataverse:
         for file_id, (name, body, tabular) in self.files.items():
             md5 = hashlib.md5(body).hexdigest() if not self.bad_md5 else "0" * 32
             data = {"id": file_id, "md5": md5}
+            size = len(body) + self.size_delta
             if tabular:
                 data.update(filename=name.replace(".csv", ".tab"), originalFileName=name,
-                            originalFileSize=len(body), filesize=len(body) + 7)
+                            originalFileSize=size, filesize=size + 7)
             else:
-                data.update(filename=name, filesize=len(body))
+                data.update(filename=name, filesize=size)
+            if not self.sizes:
+                data.pop("filesize"), data.pop("originalFileSize", None)
             files.append({"label": data["filename"], "dataFile": data})
         return {"status": "OK", "data": {"latestVersion": {"files": files}}}
 
@@ -137,3 +154,84 @@ def test_checksum_mismatch_is_an_error(dataverse, tmp_path):
 def test_offline_is_a_clear_error(tmp_path):
     with pytest.raises(FetchError, match="Are you offline"):
         fetch(tmp_path, base_url="http://127.0.0.1:9")
+
+
+def _no_extra_files(dest) -> bool:
+    return not list(dest.glob("*.part")) and not list(dest.glob("*.zip"))
+
+
+def _fewer(dataverse):
+    dataverse.size_delta = -10
+
+
+def _more_without_length(dataverse):
+    dataverse.extra = b"x" * 5000
+
+
+def _no_sizes_endless(dataverse):
+    dataverse.sizes = False
+    dataverse.endless.add(2)
+
+
+def _listing(text):
+    def setup(dataverse):
+        dataverse.listing_text = text
+    return setup
+
+
+# (set the server up, a fragment of the message): a server that sends more than it announces,
+# or than any HAM10000 file can be, or a listing dermray cannot read
+FETCH_PROBES = [
+    (_fewer, "the server announces"),  # the Content-Length says more than the listing
+    (_more_without_length, "the server sent more than"),
+    (_no_sizes_endless, ("HAM10000_images_part_1.zip: the server sent more than {ceiling} bytes "
+                         "(the ceiling for this file, as the listing gives no size)")),
+    (lambda d: setattr(d, "size_delta", 1 << 40),
+     (f"HAM10000_metadata.csv: the listing says {(1 << 40) + 100} bytes, over the "
+      f"{64 << 20} bytes this file can be; nothing was downloaded")),
+    (_listing(b"<html>maintenance</html>"), "did not answer JSON"),
+    (_listing(b'{"data": []}'), "answered a file list dermray cannot read"),
+    (_listing(b'{"data": {"latestVersion": {"files": [{"dataFile": {"filename": "x"}}]}}}'),
+     "answered a file list dermray cannot read (KeyError"),
+    (_listing(b'{"data": {"latestVersion": {"files": [{"dataFile": {"id": "one"}}]}}}'),
+     "answered a file list dermray cannot read (ValueError"),
+    (_listing(b'{"data": {"latestVersion": {"files": [7]}}}'),
+     "answered a file list dermray cannot read"),
+    (_listing(b" " * 600), "answered more than 512 bytes for the file list"),
+]
+
+
+def test_fetch_is_bounded_by_size(monkeypatch, tmp_path):
+    """Tried / ended exactly / ended in a message: without sizes a download stops at the
+    ceiling of its file; with sizes, at the size; a listing is bounded and parsed to the last
+    field. Each probe ends in a FetchError naming the file, nothing partial left; a listing
+    without sizes from an honest server fetches exactly (the reference)."""
+    from dermray.data import fetch as fetch_module
+
+    server = FakeDataverse()  # one server (each costs 0.5 s to shut down), reset per probe
+    knobs = {"sizes": True, "size_delta": 0, "extra": b"", "endless": set(), "listing_text": None}
+    ceiling = 2 * max(len(body) for _, body, _ in server.files.values())
+    monkeypatch.setattr(fetch_module, "MAX_OTHER_FILE_BYTES", ceiling)
+    tried = exactly = messages = 0
+    try:
+        server.sizes = False  # an honest server whose listing gives no sizes: the reference
+        fetch(tmp_path / "ref", base_url=server.url)
+        assert (tmp_path / "ref" / "HAM10000_metadata.csv").read_bytes() == server.files[1][1]
+        assert len(list((tmp_path / "ref" / "HAM10000_images_part_1").glob("*.jpg"))) == 391
+        tried, exactly = 1, 1
+        for i, (setup, fragment) in enumerate(FETCH_PROBES):
+            if "512 bytes" in fragment:
+                monkeypatch.setattr(fetch_module, "MAX_LISTING_BYTES", 512)
+            for key, value in knobs.items():
+                setattr(server, key, type(value)(value) if isinstance(value, set) else value)
+            setup(server)
+            dest = tmp_path / f"d{i}"
+            tried += 1
+            with pytest.raises(FetchError) as err:
+                fetch(dest, base_url=server.url)
+            assert fragment.format(ceiling=ceiling) in str(err.value), str(err.value)
+            assert _no_extra_files(dest)
+            messages += 1
+    finally:
+        server.server.shutdown()
+    assert (tried, exactly, messages) == (len(FETCH_PROBES) + 1, 1, 10)

@@ -138,6 +138,16 @@ class Head(BaseEstimator):
                 raise HeadError(f"The training labels lack class(es) {missing}; every one of the "
                                 f"{N_CLASSES} classes must be in the train split.")
 
+    # the file its numeric arrays are saved in ('' for a head that saves none as arrays)
+    arrays_file: ClassVar[str] = ""
+
+    def declared_arrays(self, n_features: int, n_classes: int
+                        ) -> dict[str, tuple[np.ndarray, tuple[int, ...]]]:
+        """The fitted numeric arrays, each with the shape a head of ``n_features`` inputs and
+        ``n_classes`` outputs must give it: a bundle checks them at load (finite, that shape).
+        None here; a head that saves arrays names them."""
+        return {}
+
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 

@@ -67,6 +67,15 @@ class LogisticHead(Head):
         return LinearScores(weights=(self.coef_ / self.scale_[None, :]).T,
                             bias=self.intercept_ - (self.mean_ / self.scale_) @ self.coef_.T)
 
+    arrays_file: ClassVar[str] = "logistic.npz"
+
+    def declared_arrays(self, n_features: int, n_classes: int
+                        ) -> dict[str, tuple[np.ndarray, tuple[int, ...]]]:
+        return {"coef": (self.coef_, (n_classes, n_features)),
+                "intercept": (self.intercept_, (n_classes,)),
+                "mean": (self.mean_, (n_features,)), "scale": (self.scale_, (n_features,)),
+                "classes": (self.classes_, (n_classes,))}
+
     def save(self, directory: Path) -> None:
         self._check_fitted()
         directory = Path(directory)
