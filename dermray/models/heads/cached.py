@@ -21,7 +21,6 @@ weights (found by their sha256), and this head does the rest.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from dermray.io import storage
 from dermray.io.fingerprint import OUTPUT
+from dermray.io.outputs import read_json_output
 from dermray.models.backbones import BackboneError, find_weights, get_spec, resolve_weights
 from dermray.models.heads.base import (
     CLASS_WEIGHT,
@@ -237,7 +237,7 @@ def extraction_weights(out: str, backbone: str) -> str:
     path = storage.join(out, "extract_run.json")
     if not storage.is_file(path):
         return "imagenet"
-    record = json.loads(storage.read_text(path))
+    record = read_json_output(path, "redo the extraction (`dermray extract --fresh`)", dict)
     weights = record.get("config", {}).get("weights", {}).get(backbone, "imagenet")
     if weights.lower() in ("imagenet", "none"):
         return weights
