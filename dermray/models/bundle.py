@@ -40,7 +40,7 @@ from dermray.models.backbones import (
     valid_image_size,
 )
 from dermray.models.features import metadata_matrix, parse_features
-from dermray.models.heads import EMBEDDINGS, FAMILY_SPECS, IMAGES, get_family, load_head
+from dermray.models.heads import FAMILY_SPECS, IMAGES, get_family, load_head
 from dermray.models.policies import decide, get_policy
 
 logger = logging.getLogger(__name__)
@@ -384,7 +384,9 @@ class Bundle:
 
     @property
     def uses_metadata(self) -> bool:
-        return (get_family(self.spec.family).input == EMBEDDINGS
+        """Whether the head takes patient metadata after the backbones' features (``+meta``:
+        an embedding family's, or a cached fine-tune's after its pooling)."""
+        return (get_family(self.spec.family).input != IMAGES
                 and parse_features(self.spec.features, maps=True)[1])
 
     def decide(self, proba: np.ndarray, policy: str = "accuracy") -> np.ndarray:
