@@ -50,6 +50,27 @@ def _rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     return np.concatenate([maps, metadata_matrix(frame)], axis=1).astype(np.float16), y, frame
 
 
+def test_the_metadata_joins_after_pooling():
+    """The model (not trained): the metadata channels skip the block and join the pooled map
+    before the dropout and the classifier, so metadata alone moves the probabilities."""
+    import keras
+
+    head = CachedFinetuneHead(weights="none", meta=N_METADATA)
+    model = head._build((2, 2, 2048 + N_METADATA))
+    joined = model.get_layer("with_metadata")
+    pooled, meta = joined.input
+    assert tuple(pooled.shape) == (None, 2048) and tuple(meta.shape) == (None, N_METADATA)
+    assert isinstance(pooled._keras_history.operation, keras.layers.GlobalAveragePooling2D)
+    after = [layer for layer in model.layers if layer.input is joined.output]
+    assert [type(layer).__name__ for layer in after] == ["Dropout"]
+    X, _, frame = _rows(7, 0)
+    other = X.copy()
+    other[:, 8192:] = metadata_matrix(frame.assign(localization="unknown", sex="unknown"))
+    first, second = (np.asarray(model(head._inputs(rows), training=False)) for rows in (X, other))
+    assert np.abs(first - second).max() > 1e-4
+
+
+@pytest.mark.slow  # one fit (~6 s here: the block's weights, compiling the train step)
 def test_a_label_only_the_metadata_knows_is_learned_and_round_trips(tmp_path):
     X, y, _ = _rows(140, 0)
     Xv, yv, frame_v = _rows(70, 1)
@@ -146,7 +167,7 @@ def test_the_search_reads_rows_of_the_map_then_the_metadata(tmp_path):
 SIZE = 64  # a 2x2x2048 map at the cut
 
 
-@pytest.mark.slow  # three tiny ResNet50s (extract, the head's block, the bundle) and training
+@pytest.mark.slow  # three tiny ResNet50s (extract, the head's block, the bundle), a fit (~15 s)
 def test_a_bundle_with_metadata_predicts_and_explains_as_trained(tmp_path):
     """Exported as the search exports its winner: from image files `dermray predict` gives the
     probabilities the head gives on the extracted rows with the patients' metadata (and the
