@@ -385,7 +385,9 @@ class Bundle:
 
     @property
     def uses_metadata(self) -> bool:
-        return (get_family(self.spec.family).input == EMBEDDINGS
+        """Whether the head takes patient metadata after the backbones' features (``+meta``:
+        an embedding family's, or a cached fine-tune's after its pooling)."""
+        return (get_family(self.spec.family).input != IMAGES
                 and parse_features(self.spec.features, maps=True)[1])
 
     def decide(self, proba: np.ndarray, policy: str = "accuracy") -> np.ndarray:

@@ -171,7 +171,8 @@ def check_search_inputs(cfg: SearchConfig, manifest_path: str) -> None:
             for features in cfg.features:
                 needed.update(dict.fromkeys(parse_features(features)[0], f"features '{features}'"))
         elif spec.input == ACTIVATIONS:
-            needed.update(dict.fromkeys(spec.input_key(cfg), f"family '{fam}'"))
+            for key in spec.input_key(cfg):
+                needed.update(dict.fromkeys(parse_features(key, maps=True)[0], f"family '{fam}'"))
     missing = [(name, why) for name, why in needed.items()
                if not storage.list_files(backbone_dir(cfg.out, name), ".parquet")]
     if missing:

@@ -21,8 +21,13 @@ from dermray.domain import CLASSES
 from dermray.errors import DermrayError
 from dermray.io import faults, storage
 from dermray.io.fingerprint import FILE, check_claim, claim, make, read_fingerprint
-from dermray.models.embeddings import backbone_dir, load_activations
-from dermray.models.features import embedding_features, image_arrays, parse_features
+from dermray.models.embeddings import backbone_dir
+from dermray.models.features import (
+    activation_features,
+    embedding_features,
+    image_arrays,
+    parse_features,
+)
 from dermray.models.heads import ACTIVATIONS, EMBEDDINGS, IMAGES, FamilySpec, get_family
 from dermray.report.evaluate import metrics
 from dermray.stages.console import quiet_libraries, route_foreign_logs, verbose
@@ -42,8 +47,8 @@ def define_space(trial, cfg: SearchConfig) -> dict[str, Any] | None:
     if spec.input == EMBEDDINGS:
         trial.suggest_categorical("features", list(cfg.features))
     spec.space(trial, cfg)
-    if spec.input == ACTIVATIONS:  # a constant, not a searched parameter
-        return {"features": spec.input_key(cfg)[0]}
+    if spec.input == ACTIVATIONS:  # a constant, or as the family's searched parameters say
+        return {"features": spec.activation_input(cfg, trial.params)}
     return None
 
 
@@ -62,7 +67,7 @@ def first_points(cfg: SearchConfig) -> list[dict[str, Any]]:
         if spec.input == EMBEDDINGS:
             point["features"] = feats
         elif spec.input == ACTIVATIONS:
-            point["features"] = spec.input_key(cfg)[0]
+            point["features"] = spec.activation_input(cfg, point)
         points.append(point)
     return points
 
@@ -105,11 +110,11 @@ def head_inputs(spec: FamilySpec, cfg: SearchConfig, features: str, split: str,
                 manifest_path: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """X, y and the rows of one split, in the input kind the family takes: embeddings of a
     feature spec, the decoded images of the manifest (unreadable ones left out), or an
-    activation-map backbone's cached maps (every view to train on, the original ones to score)."""
+    activation-map backbone's cached maps (every view to train on, the original ones to score;
+    with ``+meta``, rows of the flattened map and the metadata columns)."""
 
     if spec.input == ACTIVATIONS:
-        return load_activations(cfg.out, features, split,
-                                views="all" if split == "train" else "original")
+        return activation_features(cfg.out, features, split)
     if spec.input == IMAGES:
         X, y, frame = image_arrays(read_manifest(manifest_path), split, spec.image_size(cfg),
                                    limit, cfg.seed)
@@ -232,7 +237,8 @@ def search_fingerprint(cfg: SearchConfig, manifest_path: str,
     read = {b for spec in cfg.features for b in parse_features(spec)[0]}
     for fam in cfg.families:  # and the activation maps an activations family trains on
         if get_family(fam).input == ACTIVATIONS:
-            read.update(get_family(fam).input_key(cfg))
+            read.update(b for key in get_family(fam).input_key(cfg)
+                        for b in parse_features(key, maps=True)[0])
     for name in sorted(read):
         path = storage.join(backbone_dir(cfg.out, name), FILE)
         if name in (extracting or {}):

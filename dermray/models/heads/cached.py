@@ -15,6 +15,14 @@ close to the map of the flipped image (ResNet's filters are not flip-symmetric, 
 it worked as augmentation when measured (docs/results.md). Test-time augmentation (``tta``)
 averages the probabilities of the four flips of a map.
 
+Patient metadata (``meta`` > 0; the input ``resnet50_c5b2+meta``, search setting
+``cached_cnn_meta``) joins after pooling, as ``+meta`` does for the embedding heads: the pooled
+block output and the metadata columns (``dermray.models.features.metadata_matrix``) are
+concatenated before the dropout and the classifier. The head still takes one array: rows of the
+flattened map followed by the ``meta`` metadata columns. Inside, the metadata travel as ``meta``
+constant channels after the map's (flips leave them as they are), which the model splits off
+before the block.
+
 At prediction the bundle's extractor computes the map from the image with the same frozen
 weights (found by their sha256), and this head does the rest.
 """
@@ -22,6 +30,7 @@ weights (found by their sha256), and this head does the rest.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -30,6 +39,7 @@ from dermray.io import storage
 from dermray.io.fingerprint import OUTPUT
 from dermray.io.outputs import read_json_output
 from dermray.models.backbones import BackboneError, find_weights, get_spec, resolve_weights
+from dermray.models.features import N_METADATA
 from dermray.models.heads.base import (
     CLASS_WEIGHT,
     N_CLASSES,
@@ -64,9 +74,10 @@ PROJECTION = ("_0_conv", "_0_bn")
 
 
 class CachedFinetuneHead(KerasHead):
-    """The blocks above the cut (``TOP_BLOCKS[cut]``, from ``weights``) + global pooling +
-    dropout + optional dense layer + softmax, fitted on activation maps (N, H, W, C) or their
-    flattened rows (N, H*W*C)."""
+    """The blocks above the cut (``TOP_BLOCKS[cut]``, from ``weights``) + global pooling (+
+    ``meta`` metadata columns) + dropout + optional dense layer + softmax, fitted on activation
+    maps (N, H, W, C) or their flattened rows (N, H*W*C); with ``meta`` > 0 on rows of the
+    flattened map followed by the metadata (N, H*W*C + meta)."""
 
     # the best epoch by validation accuracy: a softmax that grows confident raises the val loss
     # while the accuracy still climbs (stopping on the loss restored epoch 2 of 6 on the real
@@ -80,13 +91,14 @@ class CachedFinetuneHead(KerasHead):
         "channels": integer(1), "width": integer(0), "dropout": real(0, 1, high_open=True),
         "learning_rate": real(0, None, low_open=True), "class_weight": CLASS_WEIGHT,
         "flips": one_of(True, False), "tta": one_of(True, False), "epochs": integer(1),
-        "patience": integer(0), "batch_size": integer(1), "seed": integer(0)}
+        "patience": integer(0), "batch_size": integer(1), "seed": integer(0),
+        "meta": integer(0)}
 
     def __init__(self, cut: str = "resnet50_c5b2", weights: str = "imagenet",
                  channels: int = 2048, width: int = 0, dropout: float = 0.3,
                  learning_rate: float = 1e-4, class_weight: str = "none", flips: bool = True,
                  tta: bool = True, epochs: int = 8, patience: int = 3, batch_size: int = 32,
-                 seed: int = 0) -> None:
+                 seed: int = 0, meta: int = 0) -> None:
         self.cut = cut
         self.weights = weights
         self.channels = channels
@@ -100,10 +112,15 @@ class CachedFinetuneHead(KerasHead):
         self.patience = patience
         self.batch_size = batch_size
         self.seed = seed
+        self.meta = meta  # metadata columns after the flattened map (0: none)
 
     def _inputs(self, X: np.ndarray) -> np.ndarray:
-        """Maps (N, H, W, C) as float16 (how they are cached); flattened rows are reshaped."""
+        """Maps (N, H, W, C) as float16 (how they are cached); flattened rows are reshaped. With
+        ``meta`` columns: rows of the flattened map and the metadata, made maps of C + meta
+        channels, the metadata constant over the cells (float16 too, in every path)."""
         X = np.asarray(X)
+        if self.meta:
+            return self._with_metadata(X)
         if X.ndim == 2:
             side = round((X.shape[1] / self.channels) ** 0.5)
             if side * side * self.channels != X.shape[1]:
@@ -114,6 +131,33 @@ class CachedFinetuneHead(KerasHead):
             raise HeadError(f"CachedFinetuneHead takes maps (N, H, W, {self.channels}). Got "
                             f"shape {X.shape} instead.")
         return X.astype(np.float16, copy=False)
+
+    def _with_metadata(self, X: np.ndarray) -> np.ndarray:
+        n_map = X.shape[1] - self.meta if X.ndim == 2 else -1
+        side = round((max(n_map, 0) / self.channels) ** 0.5)
+        if n_map <= 0 or side * side * self.channels != n_map:
+            raise HeadError(f"CachedFinetuneHead with {self.meta} metadata columns takes rows: "
+                            f"a flattened square map of {self.channels} channels, then the "
+                            f"{self.meta} columns (feature spec '<map>+meta'). Got shape "
+                            f"{X.shape} instead.")
+        out = np.empty((len(X), side, side, self.channels + self.meta), np.float16)
+        out[..., :self.channels] = X[:, :n_map].reshape(len(X), side, side, self.channels)
+        out[..., self.channels:] = X[:, n_map:].astype(np.float16)[:, None, None, :]
+        return out
+
+    def _check_n_features(self, X: np.ndarray) -> None:
+        """``X`` as ``_inputs`` made it, counted as rows (``n_features_in_``): the metadata
+        channels of a map are its ``meta`` columns."""
+        n = _row_length(np.shape(X)[1:], self.meta)
+        if n != self.n_features_in_:
+            raise HeadError(f"X has {n} features, but {type(self).__name__} is expecting "
+                            f"{self.n_features_in_} features as input.")
+
+    @classmethod
+    def load(cls, directory: Path) -> CachedFinetuneHead:
+        head = super().load(directory)
+        head.n_features_in_ = _row_length(head.model_.input_shape[1:], head.meta)
+        return head
 
     def _proba(self, model, X: np.ndarray) -> np.ndarray:
         views = _flips(X) if self.tta else [X]
@@ -127,11 +171,16 @@ class CachedFinetuneHead(KerasHead):
         x = keras.layers.RandomFlip("horizontal_and_vertical", seed=self.seed)(inputs) \
             if self.flips else inputs
         x = keras.layers.Activation("linear", dtype="float32", name="to_float32")(x)
+        if self.meta:  # the metadata channels are constant over the cells: one cell holds them
+            meta = x[:, 0, 0, self.channels:]
+            x = x[..., :self.channels]
         source = self._source_layers()
         for block in TOP_BLOCKS[self.cut]:
             build = _projection_bottleneck if block + PROJECTION[0] in source else _bottleneck
             x = build(x, block, source)
         x = keras.layers.GlobalAveragePooling2D()(x)
+        if self.meta:  # joined after pooling, as +meta joins the embedding heads' features
+            x = keras.layers.Concatenate(name="with_metadata")([x, meta])
         x = keras.layers.Dropout(self.dropout)(x)
         if self.width:
             x = keras.layers.Dense(self.width, activation="relu")(x)
@@ -194,6 +243,12 @@ def _copy(x, old):
     return x
 
 
+def _row_length(map_shape: tuple[int, ...], meta: int) -> int:
+    """Values per row of a map (H, W, C + meta) whose last ``meta`` channels are constant
+    metadata: the flattened map and the ``meta`` columns."""
+    return int(np.prod(map_shape)) - (int(np.prod(map_shape[:-1])) - 1) * meta
+
+
 def _flips(X: np.ndarray) -> list[np.ndarray]:
     """The four flips of maps (N, H, W, C): as is, left-right, up-down, both."""
     return [X, X[:, :, ::-1], X[:, ::-1], X[:, ::-1, ::-1]]
@@ -208,6 +263,12 @@ WEIGHTS = Setting("cached_cnn_weights", "", str, OUTPUT, None,
 EPOCHS = Setting("cached_cnn_epochs", 8, int, OUTPUT, at_least(1), "epochs per trial")
 TTA = Setting("cached_cnn_tta", True, bool, OUTPUT, None,
               "average the probabilities of a map's four flips")
+META = Setting(
+    "cached_cnn_meta", (False,), tuple[bool, ...], OUTPUT,
+    Rule(lambda v: len(v) > 0 and len(set(v)) == len(v),
+         "a non-empty list of true/false without repeats"),
+    "patient metadata (age, sex, localization) joined after pooling: [false], [true], or "
+    "[false, true] to search both (input resnet50_c5b2 or resnet50_c5b2+meta)")
 GPUS = Setting("cached_cnn_gpus", -1.0, float, OUTPUT, GPU_SHARE,
                "GPUs per trial where the cluster has GPUs (-1: a quarter, so that 4 trials share "
                "one; the maps are small)")
@@ -218,11 +279,14 @@ def _space(trial: Any, cfg: SearchConfig) -> None:
     trial.suggest_float("cached_cnn_dropout", 0.0, 0.6)
     trial.suggest_categorical("cached_cnn_width", [0, 256])
     trial.suggest_categorical("cached_cnn_class_weight", ["none", "balanced"])
+    if len(META.read(cfg)) > 1:  # with and without metadata: a searched choice
+        trial.suggest_categorical("cached_cnn_meta", list(META.read(cfg)))
 
 
 def _first_point(cfg: SearchConfig) -> dict[str, Any]:
+    searched = {"cached_cnn_meta": META.read(cfg)[0]} if len(META.read(cfg)) > 1 else {}
     return {"cached_cnn_learning_rate": 1e-4, "cached_cnn_dropout": 0.3, "cached_cnn_width": 0,
-            "cached_cnn_class_weight": "none"}
+            "cached_cnn_class_weight": "none", **searched}
 
 
 def extraction_weights(out: str, backbone: str) -> str:
@@ -253,7 +317,8 @@ def extraction_weights(out: str, backbone: str) -> str:
 def _fixed(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
 
     cut = FEATURES.read(cfg)
-    return {"cut": cut, "channels": get_spec(cut).channels,
+    meta = params.get("meta", META.read(cfg)[0])  # searched, or the setting's one option
+    return {"cut": cut, "channels": get_spec(cut).channels, "meta": N_METADATA if meta else 0,
             "weights": WEIGHTS.read(cfg) or extraction_weights(cfg.out, cut),
             "epochs": EPOCHS.read(cfg), "tta": TTA.read(cfg), "patience": 3,
             "seed": cfg.seed}
@@ -268,4 +333,5 @@ def _resources(cfg: SearchConfig, cluster_has_gpus: bool) -> dict[str, float]:
 SPEC = register_family(FamilySpec(
     "cached_cnn", CachedFinetuneHead, space=_space, first_point=_first_point, input=ACTIVATIONS,
     fixed_params=_fixed, resources=_resources, iterative=True, activations=FEATURES.read,
-    settings=(FEATURES, WEIGHTS, EPOCHS, TTA, GPUS), packages=("tensorflow",)))
+    metadata=META.read, settings=(FEATURES, WEIGHTS, EPOCHS, TTA, META, GPUS),
+    packages=("tensorflow",)))

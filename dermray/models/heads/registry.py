@@ -135,6 +135,10 @@ class FamilySpec:
         max_train_images: for ``images`` families, how many train images to use (0: all).
         activations: for ``activations`` families, ``activations(cfg)``: the activation-map
             backbone (``resnet50_c5b2``) whose cached maps the family trains on.
+        metadata: for ``activations`` families, ``metadata(cfg)``: whether patient metadata
+            joins the maps, per option: ``(False,)`` (the default), ``(True,)``, or both, which
+            the family's space searches as its ``<name>_meta`` parameter. Each option is an
+            input: ``<backbone>`` or ``<backbone>+meta`` (``dermray.models.features``).
     """
 
     name: str
@@ -151,6 +155,7 @@ class FamilySpec:
     image_size: Callable[[SearchConfig], int] | None = None
     max_train_images: Callable[[SearchConfig], int] = all_train_images
     activations: Callable[[SearchConfig], str] | None = None
+    metadata: Callable[[SearchConfig], tuple[bool, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.input not in INPUT_KINDS:
@@ -203,9 +208,20 @@ class FamilySpec:
         if self.input == IMAGES:
             return [IMAGES]
         if self.input == ACTIVATIONS:
-            assert self.activations is not None
-            return [self.activations(cfg)]
+            options = self.metadata(cfg) if self.metadata is not None else (False,)
+            return [self._map_input(cfg, meta) for meta in options]
         return list(cfg.features)
+
+    def activation_input(self, cfg: SearchConfig, params: Mapping[str, Any]) -> str:
+        """An ``activations`` family's input for one trial, from its (prefixed) parameters: the
+        map backbone, ``+meta`` where its ``<name>_meta`` parameter is true (not searched: the
+        one option ``metadata(cfg)`` gives)."""
+        options = self.metadata(cfg) if self.metadata is not None else (False,)
+        return self._map_input(cfg, bool(params.get(f"{self.prefix}meta", options[0])))
+
+    def _map_input(self, cfg: SearchConfig, meta: bool) -> str:
+        assert self.activations is not None
+        return self.activations(cfg) + ("+meta" if meta else "")
 
 
 FAMILY_SPECS: dict[str, FamilySpec] = {}
