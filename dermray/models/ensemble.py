@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from dermray.errors import DermrayError
 from dermray.models.heads import load_head
@@ -85,10 +85,13 @@ def lesion_folds(y: np.ndarray, groups: np.ndarray, k: int = FOLDS,
     if k < 2:
         raise DermrayError("The ensemble's out-of-fold estimate needs at least 2 lesions in "
                            "the validation split.")
+    X, y = np.zeros(len(y)), np.asarray(y)
+    if np.bincount(y).max() < k:  # no class has k rows: nothing to stratify, lesions only
+        return [held for _, held in GroupKFold(n_splits=k).split(X, y, groups)]
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # a rare class with fewer lesions than folds: fine here
         warnings.simplefilter("ignore", UserWarning)
-        return [held for _, held in splitter.split(np.zeros(len(y)), np.asarray(y), groups)]
+        return [held for _, held in splitter.split(X, y, groups)]
 
 
 @dataclass

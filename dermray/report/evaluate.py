@@ -96,6 +96,10 @@ def write_report(out: str, summary: dict[str, Any]) -> str:
         "# dermray report", "",
         (f"Winner (highest validation accuracy of {summary['n_trials']} trials): **{win['family']}** "
         f"on `{win['features']}`"), "", "```", str(win["params"]), "```", "",
+        *([(f"The soft-vote ensemble won: its out-of-fold validation accuracy "
+            f"{win['val_out_of_fold_accuracy']:.3f} beat the best trial's (see 'Ensemble "
+            "candidate'); the val row below uses its final weights, fitted on all of "
+            "validation."), ""] if "val_out_of_fold_accuracy" in win else []),
         "| split | n | accuracy | balanced accuracy | macro-F1 | log-loss |",
         "| --- | --- | --- | --- | --- | --- |",
         _row("val", win["val"]), _row("test", win["test"]), "",

@@ -10,6 +10,8 @@ and an XGBoost head (with metadata) for the bundle.
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -232,24 +234,22 @@ def test_predict_gives_the_probabilities_of_selection(ensemble_bundle, tmp_path)
 
 def test_explain_explains_the_ensemble_s_own_probability_by_occlusion(ensemble_bundle,
                                                                      tmp_path):
-    paths = sorted(ensemble_bundle["images"].glob("*.png"))[:2]
+    paths = sorted(ensemble_bundle["images"].glob("*.png"))[:1]
     assert main(["explain", "--model", str(ensemble_bundle["model"]), "--out",
                  str(tmp_path / "x"), *map(str, paths)]) == 0
     records = json.loads((tmp_path / "x" / "explanations.json").read_text())
     # explain has no patient metadata: the 'unknown' encoding, as predict without --metadata
     bundle = load_bundle(ensemble_bundle["model"])
-    want = bundle.predict_proba(ensemble_bundle["arrays"][:2])
+    want = bundle.predict_proba(ensemble_bundle["arrays"][:1])
     for record, p in zip(records, want, strict=True):
         assert record["method"] == "occlusion"
         np.testing.assert_allclose([record["probabilities"][c] for c in CLASSES], p, atol=1e-5)
-        assert (tmp_path / "x" / f"{record['path'].rsplit('/', 1)[-1][:-4]}.png").is_file()
+        assert Path(record["png"]).is_file()
     assert main(["explain", "--model", str(ensemble_bundle["model"]), "--method", "gradcam",
                  "--out", str(tmp_path / "y"), str(paths[0])]) == 2
 
 
 def test_a_damaged_member_file_is_refused_naming_it(ensemble_bundle, tmp_path, capsys):
-    import shutil
-
     model = tmp_path / "model"
     shutil.copytree(ensemble_bundle["model"], model)
     member = min(p for p in (model / "head" / "1").rglob("*") if p.is_file())
