@@ -198,6 +198,10 @@ class SearchConfig:
     time_budget_minutes: float = setting(0.0, OUTPUT)
     # the melanoma operating point: the validation sensitivity its threshold must reach
     melanoma_target: float = setting(0.90, OUTPUT)
+    # a soft-vote ensemble of the best trial of each (family, backbones) as a candidate beside
+    # the trials (dermray.models.ensemble; chosen only when its out-of-fold validation accuracy
+    # beats the best trial's); false: the best trial is exported, as before ensembles
+    ensemble: bool = setting(True, OUTPUT)
     # optional MLflow tracking through Tune's MLflowLoggerCallback: a server (http(s)://...) or a
     # local file store (file:///abs/path); "" is off (see dermray/stages/tracking.py)
     mlflow_tracking_uri: str = setting("", NEUTRAL)

@@ -40,6 +40,7 @@ from dermray.models.backbones import (
     get_spec,
     valid_image_size,
 )
+from dermray.models.ensemble import ENSEMBLE, EnsembleHead
 from dermray.models.features import metadata_matrix, parse_features
 from dermray.models.heads import EMBEDDINGS, FAMILY_SPECS, IMAGES, get_family, load_head
 from dermray.models.policies import decide, get_policy
@@ -126,6 +127,59 @@ class BackboneRecord:
 
 
 @dataclass(frozen=True)
+class MemberRecord:
+    """One member of an ensemble bundle: a trial's head (saved at ``head/<i>/``), what it was
+    fitted on, and its weight in the soft vote."""
+
+    family: str
+    features: str
+    params: dict[str, Any]
+    trial_id: str
+    weight: float
+
+    def check(self, where: str, index: int) -> None:
+        key = f"members[{index}]"
+        if self.family not in FAMILY_SPECS or get_family(self.family).input == IMAGES:
+            raise _problem(where, f"{key}.family", "a family on embeddings or activation maps: "
+                           + ", ".join(f for f, s in FAMILY_SPECS.items() if s.input != IMAGES),
+                           self.family)
+        for name in ("features", "trial_id"):
+            if not isinstance(getattr(self, name), str):
+                raise _problem(where, f"{key}.{name}", "a string", getattr(self, name))
+        try:
+            parse_features(self.features, maps=True)
+        except DermrayError as exc:
+            raise _problem(where, f"{key}.features", f"a feature spec ({exc})",
+                           self.features) from None
+        if not isinstance(self.params, dict):
+            raise _problem(where, f"{key}.params", "a mapping", self.params)
+        if not (_is_number(self.weight) and 0 <= self.weight <= 1):
+            raise _problem(where, f"{key}.weight", "a number in [0, 1]", self.weight)
+
+    @property
+    def backbones(self) -> list[str]:
+        return parse_features(self.features, maps=True)[0]
+
+    @property
+    def uses_metadata(self) -> bool:
+        return parse_features(self.features, maps=True)[1]
+
+
+def ensemble_features(members: Sequence[MemberRecord]) -> str:
+    """An ensemble bundle's ``features``: its members' families and feature specs."""
+    return " | ".join(f"{m.family}:{m.features}" for m in members)
+
+
+def ensemble_backbones(members: Sequence[MemberRecord]) -> list[str]:
+    """The backbones an ensemble's members read, each once, in the members' order (the bundle's
+    extractor computes them all in one pass)."""
+    out: list[str] = []
+    for m in members:
+        out += [b for b in m.backbones if b not in out]
+    return out
+
+
+@dataclass(frozen=True)
 class BundleSpec:
     """What an exported model is: everything ``dermray predict`` and ``explain`` need, and the
     figures the model card shows. Validated when made: an export cannot write a bundle its own
@@ -142,10 +196,13 @@ class BundleSpec:
     metrics: dict[str, Any]
     operating_points: dict[str, Any] | None = None  # None: argmax only
     labels: tuple[str, ...] = CLASSES
+    # a soft-vote ensemble's members (family 'ensemble'); empty for a single trial's bundle,
+    # whose bundle.json then has no 'members' key (as before ensembles)
+    members: tuple[MemberRecord, ...] = ()
     where: InitVar[str] = "the bundle"  # the file named in messages
 
     def __post_init__(self, where: str) -> None:
-        for key in ("backbones", "labels"):  # lists from JSON or a caller: tuples here
+        for key in ("backbones", "labels", "members"):  # lists from JSON or a caller: tuples here
             if isinstance(getattr(self, key), list):
                 object.__setattr__(self, key, tuple(getattr(self, key)))
         self._check(where)
@@ -159,8 +216,9 @@ class BundleSpec:
         for key in ("family", "features", "trial_id"):
             if not isinstance(getattr(self, key), str):
                 raise _problem(where, key, "a string", getattr(self, key))
-        if self.family not in FAMILY_SPECS:
-            raise _problem(where, "family", f"one of {', '.join(FAMILY_SPECS)}", self.family)
+        if self.family not in FAMILY_SPECS and not (self.family == ENSEMBLE and self.members):
+            raise _problem(where, "family", f"one of {', '.join(FAMILY_SPECS)} (or "
+                           f"'{ENSEMBLE}' with members)", self.family)
         if not valid_image_size(self.image_size):
             raise _problem(where, "image_size", IMAGE_SIZE_RULE, self.image_size)
         if not (_is_int(self.tta_views) and 0 <= self.tta_views < VIEWS):
@@ -178,7 +236,12 @@ class BundleSpec:
                 raise _problem(where, f"backbones[{i}]", "a backbone record", record)
             record.check(where, i)
         names = [b.name for b in self.backbones]
-        if self.takes_images:
+        if self.is_ensemble:
+            self._check_members(where, names)
+        elif self.members:
+            raise _problem(where, "members", f"empty (only an '{ENSEMBLE}' bundle has members)",
+                           "(a list)")
+        elif self.takes_images:
             if self.features != IMAGES or names:
                 raise _problem(where, "features", f"'{IMAGES}' with no backbones (the "
                                f"{self.family} family takes images)", [self.features, names])
@@ -193,9 +256,30 @@ class BundleSpec:
                                f"{self.features!r}: {wanted}", names)
         check_operating_points(self.operating_points, where)
 
+    def _check_members(self, where: str, names: list[str]) -> None:
+        if not isinstance(self.members, tuple) or len(self.members) < 2:
+            raise _problem(where, "members", "a list of 2 or more member records", self.members)
+        for i, member in enumerate(self.members):
+            if not isinstance(member, MemberRecord):
+                raise _problem(where, f"members[{i}]", "a member record", member)
+            member.check(where, i)
+        total = sum(m.weight for m in self.members)
+        if abs(total - 1.0) > 1e-6:
+            raise _problem(where, "members", "weights that sum to 1", total)
+        if self.features != ensemble_features(self.members):
+            raise _problem(where, "features", "the members' families and features: "
+                           f"{ensemble_features(self.members)!r}", self.features)
+        if names != ensemble_backbones(self.members):
+            raise _problem(where, "backbones", f"the members' backbones: "
+                           f"{ensemble_backbones(self.members)}", names)
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.family == ENSEMBLE
+
     @property
     def takes_images(self) -> bool:
-        return get_family(self.family).input == IMAGES
+        return not self.is_ensemble and get_family(self.family).input == IMAGES
 
     @property
     def random_backbones(self) -> list[str]:
@@ -210,6 +294,10 @@ class BundleSpec:
         (``files``: relative path -> 'sha256:<hex>') and a checksum of all of that."""
         body = {"format": FORMAT, **asdict(self), "files": dict(sorted(files.items()))}
         body["backbones"] = [asdict(b) for b in self.backbones]
+        if self.members:
+            body["members"] = [asdict(m) for m in self.members]
+        else:  # a single trial's bundle.json is as it was before ensembles
+            body.pop("members")
         body["labels"] = list(self.labels)
         body = json.loads(json.dumps(body))  # the checksum is of what a reader will parse
         return json.dumps({**body, "checksum": _checksum(body)}, indent=2)
@@ -230,7 +318,7 @@ class BundleSpec:
                               f"reads format {FORMAT}. Export the bundle again with it.")
         names = [f.name for f in fields(cls)]
         for key in [*names, "files", "checksum"]:
-            if key not in body:
+            if key not in body and key != "members":  # members: an ensemble's only
                 raise _problem(where, key, "present", "(missing)")
         unknown = sorted(set(body) - {*names, "format", "files", "checksum"})
         if unknown:
@@ -243,12 +331,21 @@ class BundleSpec:
             if not isinstance(record, dict) or sorted(record) != sorted(keys):
                 raise _problem(where, f"backbones[{i}]", f"a mapping of {', '.join(keys)}",
                                record)
+        members = body.get("members", [])
+        member_keys = [f.name for f in fields(MemberRecord)]
+        if not isinstance(members, list):
+            raise _problem(where, "members", "a list", members)
+        for i, record in enumerate(members):
+            if not isinstance(record, dict) or sorted(record) != sorted(member_keys):
+                raise _problem(where, f"members[{i}]", f"a mapping of {', '.join(member_keys)}",
+                               record)
         files = body["files"]
         if not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
             raise _problem(where, "files", "a mapping of file -> 'sha256:<hex>'", files)
         labels = body["labels"]
-        spec = cls(**{**{k: body[k] for k in names},
+        spec = cls(**{**{k: body[k] for k in names if k != "members"},
                       "backbones": tuple(BackboneRecord(**r) for r in records),
+                      "members": tuple(MemberRecord(**r) for r in members),
                       "labels": tuple(labels) if isinstance(labels, list) else labels},
                    where=where)
         recorded = body.pop("checksum")
@@ -357,27 +454,31 @@ class Bundle:
                 preprocessing={b.name: b.preprocessing for b in self.spec.backbones})
         return self._embedder
 
-    def features(self, images: np.ndarray, meta: pd.DataFrame | None = None) -> np.ndarray:
+    def features(self, images: np.ndarray, meta: pd.DataFrame | None = None
+                 ) -> np.ndarray | list[np.ndarray]:
         """Head inputs for decoded images: embeddings (TTA-averaged as in training) + metadata
-        (``meta``: age, sex, localization per image; None: the 'unknown' encoding)."""
+        (``meta``: age, sex, localization per image; None: the 'unknown' encoding). An
+        ensemble's: one array per member, from one pass of each backbone over the images."""
         if self.spec.takes_images:
             return images
         embedder = self.embedder()
-        parts = []
+        parts = {}
         for name in [b.name for b in self.spec.backbones]:
             # an activation map is scored on the original view, as in training (the head
             # averages its own flips); embeddings average the extraction's TTA views
             views = range(1 if get_spec(name).is_map else self.spec.tta_views + 1)
-            stacked = np.mean([embedder.embed(name, np.stack([dihedral(im, k) for im in images]))
-                               for k in views], axis=0)
-            parts.append(stacked)
-        X = np.concatenate(parts, axis=1)
-        if self.uses_metadata:
-            if meta is None:  # no patient metadata given: the "unknown" encoding
-                meta = pd.DataFrame({"age": [np.nan] * len(X), "sex": "unknown",
-                                     "localization": "unknown"})
-            X = np.concatenate([X, metadata_matrix(meta.reset_index(drop=True))], axis=1)
-        return X
+            parts[name] = np.mean([embedder.embed(name, np.stack([dihedral(im, k)
+                                                                  for im in images]))
+                                   for k in views], axis=0)
+        if self.uses_metadata and meta is None:  # no patient metadata given: "unknown"
+            meta = pd.DataFrame({"age": [np.nan] * len(images), "sex": "unknown",
+                                 "localization": "unknown"})
+        encoded = (metadata_matrix(meta.reset_index(drop=True)) if self.uses_metadata
+                   else None)
+        if self.spec.is_ensemble:
+            return [_joined(parts, m.backbones, encoded if m.uses_metadata else None)
+                    for m in self.spec.members]
+        return _joined(parts, list(parts), encoded)
 
     def predict_proba(self, images: np.ndarray, meta: pd.DataFrame | None = None) -> np.ndarray:
         """The head's probabilities for decoded images (N, S, S, 3) uint8."""
@@ -386,7 +487,10 @@ class Bundle:
     @property
     def uses_metadata(self) -> bool:
         """Whether the head takes patient metadata after the backbones' features (``+meta``:
-        an embedding family's, or a cached fine-tune's after its pooling)."""
+        an embedding family's, or a cached fine-tune's after its pooling; an ensemble: any
+        member's)."""
+        if self.spec.is_ensemble:
+            return any(m.uses_metadata for m in self.spec.members)
         return (get_family(self.spec.family).input != IMAGES
                 and parse_features(self.spec.features, maps=True)[1])
 
@@ -403,6 +507,13 @@ class Bundle:
             raise DermrayError(f"This bundle has no {policy!r} operating point; it has "
                                f"{', '.join(points['policies'])}. Export it again to add it.")
         return decide(proba, points, policy)
+
+
+def _joined(parts: Mapping[str, np.ndarray], names: Sequence[str],
+            meta: np.ndarray | None) -> np.ndarray:
+    """One head's input: its backbones' embeddings side by side (+ the metadata encoding)."""
+    X = np.concatenate([parts[n] for n in names], axis=1)
+    return X if meta is None else np.concatenate([X, meta], axis=1)
 
 
 def load_bundle(model: str | Path, weights_dirs: Sequence[str | Path] = (),
@@ -427,13 +538,22 @@ def load_bundle(model: str | Path, weights_dirs: Sequence[str | Path] = (),
                                     [*weights_dirs], hint=b.weights_hint,
                                     origin=b.weights_origin) for b in spec.backbones}
     try:
-        head = load_head(spec.family, directory / "head")
+        if spec.is_ensemble:
+            head = EnsembleHead.load(directory / "head", [m.family for m in spec.members],
+                                     [m.weight for m in spec.members])
+        else:
+            head = load_head(spec.family, directory / "head")
     except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError,
             zipfile.BadZipFile, DermrayError) as exc:
         raise BundleError(f"{where}/head cannot be loaded as a '{spec.family}' head "
                           f"({type(exc).__name__}: {str(exc)[:200]}). The export wrote a "
                           "damaged head: export the bundle again.") from None
-    check_head(spec, head, where)
+    if spec.is_ensemble:
+        for i, (member, member_head) in enumerate(zip(spec.members, head.heads, strict=True)):
+            check_head(spec, member_head, f"{where} (member {i}, head/{i})", member.features,
+                       member.family)
+    else:
+        check_head(spec, head, where)
     if warn_random and spec.random_backbones:
         logger.warning("the model %s runs its backbone(s) %s on seeded random weights "
                        "(weights: none, as the demo trains): its predictions on real images "
@@ -442,27 +562,29 @@ def load_bundle(model: str | Path, weights_dirs: Sequence[str | Path] = (),
     return Bundle(spec=spec, head=head, directory=directory, weights=weights)
 
 
-def expected_inputs(spec: BundleSpec) -> int:
+def expected_inputs(spec: BundleSpec, features: str | None = None) -> int:
     """How many inputs the head must take: the backbones' feature sizes (+ the metadata
-    encoding), or the pixels of an image family."""
+    encoding), or the pixels of an image family. ``features``: an ensemble member's."""
     if spec.takes_images:
         return spec.image_size * spec.image_size * 3
-    size = sum(get_spec(b.name).dim(spec.image_size) for b in spec.backbones)
-    if parse_features(spec.features, maps=True)[1]:
+    names, meta = parse_features(features or spec.features, maps=True)
+    size = sum(get_spec(name).dim(spec.image_size) for name in names)
+    if meta:
         size += metadata_matrix(pd.DataFrame({"age": [np.nan], "sex": ["unknown"],
                                               "localization": ["unknown"]})).shape[1]
     return size
 
 
-def check_head(spec: BundleSpec, head: Any, where: str) -> None:
-    """The head takes what the bundle's backbones give at its image size, and gives the 7
-    classes."""
-    want = expected_inputs(spec)
+def check_head(spec: BundleSpec, head: Any, where: str, features: str | None = None,
+               family: str | None = None) -> None:
+    """The head takes what the bundle's backbones give at its image size (``features`` and
+    ``family``: an ensemble member's), and gives the 7 classes."""
+    want = expected_inputs(spec, features)
     if getattr(head, "n_features_in_", want) != want:
         raise BundleError(
             f"{where}: the head takes {head.n_features_in_} inputs, but {BUNDLE_FILE}'s backbones "
-            f"and features ({spec.features}) give {want}. The bundle was edited or damaged: "
-            "export it again.")
+            f"and features ({features or spec.features}) give {want}. The bundle was edited or "
+            "damaged: export it again.")
     if getattr(head, "image_size", spec.image_size) != spec.image_size:
         raise BundleError(f"{where}: the head takes {head.image_size}-pixel images, but "
                           f"{BUNDLE_FILE} says {spec.image_size}. Export the bundle again.")
@@ -470,10 +592,11 @@ def check_head(spec: BundleSpec, head: Any, where: str) -> None:
     if classes is not None and len(classes) != len(spec.labels):
         raise BundleError(f"{where}: the head gives {len(classes)} classes, {BUNDLE_FILE}'s "
                           f"labels name {len(spec.labels)}. Export the bundle again.")
-    check_head_numbers(spec, head, where, want)
+    check_head_numbers(spec, head, where, want, family or spec.family)
 
 
-def check_head_numbers(spec: BundleSpec, head: Any, where: str, want: int) -> None:
+def check_head_numbers(spec: BundleSpec, head: Any, where: str, want: int,
+                       family: str) -> None:
     """The head's numbers are finite and of the declared shapes: each numeric array a head
     declares (``Head.declared_arrays``: its shape from the bundle's feature count and its 7
     classes), every weight of a Keras head's model; and a head on features gives finite
@@ -502,7 +625,7 @@ def check_head_numbers(spec: BundleSpec, head: Any, where: str, want: int) -> No
                               f"'{getattr(weight, 'path', getattr(weight, 'name', '?'))}' holds "
                               "values that are not finite (NaN or inf). The export wrote a "
                               "damaged head: export it again.")
-    if get_family(spec.family).input == EMBEDDINGS:
+    if get_family(family).input == EMBEDDINGS:
         proba = np.asarray(head.predict_proba(np.zeros((1, want), dtype=np.float32)))
         if (proba.shape != (1, len(spec.labels)) or not np.all(np.isfinite(proba))
                 or not np.allclose(proba.sum(axis=1), 1.0, atol=1e-3)):

@@ -110,8 +110,10 @@ def signature():
 def requirements(bundle_dir: str | Path) -> list[str]:
     """pip requirements of the model: dermray's stack and the family's packages, pinned to the
     versions installed here (those not installed are left out)."""
-    family = get_family(read_spec(bundle_dir).family)
-    found = versions(dict.fromkeys([*REQUIREMENTS, *family.packages]))
+    spec = read_spec(bundle_dir)  # an ensemble's: every member family's packages
+    names = [m.family for m in spec.members] or [spec.family]
+    packages = [p for name in names for p in get_family(name).packages]
+    found = versions(dict.fromkeys([*REQUIREMENTS, *packages]))
     return [f"{name}=={version}" for name, version in found.items()]
 
 

@@ -301,6 +301,19 @@ chosen and nothing is scored on test until the search ends. Run <code>dermray re
 """
 
 
+def ensemble_section(record: dict[str, Any] | None) -> str:
+    """The soft-vote candidate: its members and weights, and why it won or lost."""
+    if not record:
+        return ""
+    members = pd.DataFrame([{k: m.get(k, np.nan) for k in ("trial_id", "family", "features",
+                                                           "val_accuracy", "weight")}
+                            for m in record["members"]])
+    verdict = "Chosen" if record["chosen"] else "Not chosen"
+    return (f"<h2>Ensemble candidate</h2>\n<p>{html.escape(record['rule'])}.</p>\n"
+            f"{_table(members, 'ensemble') if len(members) else ''}\n"
+            f"<p><b>{verdict}</b>: {html.escape(record['reason'])}.</p>")
+
+
 def write_dashboard(out: str) -> str:
     """Write OUT/report.html (OUT: a folder or an s3:// URI); returns its path. Before the
     search has ended (no metrics.json yet) the page is the partial one, from Tune's files."""
@@ -358,6 +371,7 @@ Test (scored once, after selection): accuracy {test['accuracy']:.4f}, balanced a
 {_table(best, "best")}
 <h2>Winner: test metrics per class</h2>
 {_table(per_class, "per-class")}
+{ensemble_section(result.get("ensemble"))}
 {policy_section(result.get("policies"), result.get("operating_points"))}
 <img alt="confusion matrix" src="{cm}">
 {html_section(out, result['features'])}

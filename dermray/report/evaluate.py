@@ -96,6 +96,10 @@ def write_report(out: str, summary: dict[str, Any]) -> str:
         "# dermray report", "",
         (f"Winner (highest validation accuracy of {summary['n_trials']} trials): **{win['family']}** "
         f"on `{win['features']}`"), "", "```", str(win["params"]), "```", "",
+        *([(f"The soft-vote ensemble won: its out-of-fold validation accuracy "
+            f"{win['val_out_of_fold_accuracy']:.3f} beat the best trial's (see 'Ensemble "
+            "candidate'); the val row below uses its final weights, fitted on all of "
+            "validation."), ""] if "val_out_of_fold_accuracy" in win else []),
         "| split | n | accuracy | balanced accuracy | macro-F1 | log-loss |",
         "| --- | --- | --- | --- | --- | --- |",
         _row("val", win["val"]), _row("test", win["test"]), "",
@@ -107,6 +111,7 @@ def write_report(out: str, summary: dict[str, Any]) -> str:
         lines.append(f"| {fam} | {best['features']} | {best['val']['accuracy']:.3f} | "
                      f"{best['test']['accuracy']:.3f} | {best['test']['balanced_accuracy']:.3f} | "
                      f"{best['test']['macro_f1']:.3f} |")
+    lines += ensemble_lines(summary.get("ensemble"))
     lines += ["", "## Winner per class (test)", "",
               "| class | precision | recall | F1 | ROC AUC | support |",
               "| --- | --- | --- | --- | --- | --- |"]
@@ -121,6 +126,25 @@ def write_report(out: str, summary: dict[str, Any]) -> str:
               ("Splits are lesion-grouped: no lesion is in two splits. The winner was chosen on "
               "validation accuracy only; the test split was scored once, after selection."), ""]
     return storage.write_text(storage.join(out, "report.md"), "\n".join(lines))
+
+
+def ensemble_lines(record: dict[str, Any] | None) -> list[str]:
+    """Markdown: the soft-vote candidate, its members and weights, and why it won or lost."""
+    if not record:
+        return []
+    lines = ["", "## Ensemble candidate", "", f"Rule: {record['rule']}.", "",
+             "| trial | family | features | val accuracy | weight |", "| --- | --- | --- | --- | --- |"]
+    for m in record["members"]:
+        weight = f"{m['weight']:.3f}" if "weight" in m else "n/a"
+        lines.append(f"| {m['trial_id']} | {m['family']} | {m['features']} | "
+                     f"{m['val_accuracy']:.3f} | {weight} |")
+    lines += ["", f"**{'Chosen' if record['chosen'] else 'Not chosen'}**: {record['reason']}."]
+    if "out_of_fold" in record:
+        lines.append(f"With the final weights (fitted on all of validation): val accuracy "
+                     f"{record['val']['accuracy']:.3f} (in-sample), test accuracy "
+                     f"{record['test']['accuracy']:.3f}, test balanced accuracy "
+                     f"{record['test']['balanced_accuracy']:.3f}.")
+    return lines
 
 
 def _fmt(value: float | None) -> str:
@@ -168,6 +192,15 @@ def weights_lines(bundle: BundleSpec) -> list[str]:
     return [*lines, ""] if lines[-1] else lines
 
 
+def member_lines(bundle: BundleSpec) -> list[str]:
+    """The model card's ensemble members: each trial's family, features and weight."""
+    if not bundle.members:
+        return []
+    return ["## Ensemble members (soft vote: the weighted mean of their probabilities)",
+            *[f"- {m.family} on `{m.features}` (trial {m.trial_id}): weight {m.weight:.3f}"
+              for m in bundle.members], ""]
+
+
 def model_card(bundle: BundleSpec, extract_record: dict[str, Any]) -> str:
     """model_card.md of a bundle: intended use, data and split, metrics per class and per
     policy, and the limits a user must know."""
@@ -190,7 +223,7 @@ def model_card(bundle: BundleSpec, extract_record: dict[str, Any]) -> str:
         f"{bundle.image_size}x{bundle.image_size} pixels; backbones: "
         f"{', '.join(b.name for b in bundle.backbones) or 'fine-tuned CNN'}; "
         f"test-time views: {bundle.tta_views}; augmentation: {ext.get('augment', 'n/a')}."),
-        "", *weights_lines(bundle), "## Test metrics (argmax)",
+        "", *weights_lines(bundle), *member_lines(bundle), "## Test metrics (argmax)",
         (f"accuracy {test['accuracy']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, "
         f"macro-F1 {test['macro_f1']:.3f} on {test['n']} images."), "",
         "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |",

@@ -33,6 +33,10 @@ each pixel gets the mean drop of the class probability over the patches that cov
 one forward pass per patch position (49), and it uses the bundle's own ``features`` and head, so
 it explains exactly what ``dermray predict`` computes.
 
+An ensemble bundle (a soft vote of several heads) is explained by occlusion over the ensemble's
+own probability, the weighted mean ``dermray predict`` reports: its members need not be
+differentiable (XGBoost), and a mixture of probabilities has no one pre-softmax score.
+
 The class explained is the one ``dermray predict`` decides under ``policy``; the probability
 shown is the head's, as in predict's ``p_<class>`` column.
 """
@@ -89,8 +93,8 @@ def choose_method(bundle: Bundle, method: str = "auto") -> str:
     if method == "auto":
         return "gradcam" if gradcam_supported(bundle) else "occlusion"
     if method == "gradcam" and not gradcam_supported(bundle):
-        raise DermrayError(f"The {bundle.spec.family} head has no gradient (trees, or an "
-                           "unknown form): use --method occlusion (or auto).")
+        raise DermrayError(f"The {bundle.spec.family} head has no gradient (trees, a soft-vote "
+                           "ensemble, or an unknown form): use --method occlusion (or auto).")
     return method
 
 

@@ -82,7 +82,10 @@ SEARCH = {"families": ["logistic", "xgboost", "mlp", "finetune", "cached_cnn"],
           "features": ["resnet50", "vgg19+meta"], "num_samples": 5, "max_concurrent": 2,
           "grace_period": 2, "mlp_max_epochs": 8, "xgb_max_estimators": 30,
           "finetune_weights": {"resnet50": "none"}, "finetune_image_size": 32,
-          "finetune_epochs": 1, "finetune_max_train_images": 48, "cached_cnn_epochs": 1}
+          "finetune_epochs": 1, "finetune_max_train_images": 48, "cached_cnn_epochs": 1,
+          # the session's tests reproduce a single trial's figures from its bundle; the
+          # ensemble candidate has its own tests (tests/unit/test_ensemble.py)
+          "ensemble": False}
 
 
 @pytest.fixture(scope="session")
