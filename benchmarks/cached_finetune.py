@@ -127,7 +127,8 @@ def parquet_storage(folder: Path, cut: str, only_cut: bool) -> dict[str, object]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="maps (images) per training step; the family trains with 64")
     parser.add_argument("--cut", nargs="+", choices=CUTS, default=list(CUTS),
                         help="the activation maps to fine-tune from (default: both)")
     parser.add_argument("--activations", help="a real run's activation folder (storage/view)")
