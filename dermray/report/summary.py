@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +50,9 @@ def run_summary(result: Mapping[str, Any]) -> list[str]:
              (f"  val accuracy {_num(win.get('val_accuracy'))}, test accuracy "
              f"{_num(win.get('test_accuracy'))} (balanced "
              f"{_num(win.get('test_balanced_accuracy'))})")]
+    if result.get("ensemble"):  # why the soft vote won or lost
+        lines += textwrap.wrap(f"ensemble candidate: {result['ensemble']}", 79,
+                               initial_indent="  ", subsequent_indent="    ")
     rows = policy_rows(result.get("policies") or {})
     if rows:
         lines.append("  decision policies (chosen on val; `dermray predict --policy NAME`):")

@@ -155,6 +155,9 @@ def run_search_stage(config_path: str | None, out: str, manifest_path: str,
         "report_html": storage.join(out, "report.html"),
         "model": storage.join(out, "model"),
         "tune_logs": storage_path(cfg),
+        # the ensemble candidate: chosen or not, and why (out-of-fold val accuracy)
+        **({"ensemble": summary["ensemble"].get("reason", "")}
+           if summary.get("ensemble") else {}),
     }
 
 

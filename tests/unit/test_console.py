@@ -89,6 +89,7 @@ RESULT = {
     "report_html": "/runs/a/report.html", "model": "/runs/a/model",
     "trials": "/runs/a/trials.csv", "tune_logs": "/runs/a/tune",
     "logs": "/runs/a/logs/dermray.log",
+    "ensemble": "out-of-fold validation accuracy 0.8100 does not beat the best trial's 0.8189",
 }
 
 
@@ -97,6 +98,9 @@ def test_the_closing_summary_names_the_winner_policies_paths_and_next_commands()
     text = "\n".join(lines)
     assert lines[0].startswith("winner: xgboost on resnet50+vgg19 (trial t_00003)")
     assert "0.8189" in lines[1] and "0.8012" in lines[1]
+    assert " ".join(ln.strip() for ln in lines[2:4]) == (
+        "ensemble candidate: out-of-fold validation accuracy 0.8100 does not beat the best "
+        "trial's 0.8189")
     melanoma = next(ln.split() for ln in lines if ln.strip().startswith("melanoma"))
     assert melanoma[1:] == ["0.7000", "0.6600", "0.6900", "0.6400", "0.8300"]
     for path in ("/runs/a/report.html", "/runs/a/model", "/runs/a/logs/dermray.log"):
