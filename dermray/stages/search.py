@@ -6,6 +6,7 @@ per family, metric ``val_accuracy`` (max). Selection, test scoring and export ar
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import tempfile
@@ -161,6 +162,16 @@ def tune_storage(cfg: SearchConfig) -> tuple[str, Any]:
     return uri, None
 
 
+def trial_config(cfg: SearchConfig) -> SearchConfig:
+    """The config a trial gets: a local OUT as an absolute path. A trial runs in its own
+    folder (Tune's trial directory is its working directory), so a relative OUT, as `--out
+    out/ham10000` gives it, would name nothing there: the cached fine-tune's weights lookup
+    (OUT/extract_run.json) then fell back to Keras' download."""
+    if storage.is_remote(cfg.out):
+        return cfg
+    return dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()))
+
+
 def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
     """The Tuner, restored from its storage path when an earlier run of it is there."""
     import optuna
@@ -180,7 +191,8 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
         return specs[config["family"]].resources(cfg, has_gpus)
 
     trainable = tune.with_resources(
-        tune.with_parameters(train_head, data=data, cfg=cfg, specs=specs), resources=resources)
+        tune.with_parameters(train_head, data=data, cfg=trial_config(cfg), specs=specs),
+        resources=resources)
     root, filesystem = tune_storage(cfg)
     path = f"{root.rstrip('/')}/{cfg.experiment}"
     if resume and tune.Tuner.can_restore(path, storage_filesystem=filesystem):
