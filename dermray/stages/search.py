@@ -315,5 +315,17 @@ def run_search(cfg: SearchConfig, manifest_path: str, resume: bool = True, fresh
     check_trial_resources(cfg)  # a trial no node can ever hold: refused, not queued forever
     data = load_search_data(cfg, manifest_path)
     tuner = build_tuner(cfg, data, resume=resume)
-    return tuner.fit()
+    try:
+        return tuner.fit()
+    except RuntimeError as exc:
+        # Ray's memory monitor killed a trial's actor before it ran: Tune gives up the whole
+        # experiment with a RuntimeError. What finished is kept; a rerun resumes it.
+        if "low on memory" not in str(exc) and "OutOfMemoryError" not in str(exc):
+            raise
+        raise DermrayError(
+            "The search stopped: Ray killed a trial because this machine ran low on memory "
+            f"({str(exc).splitlines()[0][:200]}). Finished trials are kept, and rerunning the same "
+            "command resumes the search. To need less memory: lower search.max_concurrent, or "
+            "search fewer inputs at once (one search.cached_cnn_meta option holds the activation "
+            "maps once, two hold them twice).") from None
 
