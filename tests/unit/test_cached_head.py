@@ -158,23 +158,3 @@ def test_the_deeper_cut_is_a_setting_of_the_family(tmp_path):
     params = spec.head_params(spec.first_point(cfg), cfg)
     assert (params["cut"], params["channels"]) == ("resnet50_c4b6", 1024)
 
-
-def test_a_trial_finds_the_extraction_weights_from_a_relative_out(tmp_path, monkeypatch):
-    """`dermray run --out out/ham10000` gives a relative OUT, and each Tune trial runs in its
-    own folder: the trial's config names OUT absolutely, so the cached fine-tune starts from the
-    extraction's weights file (OUT/extract_run.json), not from Keras' download."""
-    import json
-
-    from dermray.config import build_section
-    from dermray.stages.search import head_params, trial_config
-
-    weights = tmp_path / "w.h5"
-    weights.write_bytes(b"not read here")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "extract_run.json").write_text(json.dumps(
-        {"cwd": str(tmp_path), "config": {"weights": {"resnet50_c5b2": "w.h5"}}}))
-    monkeypatch.chdir(tmp_path)
-    cfg = trial_config(build_section("search", {"out": "out", "families": ["cached_cnn"]}))
-    monkeypatch.chdir(tmp_path / "out")  # a trial's own folder: "out" names nothing here
-    point = get_family("cached_cnn").first_point(cfg)
-    assert head_params({"family": "cached_cnn", **point}, cfg)["weights"] == str(weights)
