@@ -47,12 +47,6 @@ def mix(probas: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
                         np.stack([np.asarray(p, dtype=np.float64) for p in probas]), axes=1)
 
 
-def mixed_log_loss(probas: Sequence[np.ndarray], y: np.ndarray,
-                   weights: Sequence[float]) -> float:
-    p = mix(probas, weights)[np.arange(len(y)), np.asarray(y)]
-    return float(-np.mean(np.log(np.clip(p, EPS, None))))
-
-
 def fit_weights(probas: Sequence[np.ndarray], y: np.ndarray) -> np.ndarray:
     """Weights on the simplex minimising the log-loss of ``mix(probas, w)`` against ``y``."""
     stacked = np.stack([np.asarray(p, dtype=np.float64) for p in probas])  # (M, N, C)
