@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +95,27 @@ def train_head(config: dict[str, Any], data: dict[str, Any], cfg: SearchConfig,
     head = spec.head_class(**spec.head_params(config, cfg, has_gpu=bool(ray.get_gpu_ids())))
     tags = {"family": spec.name, "features": key}
 
-    def progress(iteration: int, proba: np.ndarray, train_loss: float | None = None) -> None:
+    delivered: dict[str, float] = {}
+
+    def progress(iteration: int, proba: np.ndarray, train_loss: float | None = None,
+                 snapshot: Callable[[Path], None] | None = None) -> None:
+        """One report per iteration. A head that keeps its best iteration (the Keras heads'
+        stopping rule restores the best epoch) passes ``snapshot`` when this iteration is that
+        best: the report then carries those weights as a checkpoint, and the trial's val_*
+        stay the figures of the model it would hand over now (this iteration's own are
+        ``epoch_val_*``). So ASHA compares what a trial would deliver, and a trial it stops
+        keeps its best model: selection loads it instead of refitting."""
+        current = val_metrics(y_val, proba)
         train = {} if train_loss is None else {"train_loss": train_loss}
-        tune.report({**val_metrics(y_val, proba), **train, **tags})
+        epoch = {f"epoch_{k}": v for k, v in current.items()}
+        if snapshot is None:
+            tune.report({**(delivered or current), **epoch, **train, **tags})
+            return
+        delivered.update(current)
+        with tempfile.TemporaryDirectory() as tmp:
+            snapshot(Path(tmp))
+            tune.report({**current, **epoch, **train, **tags},
+                        checkpoint=tune.Checkpoint.from_directory(tmp))
 
     head.fit(X_train, y_train, eval_set=(X_val, y_val),
              progress=progress if spec.iterative else None)
@@ -218,6 +237,9 @@ def build_tuner(cfg: SearchConfig, data: dict[str, Any], resume: bool = True):
         run_config=tune.RunConfig(name=cfg.experiment, storage_path=root,
                                   storage_filesystem=filesystem,
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  # a trial's checkpoints are its best iteration so far and its
+                                  # final model: the newest is the one selection loads
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   # our progress lines (and MLflow) replace Tune's own output
                                   callbacks=[*tune_callbacks(cfg), TrialFaults(),
                                              *hparams_logger(cfg)], verbose=0),

@@ -102,8 +102,23 @@ def pick(trials: pd.DataFrame) -> pd.Series:
     return rank(ok).iloc[0]
 
 
-def _fitted_head(row: pd.Series, results, cfg: SearchConfig, data: dict[str, Any]):
-    """The trial's checkpointed head; refit from its config if ASHA stopped it first."""
+class LazySearchData:
+    """The search's training data, read on first use (an activation map family's is the
+    biggest thing selection could read, and a checkpointed trial does not need it)."""
+
+    def __init__(self, cfg: SearchConfig, manifest_path: str) -> None:
+        self.cfg, self.manifest_path, self._data = cfg, manifest_path, None
+
+    def __getitem__(self, features: str):
+        if self._data is None:
+            self._data = load_search_data(self.cfg, self.manifest_path)
+        return self._data[features]
+
+
+def _fitted_head(row: pd.Series, results, cfg: SearchConfig, data: Any):
+    """The trial's head from its newest checkpoint: its final model, or, for a trial ASHA
+    stopped first, the best iteration it had reported (the Keras heads checkpoint each new
+    best epoch); refit from its config where a trial has none (XGBoost, stopped early)."""
     head_class = get_family(row["family"]).head_class
     result = next(r for r in results if r.path == row["path"])
     if result.checkpoint is not None:
@@ -333,8 +348,7 @@ def finish(results, cfg: SearchConfig, manifest_path: str, out: str) -> dict[str
     storage.write_text(storage.join(out, "trials.csv"),
                        trials.drop(columns=["path"]).to_csv(index=False))
     winner = pick(trials)
-    data = load_search_data(cfg, manifest_path) if not all(
-        bool(c) for c in trials["completed"]) else {}
+    data = LazySearchData(cfg, manifest_path)  # read only if a trial must be refitted
     cache: dict[str, dict[str, Any]] = {}
 
     def scored(row: pd.Series) -> dict[str, Any]:

@@ -50,3 +50,106 @@ def test_a_trial_killed_for_memory_ends_the_search_with_one_message(monkeypatch)
     with pytest.raises(DermrayError, match="ran low on memory.*rerunning the same command "
                                            "resumes.*max_concurrent"):
         search.run_search(cfg, "/nonexistent/out/manifest.parquet")
+
+
+def test_a_stopped_trial_reports_and_keeps_its_best_iteration(tmp_path, monkeypatch):
+    """ASHA compares a trial's latest report and may stop it there. A head that restores its
+    best epoch (the Keras heads) passes a snapshot with each new best: the trial's val_* stay
+    that best's figures (this epoch's own are epoch_val_*) and the newest checkpoint is its
+    weights, so a stopped trial is compared and scored as the model it would hand over."""
+    import json
+    import shutil
+    import types
+
+    import numpy as np
+    from ray import tune
+
+    from dermray.config import build_section
+    from dermray.stages import search
+
+    y_val = np.arange(10) % 7
+
+    def proba(correct: int) -> np.ndarray:  # the first `correct` rows right, the rest wrong
+        p = np.full((10, 7), 0.01)
+        p[np.arange(10), np.where(np.arange(10) < correct, y_val, (y_val + 1) % 7)] = 0.94
+        return p
+
+    class Head:
+        def __init__(self, **params):
+            self.weights = None
+
+        def fit(self, X, y, eval_set=None, progress=None):
+            for epoch, (correct, best) in enumerate([(5, True), (8, True), (6, False)], 1):
+                self.weights = correct
+                snapshot = (lambda d, c=correct: (d / "w.json").write_text(json.dumps(c))
+                            ) if best else None
+                progress(epoch, proba(correct), train_loss=1.0 / epoch, snapshot=snapshot)
+            self.weights = 8  # the stopping rule restores the best epoch
+            return self
+
+        def predict_proba(self, X):
+            return proba(self.weights)
+
+        def save(self, d):
+            (d / "w.json").write_text(json.dumps(self.weights))
+
+    spec = types.SimpleNamespace(name="fake", iterative=True, head_class=Head,
+                                 features_of=lambda config: "emb",
+                                 head_params=lambda config, cfg, has_gpu=False: {})
+    reports = []
+
+    def report(metrics, checkpoint=None):
+        kept = None
+        if checkpoint is not None:
+            kept = tmp_path / f"checkpoint{len(reports)}"
+            shutil.copytree(checkpoint.path, kept)
+        reports.append((metrics, kept))
+
+    monkeypatch.setattr(tune, "report", report)
+    monkeypatch.setattr("ray.get_gpu_ids", lambda: [])
+    cfg = build_section("search", {"out": str(tmp_path), "families": ["logistic"]})
+    X = np.zeros((10, 3))
+    search.train_head({"family": "fake"}, {"emb": (X, y_val, X, y_val)}, cfg, {"fake": spec})
+
+    accuracy = [m["val_accuracy"] for m, _ in reports]
+    assert accuracy == [0.5, 0.8, 0.8, 0.8]  # epoch 3 (0.6) is not what the trial delivers
+    assert [m["epoch_val_accuracy"] for m, _ in reports[:3]] == [0.5, 0.8, 0.6]
+    assert reports[2][0]["train_loss"] == pytest.approx(1 / 3)
+    kept = [json.loads((c / "w.json").read_text()) if c else None for _, c in reports]
+    assert kept == [5, 8, None, 8]  # a trial stopped after epoch 3 still has epoch 2's weights
+    assert reports[-1][0]["final"] is True
+
+
+def test_a_keras_head_snapshots_exactly_its_best_epochs(tmp_path):
+    """The snapshot comes with the epochs the stopping rule counts as a new best (val_loss for
+    the MLP, strictly lower), and the last snapshot is the model the head ends with."""
+    import numpy as np
+
+    from dermray.models.heads import load_head, make_head
+    from dermray.models.heads.keras_base import epoch_scores
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 1.2, (7, 16))
+    y = np.repeat(np.arange(7), 20)
+    X = (centers[y] + rng.normal(0, 1, (140, 16))).astype(np.float32)
+    yv = np.repeat(np.arange(7), 6)
+    Xv = (centers[yv] + rng.normal(0, 1.6, (42, 16))).astype(np.float32)
+    head = make_head("mlp", {"epochs": 10, "width": 64, "patience": 10, "learning_rate": 0.05})
+    seen = []
+
+    def progress(epoch, proba, train_loss=None, snapshot=None):
+        folder = None
+        if snapshot is not None:
+            folder = tmp_path / f"e{epoch}"
+            folder.mkdir()
+            snapshot(folder)
+        seen.append((epoch_scores(yv, proba)["val_loss"], folder))
+
+    head.fit(X, y, eval_set=(Xv, yv), progress=progress)
+    losses = [loss for loss, _ in seen]
+    best_so_far = [i == 0 or loss < min(losses[:i]) for i, loss in enumerate(losses)]
+    assert [folder is not None for _, folder in seen] == best_so_far
+    assert not all(best_so_far)  # the learning rate is high enough for a worse epoch
+    last = [folder for _, folder in seen if folder is not None][-1]
+    np.testing.assert_allclose(load_head("mlp", last).predict_proba(Xv), head.predict_proba(Xv),
+                               atol=1e-6)

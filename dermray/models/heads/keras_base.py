@@ -43,29 +43,46 @@ class KerasHead(Head):
         callbacks = []
         if eval_set is not None:
             X_val, y_val = self._inputs(eval_set[0]), np.asarray(eval_set[1])
+            scored: dict[str, np.ndarray] = {}
 
             def validate(epoch: int, logs: dict) -> None:
                 # one pass over validation per epoch, with the head's own probabilities (its
                 # test-time views too): the numbers the stopping rule watches, the progress
                 # reports and selection are the same numbers, and Keras' own validation pass
                 # (a second one, without the views) is not run
-                proba = self._proba(model, X_val)
-                logs.update(epoch_scores(y_val, proba))
-                if progress is not None:
-                    # the epoch's training loss (Keras' mean over its batches) beside the
-                    # validation probabilities: the training curve in TensorBoard and MLflow
-                    train = {"train_loss": float(logs["loss"])} if "loss" in logs else {}
-                    progress(epoch + 1, proba, **train)
+                scored["proba"] = self._proba(model, X_val)
+                logs.update(epoch_scores(y_val, scored["proba"]))
 
-            # before EarlyStopping: Keras hands every callback the same logs of the epoch
-            callbacks += [keras.callbacks.LambdaCallback(on_epoch_end=validate),
-                          self.early_stopping()]
+            stopper = self.early_stopping()
+
+            def report(epoch: int, logs: dict) -> None:
+                # after the stopping rule has seen the epoch: when this epoch is its best so
+                # far (the weights it will restore), the report carries a snapshot of them, so
+                # that a trial stopped from outside (ASHA) still has the model it would hand over
+                train = {"train_loss": float(logs["loss"])} if "loss" in logs else {}
+                snapshot = None
+                if stopper.best_epoch == epoch:
+                    def snapshot(directory: Path) -> None:
+                        self._save_fitted(model, X, directory)
+                progress(epoch + 1, scored["proba"], snapshot=snapshot, **train)
+
+            # validate before EarlyStopping: Keras hands every callback the same logs of the
+            # epoch; report after it, to know whether the epoch was its best
+            callbacks += [keras.callbacks.LambdaCallback(on_epoch_end=validate), stopper]
+            if progress is not None:
+                callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=report))
         model.fit(self._inputs(X), np.asarray(y), epochs=self.epochs, batch_size=self.batch_size,
                   callbacks=callbacks, verbose=0,
                   class_weight=class_weights(np.asarray(y), self.class_weight))
         self.model_ = model
         self._set_fitted(X)
         return self
+
+    def _save_fitted(self, model, X: np.ndarray, directory: Path) -> None:
+        """Save ``model`` (a model in training) as this head's fitted model."""
+        self.model_ = model
+        self._set_fitted(X)
+        self.save(directory)
 
     def early_stopping(self):
         """The stopping rule: ``stop_on`` without improvement for ``patience`` epochs stops
