@@ -152,8 +152,12 @@ def compute(out: str) -> dict[str, Any]:
         ablation.append(row)
         print(f"{name}: val {row['val']['accuracy']:.4f} test {row['test']['accuracy']:.4f} "
               f"bal {row['test']['balanced_accuracy']:.4f} ({row['fit_s']} s)", flush=True)
+    # the exported winner's operating points, fitted on validation by selection, on test
+    winner = {"name": next((r["name"] for r in rows if r["name"].endswith("(winner)")), ""),
+              "policies": {"test": ((result.get("policies") or {}).get("test") or {}).get(
+                  "policies", {})}}
     return {"families": rows, "pairs": pairs, "ablation": ablation,
-            "ensemble": ensemble}
+            "ensemble": ensemble, "winner": winner}
 
 
 def markdown(table: dict[str, Any]) -> str:
@@ -190,6 +194,7 @@ def markdown(table: dict[str, Any]) -> str:
     return "\n".join([head, *[line(r) for r in table["families"]], "", *pair_lines, "",
                       ablation_head,
                       *[line(r) + cost(r) for r in table["ablation"]], "", pol,
+                      *(policy_lines(table["winner"]) if table.get("winner") else []),
                       *[x for r in table["ablation"] for x in policy_lines(r)]])
 
 

@@ -190,7 +190,11 @@ def batch_blocks(frame: pd.DataFrame, batch_size: int,
 
 
 def _amounts(resources: dict[str, float], keys: tuple[str, ...] = ("CPU", "GPU")) -> str:
-    return ", ".join(f"{k} {resources.get(k, 0.0):g}" for k in keys)
+    def amount(key: str) -> str:  # Ray counts memory in bytes
+        value = resources.get(key, 0.0)
+        return f"{key} {value / 1e9:.1f} GB" if "memory" in key else f"{key} {value:g}"
+
+    return ", ".join(amount(k) for k in keys)
 
 
 def node_offers() -> tuple[list[tuple[str, dict[str, float]]], bool]:

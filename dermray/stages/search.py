@@ -293,7 +293,7 @@ def trial_requests(cfg: SearchConfig, cluster_has_gpus: bool
     for fam in cfg.families:
         spec = get_family(fam)
         resources = spec.resources(cfg, cluster_has_gpus)
-        gpu_settings = [s for s in spec.settings if "gpu" in s.key]
+        gpu_settings = [s for s in spec.settings if "gpu" in s.key or "memory" in s.key]
         asked = [f"search.cpus_per_trial: {cfg.cpus_per_trial:g}",
                  *(f"search.{s.key}: {s.read(cfg)}" for s in gpu_settings)]
         keys = ["search.cpus_per_trial", *(f"search.{s.key}" for s in gpu_settings)]

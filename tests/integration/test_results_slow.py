@@ -35,6 +35,18 @@ def documented_rows() -> dict[str, tuple[float, float, float]]:
     return rows
 
 
+def documented_policies() -> dict[tuple[str, str], tuple[float, ...]]:
+    """(model name, policy) -> (test acc, test bal. acc, mel sensitivity, mel specificity)."""
+    rows = {}
+    for line in (REPO / "docs" / "results.md").read_text().splitlines():
+        if line.startswith("## Earlier results"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[1] in POLICIES and re.fullmatch(r"0\.\d{4}", cells[2]):
+            rows[cells[0], cells[1]] = tuple(float(c) for c in cells[2:])
+    return rows
+
+
 def test_results_table_matches_docs():
     if not (OUT / "extract_run.json").is_file():
         pytest.skip(f"{OUT} has no extraction; run the ham10000_local config first")
@@ -54,3 +66,11 @@ def test_results_table_matches_docs():
         assert row["val"]["accuracy"] == pytest.approx(val, abs=2e-3), row["name"]
         assert row["test"]["accuracy"] == pytest.approx(test, abs=2e-3), row["name"]
         assert row["test"]["balanced_accuracy"] == pytest.approx(bal, abs=2e-3), row["name"]
+    policies = documented_policies()
+    winner = table["winner"]
+    assert winner["policies"]["test"], "metrics.json has no operating points of the winner"
+    for name, m in winner["policies"]["test"].items():  # the exported winner's, on test
+        documented = policies[winner["name"], name]
+        assert (m["accuracy"], m["balanced_accuracy"]) == pytest.approx(documented[:2], abs=2e-3)
+        assert (m["melanoma_sensitivity"], m["melanoma_specificity"]) == pytest.approx(
+            documented[2:], abs=2e-3), (winner["name"], name)

@@ -153,3 +153,21 @@ def test_a_keras_head_snapshots_exactly_its_best_epochs(tmp_path):
     last = [folder for _, folder in seen if folder is not None][-1]
     np.testing.assert_allclose(load_head("mlp", last).predict_proba(Xv), head.predict_proba(Xv),
                                atol=1e-6)
+
+
+def test_cached_trials_reserve_the_memory_the_config_gives():
+    """`cached_cnn_memory_gb` becomes Ray's `memory` resource of each cached_cnn trial (bytes),
+    named in the resource check's message where no node could hold it; it is not part of the
+    search's fingerprint (where a trial runs, not what it computes)."""
+    from dermray.config import build_section, output_settings
+    from dermray.stages.search import trial_requests
+
+    cfg = build_section("search", {"out": "/o", "families": ["cached_cnn", "logistic"],
+                                   "cached_cnn_memory_gb": 9})
+    (what, resources, fix), (_, logistic, _) = trial_requests(cfg, cluster_has_gpus=False)
+    assert resources == {"CPU": 1.0, "GPU": 0.0, "memory": 9e9}
+    assert "search.cached_cnn_memory_gb: 9.0" in what and "search.cached_cnn_memory_gb" in fix
+    assert "memory" not in logistic
+    default = build_section("search", {"out": "/o", "families": ["cached_cnn", "logistic"]})
+    assert "memory" not in trial_requests(default, cluster_has_gpus=False)[0][1]
+    assert output_settings(cfg) == output_settings(default)

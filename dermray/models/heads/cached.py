@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from dermray.io import storage
-from dermray.io.fingerprint import OUTPUT
+from dermray.io.fingerprint import NEUTRAL, OUTPUT
 from dermray.io.outputs import read_json_output
 from dermray.models.backbones import BackboneError, find_weights, get_spec, resolve_weights
 from dermray.models.features import N_METADATA
@@ -328,16 +328,26 @@ def _fixed(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
             "epochs": EPOCHS.read(cfg), "tta": TTA.read(cfg), "patience": 3,
             "batch_size": BATCH.read(cfg),
             "seed": cfg.seed}
+# a trial holds the train maps several times (as cached, repacked with the metadata, in
+# TensorFlow's input pipeline) and the four flips of the val maps: 7.8 GB resident for the 7,451
+# train maps of ham10000_local.yaml. Ray does not know that unless it is asked for, and starts a
+# second such trial beside the first one on a machine that cannot hold both (Ray's memory
+# monitor then kills one and the search stops)
+MEMORY = Setting("cached_cnn_memory_gb", 0.0, float, NEUTRAL, at_least(0),
+                 "memory per trial for Ray to reserve, in GB (0: none); Ray schedules no more "
+                 "trials on a node than its memory resource holds")
 
 
 def _resources(cfg: SearchConfig, cluster_has_gpus: bool) -> dict[str, float]:
     gpus = GPUS.read(cfg)
+    memory = {"memory": MEMORY.read(cfg) * 1e9} if MEMORY.read(cfg) > 0 else {}
     return {"CPU": cfg.cpus_per_trial,
-            "GPU": gpus if gpus >= 0 else (0.25 if cluster_has_gpus else 0.0)}
+            "GPU": gpus if gpus >= 0 else (0.25 if cluster_has_gpus else 0.0), **memory}
 
 
 SPEC = register_family(FamilySpec(
     "cached_cnn", CachedFinetuneHead, space=_space, first_point=_first_point, input=ACTIVATIONS,
     fixed_params=_fixed, resources=_resources, iterative=True, activations=FEATURES.read,
-    metadata=META.read, settings=(FEATURES, WEIGHTS, EPOCHS, BATCH, TTA, META, GPUS),
+    metadata=META.read,
+    settings=(FEATURES, WEIGHTS, EPOCHS, BATCH, TTA, META, GPUS, MEMORY),
     packages=("tensorflow",)))
