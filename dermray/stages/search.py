@@ -117,8 +117,18 @@ def train_head(config: dict[str, Any], data: dict[str, Any], cfg: SearchConfig,
             tune.report({**current, **epoch, **train, **tags},
                         checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    head.fit(X_train, y_train, eval_set=(X_val, y_val),
-             progress=progress if spec.iterative else None)
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        # a trial Tune restarts (its worker died: a crash, a kill for memory) after it reported
+        # a best epoch: the trial ends with that epoch's model instead of training again from
+        # the start, which would report epoch 1 under Tune's next iteration number, replace the
+        # kept best with a worse one and mix two trainings in one trial's results
+        with restored.as_directory() as directory:
+            head = spec.head_class.load(Path(directory))
+        tags = {**tags, "resumed_from_checkpoint": True}
+    else:
+        head.fit(X_train, y_train, eval_set=(X_val, y_val),
+                 progress=progress if spec.iterative else None)
     final = val_metrics(y_val, head.predict_proba(X_val))
     with tempfile.TemporaryDirectory() as tmp:
         head.save(Path(tmp))

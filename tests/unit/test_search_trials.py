@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dermray.models.heads import get_family
@@ -171,3 +173,60 @@ def test_cached_trials_reserve_the_memory_the_config_gives():
     default = build_section("search", {"out": "/o", "families": ["cached_cnn", "logistic"]})
     assert "memory" not in trial_requests(default, cluster_has_gpus=False)[0][1]
     assert output_settings(cfg) == output_settings(default)
+
+
+def test_a_restarted_trial_ends_with_its_checkpointed_best(tmp_path, monkeypatch):
+    """Tune restarts a trial whose worker died from its newest checkpoint (its best epoch so far):
+    the trial does not train again from epoch 1 under Tune's next iteration numbers (two
+    trainings mixed in one trial, the kept best replaced by a worse one); it ends with that
+    epoch's model, scored and checkpointed as its final report."""
+    import json
+    import types
+
+    import numpy as np
+    from ray import tune
+
+    from dermray.config import build_section
+    from dermray.stages import search
+
+    y_val = np.arange(10) % 7
+
+    class Head:
+        def __init__(self, **params):
+            self.correct = None
+
+        def fit(self, *a, **k):
+            raise AssertionError("a restarted trial with a checkpoint must not train again")
+
+        @classmethod
+        def load(cls, directory):
+            head = cls()
+            head.correct = json.loads((directory / "w.json").read_text())
+            return head
+
+        def predict_proba(self, X):
+            p = np.full((10, 7), 0.01)
+            right = np.arange(10) < self.correct
+            p[np.arange(10), np.where(right, y_val, (y_val + 1) % 7)] = 0.94
+            return p
+
+        def save(self, d):
+            (d / "w.json").write_text(json.dumps(self.correct))
+
+    best = tmp_path / "best"
+    best.mkdir()
+    (best / "w.json").write_text("8")
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(best))
+    reports = []
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(
+        (metrics, json.loads((Path(checkpoint.path) / "w.json").read_text()))))
+    monkeypatch.setattr("ray.get_gpu_ids", lambda: [])
+    spec = types.SimpleNamespace(name="fake", iterative=True, head_class=Head,
+                                 features_of=lambda config: "emb",
+                                 head_params=lambda config, cfg, has_gpu=False: {})
+    cfg = build_section("search", {"out": str(tmp_path), "families": ["logistic"]})
+    X = np.zeros((10, 3))
+    search.train_head({"family": "fake"}, {"emb": (X, y_val, X, y_val)}, cfg, {"fake": spec})
+    (metrics, kept), = reports
+    assert metrics["val_accuracy"] == 0.8 and metrics["final"] and kept == 8
+    assert metrics["resumed_from_checkpoint"] is True
