@@ -127,7 +127,7 @@ def compute(out: str) -> dict[str, Any]:
         rows.append(row)
     ensemble = result.get("ensemble") or {}
     if "val" in ensemble:  # val: with the final weights (in sample); chosen out of fold
-        rows.append({"family": "ensemble", "features": "+".join(
+        rows.append({"family": "ensemble", "features": ", ".join(
                          dict.fromkeys(m["features"] for m in ensemble["members"])),
                      "val": ensemble["val"], "test": ensemble["test"],
                      "name": "ensemble (soft vote)" + (
