@@ -92,7 +92,6 @@ def train_head(config: dict[str, Any], data: dict[str, Any], cfg: SearchConfig,
     spec = specs[config["family"]]
     key = spec.features_of(config)
     X_train, y_train, X_val, y_val = data[key]
-    head = spec.head_class(**spec.head_params(config, cfg, has_gpu=bool(ray.get_gpu_ids())))
     tags = {"family": spec.name, "features": key}
 
     delivered: dict[str, float] = {}
@@ -127,6 +126,8 @@ def train_head(config: dict[str, Any], data: dict[str, Any], cfg: SearchConfig,
             head = spec.head_class.load(Path(directory))
         tags = {**tags, "resumed_from_checkpoint": True}
     else:
+        head = spec.head_class(**spec.head_params(config, cfg,
+                                                  has_gpu=bool(ray.get_gpu_ids())))
         head.fit(X_train, y_train, eval_set=(X_val, y_val),
                  progress=progress if spec.iterative else None)
     final = val_metrics(y_val, head.predict_proba(X_val))
@@ -303,10 +304,10 @@ def trial_requests(cfg: SearchConfig, cluster_has_gpus: bool
     for fam in cfg.families:
         spec = get_family(fam)
         resources = spec.resources(cfg, cluster_has_gpus)
-        gpu_settings = [s for s in spec.settings if "gpu" in s.key or "memory" in s.key]
+        resource_settings = [s for s in spec.settings if "gpu" in s.key or "memory" in s.key]
         asked = [f"search.cpus_per_trial: {cfg.cpus_per_trial:g}",
-                 *(f"search.{s.key}: {s.read(cfg)}" for s in gpu_settings)]
-        keys = ["search.cpus_per_trial", *(f"search.{s.key}" for s in gpu_settings)]
+                 *(f"search.{s.key}: {s.read(cfg)}" for s in resource_settings)]
+        keys = ["search.cpus_per_trial", *(f"search.{s.key}" for s in resource_settings)]
         fix = (f"Lower {' or '.join(keys)} to what a node has, or leave '{fam}' out of "
                "search.families.")
         requests.append((f"A trial of family '{fam}' ({', '.join(asked)})",

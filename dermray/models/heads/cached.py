@@ -277,6 +277,14 @@ META = Setting(
 GPUS = Setting("cached_cnn_gpus", -1.0, float, OUTPUT, GPU_SHARE,
                "GPUs per trial where the cluster has GPUs (-1: a quarter, so that 4 trials share "
                "one; the maps are small)")
+# a trial holds the train maps several times (as cached, repacked with the metadata, in
+# TensorFlow's input pipeline) and the four flips of the val maps: 7.8 GB resident for the 7,451
+# train maps of ham10000_local.yaml. Ray does not know that unless it is asked for, and starts a
+# second such trial beside the first one on a machine that cannot hold both (Ray's memory
+# monitor then kills one and the search stops)
+MEMORY = Setting("cached_cnn_memory_gb", 0.0, float, NEUTRAL, at_least(0),
+                 "memory per trial for Ray to reserve, in GB (0: none); Ray schedules no more "
+                 "trials on a node than its memory resource holds")
 
 
 def _space(trial: Any, cfg: SearchConfig) -> None:
@@ -328,19 +336,12 @@ def _fixed(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
             "epochs": EPOCHS.read(cfg), "tta": TTA.read(cfg), "patience": 3,
             "batch_size": BATCH.read(cfg),
             "seed": cfg.seed}
-# a trial holds the train maps several times (as cached, repacked with the metadata, in
-# TensorFlow's input pipeline) and the four flips of the val maps: 7.8 GB resident for the 7,451
-# train maps of ham10000_local.yaml. Ray does not know that unless it is asked for, and starts a
-# second such trial beside the first one on a machine that cannot hold both (Ray's memory
-# monitor then kills one and the search stops)
-MEMORY = Setting("cached_cnn_memory_gb", 0.0, float, NEUTRAL, at_least(0),
-                 "memory per trial for Ray to reserve, in GB (0: none); Ray schedules no more "
-                 "trials on a node than its memory resource holds")
 
 
 def _resources(cfg: SearchConfig, cluster_has_gpus: bool) -> dict[str, float]:
     gpus = GPUS.read(cfg)
-    memory = {"memory": MEMORY.read(cfg) * 1e9} if MEMORY.read(cfg) > 0 else {}
+    gb = MEMORY.read(cfg)
+    memory = {"memory": gb * 1e9} if gb > 0 else {}
     return {"CPU": cfg.cpus_per_trial,
             "GPU": gpus if gpus >= 0 else (0.25 if cluster_has_gpus else 0.0), **memory}
 
