@@ -122,9 +122,11 @@ def test_a_stopped_trial_reports_and_keeps_its_best_iteration(tmp_path, monkeypa
     assert reports[-1][0]["final"] is True
 
 
-def test_a_keras_head_snapshots_exactly_its_best_epochs(tmp_path):
-    """The snapshot comes with the epochs the stopping rule counts as a new best (val_loss for
-    the MLP, strictly lower), and the last snapshot is the model the head ends with."""
+@pytest.mark.parametrize("stop_on", ["val_loss", "val_accuracy"])
+def test_a_keras_head_snapshots_exactly_its_best_epochs(tmp_path, stop_on):
+    """The snapshot comes with the epochs the stopping rule counts as a new best (for the MLP
+    the validation loss strictly lower, or the validation accuracy strictly higher), and the
+    last snapshot is the model the head ends with: the best epoch by that rule."""
     import numpy as np
 
     from dermray.models.heads import load_head, make_head
@@ -136,7 +138,8 @@ def test_a_keras_head_snapshots_exactly_its_best_epochs(tmp_path):
     X = (centers[y] + rng.normal(0, 1, (140, 16))).astype(np.float32)
     yv = np.repeat(np.arange(7), 6)
     Xv = (centers[yv] + rng.normal(0, 1.6, (42, 16))).astype(np.float32)
-    head = make_head("mlp", {"epochs": 10, "width": 64, "patience": 10, "learning_rate": 0.05})
+    head = make_head("mlp", {"epochs": 10, "width": 64, "patience": 10, "learning_rate": 0.05,
+                             "stop_on": stop_on})
     seen = []
 
     def progress(epoch, proba, train_loss=None, snapshot=None):
@@ -145,16 +148,42 @@ def test_a_keras_head_snapshots_exactly_its_best_epochs(tmp_path):
             folder = tmp_path / f"e{epoch}"
             folder.mkdir()
             snapshot(folder)
-        seen.append((epoch_scores(yv, proba)["val_loss"], folder))
+        seen.append((epoch_scores(yv, proba)[stop_on], folder))
 
     head.fit(X, y, eval_set=(Xv, yv), progress=progress)
-    losses = [loss for loss, _ in seen]
-    best_so_far = [i == 0 or loss < min(losses[:i]) for i, loss in enumerate(losses)]
+    sign = -1 if stop_on == "val_loss" else 1
+    scores = [sign * score for score, _ in seen]  # higher is better
+    best_so_far = [i == 0 or s > max(scores[:i]) for i, s in enumerate(scores)]
     assert [folder is not None for _, folder in seen] == best_so_far
     assert not all(best_so_far)  # the learning rate is high enough for a worse epoch
     last = [folder for _, folder in seen if folder is not None][-1]
     np.testing.assert_allclose(load_head("mlp", last).predict_proba(Xv), head.predict_proba(Xv),
                                atol=1e-6)
+    # the head ends with the best epoch by its rule (the weights restored)
+    final = sign * epoch_scores(yv, head.predict_proba(Xv))[stop_on]
+    assert final == pytest.approx(max(scores), abs=1e-9)
+
+
+def test_the_mlp_family_stops_on_the_configured_quantity():
+    """`search.mlp_stop_on` (default val_accuracy) reaches the MLP's early stopping and is part
+    of the search's fingerprint (it changes the model a trial hands over); a bundle saved before
+    the parameter existed loads with the validation loss, what it was trained with."""
+    from dermray.config import build_section, output_settings
+    from dermray.errors import ConfigError
+    from dermray.models.heads import make_head
+    from dermray.models.heads.registry import get_family
+
+    cfg = build_section("search", {"out": "/o", "families": ["mlp"]})
+    fixed = get_family("mlp").fixed_params(cfg, {})
+    assert fixed["stop_on"] == "val_accuracy"
+    head = make_head("mlp", fixed)
+    stopper = head.early_stopping()
+    assert (stopper.monitor, stopper.mode) == ("val_accuracy", "max")
+    by_loss = build_section("search", {"out": "/o", "families": ["mlp"], "mlp_stop_on": "val_loss"})
+    assert output_settings(by_loss) != output_settings(cfg)
+    assert make_head("mlp", {}).early_stopping().monitor == "val_loss"
+    with pytest.raises(ConfigError, match="mlp_stop_on"):
+        build_section("search", {"out": "/o", "families": ["mlp"], "mlp_stop_on": "accuracy"})
 
 
 def test_cached_trials_reserve_the_memory_the_config_gives():
