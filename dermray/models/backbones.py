@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -147,8 +148,19 @@ def caffe_preprocess(images: np.ndarray) -> np.ndarray:
     return x - CAFFE_MEAN_BGR
 
 
+def caffe_preprocess_ops(images):
+    """``caffe_preprocess`` as Keras ops, for a compiled graph: the same float32 operations
+    (uint8 to float32, the channels reversed, the float32 mean subtracted), so the same bits."""
+    import keras
+
+    x = keras.ops.flip(keras.ops.cast(images, "float32"), axis=-1)
+    return x - keras.ops.convert_to_tensor(CAFFE_MEAN_BGR)
+
+
 # preprocessing modes by name: a backbone's spec names its mode, a bundle records it
 PREPROCESSING: dict[str, Callable[[np.ndarray], np.ndarray]] = {"caffe": caffe_preprocess}
+# the same modes as graph operations (``compile_forward``: inside the compiled call)
+PREPROCESSING_OPS: dict[str, Callable[[Any], Any]] = {"caffe": caffe_preprocess_ops}
 
 
 def preprocess(name: str, images: np.ndarray, mode: str | None = None) -> np.ndarray:
@@ -429,22 +441,40 @@ def build_network(names: Sequence[str], weights: str | None = "imagenet",
     return model
 
 
-def compile_forward(model, jit_compile: bool = True) -> Callable[[np.ndarray], np.ndarray]:
+def compile_forward(model, jit_compile: bool = True, preprocessing: str | None = None
+                    ) -> Callable[[np.ndarray], np.ndarray]:
     """The fastest plain call of a frozen model: a (XLA-)compiled function, not ``predict``.
 
     On TensorFlow a ``tf.function`` (``jit_compile`` for XLA); on other backends Keras'
     ``predict_on_batch``, which JAX compiles itself. Feed fixed batch shapes to avoid retracing.
+
+    ``preprocessing`` (a mode of ``PREPROCESSING``): the call takes uint8 RGB images and
+    preprocesses them itself, inside the compiled graph on TensorFlow (fused into the compiled
+    call instead of a NumPy pass over the pixels: issue 21's breakdown), with NumPy elsewhere;
+    the results are the same bits either way. Without it the call takes the preprocessed
+    float32 input.
     """
     import keras
 
+    if preprocessing is not None and preprocessing not in PREPROCESSING:
+        raise BackboneError(f"No preprocessing {preprocessing!r}. Known modes: "
+                            f"{', '.join(sorted(PREPROCESSING))}.")
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        fn = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile,
-                         reduce_retracing=True)
-        call = lambda x: fn(tf.convert_to_tensor(x, tf.float32))
-    else:
+        if preprocessing is None:
+            fn = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile,
+                             reduce_retracing=True)
+            call = lambda x: fn(tf.convert_to_tensor(x, tf.float32))
+        else:
+            ops = PREPROCESSING_OPS[preprocessing]
+            fn = tf.function(lambda x: model(ops(x), training=False), jit_compile=jit_compile,
+                             reduce_retracing=True)
+            call = lambda x: fn(tf.convert_to_tensor(x, tf.uint8))
+    elif preprocessing is None:
         call = model.predict_on_batch
+    else:
+        call = lambda x: model.predict_on_batch(PREPROCESSING[preprocessing](x))
 
     def forward(x: np.ndarray):
         out = call(x)
@@ -504,12 +534,14 @@ class FrozenExtractor:
                        self.preprocessing[name])
                 groups.setdefault(key, []).append(name)
         self.networks: list[tuple[list[str], Callable[[np.ndarray], np.ndarray]]] = []
-        for (_, weight, _), names in groups.items():
+        for (_, weight, mode), names in groups.items():
             # weights=None draws random weights: seed them, or every process (and every rerun)
             # would embed with a different network
             keras.utils.set_random_seed(seed)
             model = build_network(names, weight, image_size)
-            self.networks.append((names, compile_forward(model, jit_compile=jit_compile)))
+            # each network's call takes the uint8 images and preprocesses them in its graph
+            self.networks.append((names, compile_forward(model, jit_compile=jit_compile,
+                                                         preprocessing=mode)))
 
     def dim(self, name: str) -> int:
         return get_spec(name).dim(self.image_size)
@@ -528,7 +560,7 @@ class FrozenExtractor:
             if n < self.batch_size:
                 pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), dtype=chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
-            result = forward(preprocess(names[0], chunk, self.preprocessing[names[0]]))
+            result = forward(chunk)  # uint8: the call preprocesses (compile_forward)
             for out, part in zip(outs, result if isinstance(result, list) else [result]):
                 out[start:start + n] = part[:n]
         return outs

@@ -104,3 +104,40 @@ def test_activation_map_comes_from_the_same_forward_pass():
         alone = keras.Model(base.input, base.get_layer(layer).output)
         ref = np.asarray(alone(preprocess("resnet50", images), training=False)).reshape(3, -1)
         np.testing.assert_allclose(out[name], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_preprocessing_inside_the_compiled_call_gives_the_same_bits(jit_compile):
+    """Issue 21: the extractor's compiled call takes the uint8 images and does the caffe
+    preprocessing in its graph. Its embeddings and maps are bit for bit the NumPy path's (the
+    preprocessing in NumPy, then the network's own compiled call), with and without XLA."""
+    from dermray.models.backbones import FrozenExtractor, compile_forward
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    names = ["resnet50_ms", "resnet50_c5b2"]
+    extractor = FrozenExtractor(names, dict.fromkeys(names, "none"), 32, batch_size=4,
+                                jit_compile=jit_compile)
+    every = np.ones(len(images), bool)
+    inside = extractor.embed_rows(images, dict.fromkeys(names, every))
+    model = build_network_for_test(names)
+    numpy_path = compile_forward(model, jit_compile=jit_compile)
+    before = [np.concatenate(parts) for parts in zip(
+        numpy_path(caffe_preprocess(images[:4])),
+        numpy_path(caffe_preprocess(np.concatenate([images[4:], np.zeros((3, 32, 32, 3),
+                                                                          np.uint8)]))))]
+    np.testing.assert_array_equal(inside["resnet50_ms"], before[0][:5])
+    np.testing.assert_array_equal(inside["resnet50_c5b2"], before[1][:5])
+    # a mode the graph does not know is refused by name
+    with pytest.raises(BackboneError, match="No preprocessing 'torch'"):
+        compile_forward(model, preprocessing="torch")
+
+
+def build_network_for_test(names):
+    """The extractor's own network: random weights, seeded as the extractor seeds them."""
+    import keras
+
+    from dermray.models.backbones import build_network
+
+    keras.utils.set_random_seed(0)
+    return build_network(names, "none", 32)

@@ -50,8 +50,6 @@ def test_embeddings_equal_keras_and_beat_random(originals, resnet50_weights):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
 
-    from dermray.models.backbones import CAFFE_MEAN_BGR
-
     batch, dx = originals
     images = decode_batch(batch, SIZE, seed=0, draft=False)["image"]
     weights = {"resnet50": str(resnet50_weights), "resnet50_ms": str(resnet50_weights)}
@@ -69,8 +67,9 @@ def test_embeddings_equal_keras_and_beat_random(originals, resnet50_weights):
     np.testing.assert_allclose(real.embed("resnet50", images[:N_EXACT]), ref, rtol=2e-3,
                                atol=2e-3)
 
-    # the same images with the channels left in RGB order: far outside the tolerance above
-    wrong = real.networks[0][1](images[:N_EXACT].astype(np.float32) - CAFFE_MEAN_BGR)
+    # the same images with the channels left in RGB order (the network's call reverses them
+    # itself: hand it BGR): far outside the tolerance above
+    wrong = real.networks[0][1](np.ascontiguousarray(images[:N_EXACT, ..., ::-1]))
     assert np.abs(wrong[:, 1792:] - ref).max() > 20 * 2e-3
 
     # leave-one-out on the 71 lesions (10 per class): ImageNet features beat random ones. On so
