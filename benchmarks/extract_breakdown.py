@@ -8,7 +8,9 @@ extraction, one step at a time in this process, with the same code the job runs:
 - the object store: ``ray.put`` + ``ray.get`` of each decoded batch (what a decode task hands the
   embedding actor when they are not fused), and of the actor's output when the driver writes;
 - preprocessing (caffe) and the forward pass of the multi-output network (the direct call;
-  global pooling is inside the network), batches of ``extract.batch_size``;
+  global pooling is inside the network), batches of ``extract.batch_size``. Since the
+  preprocessing runs inside the extractor's compiled call, its row is that call's time less the
+  network's alone (``preprocess_numpy_reference``: what NumPy took for it, as before);
 - the rest of ``FrozenExtractor.embed_rows`` (slicing, padding, copies into the outputs);
 - ``write_batch``: conversion to Arrow (``embeddings.to_table``), Parquet encoding and
   compression (into memory), and the file writes;
@@ -27,6 +29,7 @@ for: the job at the model's speed).
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import json
 import os
@@ -74,7 +77,7 @@ def breakdown(ext, sample: pd.DataFrame, out: str) -> dict[str, float]:
 
     from dermray.data.augment import decode_batch
     from dermray.io.fingerprint import claim, make
-    from dermray.models.backbones import FrozenExtractor, preprocess
+    from dermray.models.backbones import FrozenExtractor, build_network, compile_forward, preprocess
     from dermray.models.embeddings import backbone_dir, content_name, to_table
     from dermray.stages.extract import consolidate_quarantine, reconcile, write_batch
 
@@ -99,15 +102,33 @@ def breakdown(ext, sample: pd.DataFrame, out: str) -> dict[str, float]:
     # the first call compiles (XLA): start-up, not forward
     names, forward = extractor.networks[0]
     mode = extractor.preprocessing[names[0]]
-    first = preprocess(names[0], np.resize(chunks[0], (ext.batch_size, *chunks[0].shape[1:])), mode)
-    _, s["startup_first_call"] = timed(forward, first)
+    # since issue 21's second round the extractor's call takes uint8 images and preprocesses
+    # them in its compiled graph; before, the NumPy preprocessing ran ahead of it
+    in_graph = "preprocessing" in inspect.signature(compile_forward).parameters
     padded = [np.concatenate([c, np.zeros((ext.batch_size - len(c), *c.shape[1:]), c.dtype)])
               if len(c) < ext.batch_size else c for c in chunks]
-    prepped, s["preprocess"] = timed(lambda: [preprocess(names[0], c, mode) for c in padded])
-    _, s["forward_direct"] = timed(lambda: [forward(x) for x in prepped])
+    prepped, numpy_preprocess = timed(lambda: [preprocess(names[0], c, mode) for c in padded])
+    if in_graph:
+        _, s["startup_first_call"] = timed(forward, padded[0])
+        # the network alone (the direct call the job is compared with): its own compiled call
+        # on the preprocessed input, built apart (not counted in start-up)
+        network = compile_forward(build_network(names, weights[names[0]], ext.image_size),
+                                  jit_compile=ext.jit_compile)
+        network(prepped[0])
+        _, s["forward_direct"] = timed(lambda: [network(x) for x in prepped])
+        _, with_preprocessing = timed(lambda: [forward(x) for x in padded])
+        # the preprocessing's cost inside the call: the call less the network alone
+        s["preprocess"] = max(0.0, with_preprocessing - s["forward_direct"])
+        s["preprocess_numpy_reference"] = numpy_preprocess  # what it cost before, in NumPy
+        outputs = [forward(x) for x in padded]
+    else:
+        first = preprocess(names[0], padded[0], mode)
+        _, s["startup_first_call"] = timed(forward, first)
+        s["preprocess"] = numpy_preprocess
+        _, s["forward_direct"] = timed(lambda: [forward(x) for x in prepped])
+        outputs = [forward(x) for x in prepped]
     # embed_rows around the network: the same calls with the network's outputs replayed, so
-    # that what is timed is the preprocessing, padding, slicing and copies alone
-    outputs = [forward(x) for x in prepped]
+    # that what is timed is the (NumPy) preprocessing, padding, slicing and copies alone
     replay = iter(outputs * 2)
     extractor.networks[0] = (names, lambda x: next(replay))
     embedded = []
@@ -117,7 +138,7 @@ def breakdown(ext, sample: pd.DataFrame, out: str) -> dict[str, float]:
                                                      for b in backbones}))
     total = time.perf_counter() - start
     extractor.networks[0] = (names, forward)
-    s["embed_rows_rest"] = max(0.0, total - s["preprocess"])
+    s["embed_rows_rest"] = max(0.0, total - (0.0 if in_graph else s["preprocess"]))
     # the writing path, as the actor runs it, and its parts
     batches = []
     for k, i in enumerate(range(0, len(images), ext.batch_size)):
