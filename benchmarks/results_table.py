@@ -7,7 +7,8 @@ ray_jobs/configs/ham10000_local.yaml --out out/ham10000``):
 - the best trial of each (family, features) pair from ``OUT/trials.csv`` (validation only: the
   metadata lever for XGBoost and for the cached fine-tune, each a full fit of the search);
 - a one-lever ablation refitted here (frozen logistic, original views, then the
-  class-balancing views): about a minute each on 2 cores.
+  class-balancing views; where the run extracted VGG19, VGG19 in place of ResNet50, fused beside
+  it, and the metadata): about a minute each on 2 cores.
 
 Prints Markdown and writes JSON. Deterministic: the slow test
 ``tests/integration/test_results_slow.py`` reruns it and compares with docs/results.md.
@@ -36,6 +37,15 @@ ABLATIONS = [
      {"family": "logistic", "features": "resnet50_ms", "params": {}, "views": "original"}),
     ("+ class-balancing views",
      {"family": "logistic", "features": "resnet50_ms", "params": {}, "views": "all"}),
+    # issue 18's lever 4, where the run extracted VGG19 (rows whose backbones the run lacks
+    # are left out): VGG19 in place of ResNet50 and VGG19 fused beside it (each against the
+    # class-balancing row), then the metadata (against the fused row)
+    ("vgg19 in place of resnet50_ms",
+     {"family": "logistic", "features": "vgg19", "params": {}, "views": "all"}),
+    ("+ vgg19 fused beside resnet50_ms",
+     {"family": "logistic", "features": "resnet50_ms+vgg19", "params": {}, "views": "all"}),
+    ("+ metadata",
+     {"family": "logistic", "features": "resnet50_ms+vgg19+meta", "params": {}, "views": "all"}),
 ]
 # the search settings the rows are built with
 SEARCH: dict[str, Any] = {}
@@ -57,6 +67,14 @@ def inputs(out: str, family: str, features: str, split: str, views: str = "all")
         keep = (frame["aug_index"] == 0).to_numpy()
         return X[keep], y[keep]
     return X, y
+
+
+def extracted(out: str, features: str) -> bool:
+    """Whether the run's OUT holds every backbone of a feature spec."""
+    from dermray.models.embeddings import backbone_dir
+    from dermray.models.features import parse_features
+
+    return all(Path(backbone_dir(out, b)).is_dir() for b in parse_features(features)[0])
 
 
 def head_params(out: str, family: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -146,6 +164,8 @@ def compute(out: str) -> dict[str, Any]:
     ablation = []
     head = None
     for name, change in ABLATIONS:
+        if not extracted(out, change["features"]):
+            continue
         row, head = evaluate(out, change["family"], change["features"], change["params"],
                              change["views"], head=None if change.get("refit", True) else head)
         row["name"] = name
