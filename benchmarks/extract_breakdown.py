@@ -287,8 +287,12 @@ def main() -> None:
           f"{', '.join(ext.backbones)} at {ext.image_size} px, batch {ext.batch_size}")
     print(f"{'step':<28}{'s / 1,000 views':>16}")
     for k, v in per.items():
-        if k != "bytes_per_view":
+        if k not in ("bytes_per_view", "preprocess_numpy_reference"):  # steps that add up
             print(f"{k:<28}{v:>16.1f}")
+    if "preprocess_numpy_reference" in per:
+        print(f"(preprocess: the extractor's call less the network alone, two timings, so "
+              f"noisy; NumPy's preprocessing, before, took "
+              f"{per['preprocess_numpy_reference']:.1f} s / 1,000 views)")
     print(f"Parquet bytes per view: {per['bytes_per_view']:,.0f}")
     print(f"direct call of the network: {result['direct_views_s']:.2f} views/s")
     for name, b in batches.items():

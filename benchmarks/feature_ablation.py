@@ -85,8 +85,11 @@ def main() -> None:
                                  "resnet50_ms+vgg19", "resnet50_ms+vgg19+meta"])
     parser.add_argument("--logistic-c", nargs="+", type=float, default=[0.03, 0.1, 0.3])
     parser.add_argument("--xgb-params", default="",
-                        help="JSON of xgboost parameters (search names or head names)")
-    parser.add_argument("--xgb-estimators", type=int, default=300)
+                        help="JSON of xgboost parameters (search names or head names; "
+                             "only the xgboost_* entries of a trial's params)")
+    parser.add_argument("--xgb-estimators", type=int, default=400,
+                        help="rounds at most (the search's xgb_max_estimators; early stopping "
+                             "on validation may end sooner)")
     parser.add_argument("--test", action="store_true",
                         help="also score each spec's validation-chosen model on the test split")
     parser.add_argument("--json", default="", help="write the results here")

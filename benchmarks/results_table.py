@@ -44,7 +44,7 @@ ABLATIONS = [
      {"family": "logistic", "features": "vgg19", "params": {}, "views": "all"}),
     ("+ vgg19 fused beside resnet50_ms",
      {"family": "logistic", "features": "resnet50_ms+vgg19", "params": {}, "views": "all"}),
-    ("+ metadata",
+    ("+ metadata (resnet50_ms+vgg19+meta)",
      {"family": "logistic", "features": "resnet50_ms+vgg19+meta", "params": {}, "views": "all"}),
 ]
 # the search settings the rows are built with

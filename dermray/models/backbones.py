@@ -449,10 +449,10 @@ def compile_forward(model, jit_compile: bool = True, preprocessing: str | None =
     ``predict_on_batch``, which JAX compiles itself. Feed fixed batch shapes to avoid retracing.
 
     ``preprocessing`` (a mode of ``PREPROCESSING``): the call takes uint8 RGB images and
-    preprocesses them itself, inside the compiled graph on TensorFlow (fused into the compiled
-    call instead of a NumPy pass over the pixels: issue 21's breakdown), with NumPy elsewhere;
-    the results are the same bits either way. Without it the call takes the preprocessed
-    float32 input.
+    preprocesses them itself, inside the compiled graph on TensorFlow where the mode has a graph
+    version (``PREPROCESSING_OPS``: fused into the compiled call instead of a NumPy pass over
+    the pixels, issue 21's breakdown), with NumPy otherwise; the results are the same bits
+    either way. Without it the call takes the preprocessed float32 input.
     """
     import keras
 
@@ -462,15 +462,17 @@ def compile_forward(model, jit_compile: bool = True, preprocessing: str | None =
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        if preprocessing is None:
-            fn = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile,
-                             reduce_retracing=True)
-            call = lambda x: fn(tf.convert_to_tensor(x, tf.float32))
-        else:
+        if preprocessing in PREPROCESSING_OPS:
             ops = PREPROCESSING_OPS[preprocessing]
             fn = tf.function(lambda x: model(ops(x), training=False), jit_compile=jit_compile,
                              reduce_retracing=True)
             call = lambda x: fn(tf.convert_to_tensor(x, tf.uint8))
+        else:  # no preprocessing, or a mode with no graph version: NumPy's, ahead of the call
+            fn = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile,
+                             reduce_retracing=True)
+            numpy_mode = PREPROCESSING.get(preprocessing) if preprocessing else None
+            call = lambda x: fn(tf.convert_to_tensor(numpy_mode(x) if numpy_mode else x,
+                                                     tf.float32))
     elif preprocessing is None:
         call = model.predict_on_batch
     else:
@@ -539,7 +541,8 @@ class FrozenExtractor:
             # would embed with a different network
             keras.utils.set_random_seed(seed)
             model = build_network(names, weight, image_size)
-            # each network's call takes the uint8 images and preprocesses them in its graph
+            # each network's call takes the uint8 images and preprocesses them (in its graph on
+            # TensorFlow)
             self.networks.append((names, compile_forward(model, jit_compile=jit_compile,
                                                          preprocessing=mode)))
 
@@ -553,6 +556,10 @@ class FrozenExtractor:
 
     def _run(self, names: list[str], forward: Callable, images: np.ndarray) -> list[np.ndarray]:
         """One network in fixed-size chunks (the last one padded), so XLA compiles once."""
+        if images.dtype != np.uint8:
+            raise BackboneError(f"The extractor takes uint8 RGB images (0-255), as decode_batch "
+                                f"gives them; got {images.dtype}. Pass the decoded images, not "
+                                "preprocessed ones: each network preprocesses its own input.")
         outs = [np.zeros((len(images), self.dim(n)), dtype=np.float32) for n in names]
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]

@@ -128,9 +128,11 @@ def test_preprocessing_inside_the_compiled_call_gives_the_same_bits(jit_compile)
                                                                           np.uint8)]))))]
     np.testing.assert_array_equal(inside["resnet50_ms"], before[0][:5])
     np.testing.assert_array_equal(inside["resnet50_c5b2"], before[1][:5])
-    # a mode the graph does not know is refused by name
+    # a mode no table knows is refused by name; images already preprocessed are refused
     with pytest.raises(BackboneError, match="No preprocessing 'torch'"):
         compile_forward(model, preprocessing="torch")
+    with pytest.raises(BackboneError, match="takes uint8 RGB images"):
+        extractor.embed_rows(caffe_preprocess(images), dict.fromkeys(names, every))
 
 
 def build_network_for_test(names):

@@ -164,7 +164,7 @@ def test_a_keras_head_snapshots_exactly_its_best_epochs(tmp_path, stop_on):
     assert final == pytest.approx(max(scores), abs=1e-9)
 
 
-def test_the_mlp_family_stops_on_the_configured_quantity():
+def test_the_mlp_family_stops_on_the_configured_quantity(tmp_path):
     """`search.mlp_stop_on` (default val_accuracy) reaches the MLP's early stopping and is part
     of the search's fingerprint (it changes the model a trial hands over); a bundle saved before
     the parameter existed loads with the validation loss, what it was trained with."""
@@ -182,6 +182,21 @@ def test_the_mlp_family_stops_on_the_configured_quantity():
     by_loss = build_section("search", {"out": "/o", "families": ["mlp"], "mlp_stop_on": "val_loss"})
     assert output_settings(by_loss) != output_settings(cfg)
     assert make_head("mlp", {}).early_stopping().monitor == "val_loss"
+    # a head saved before the parameter existed: its params.json has no stop_on
+    import json
+
+    import numpy as np
+
+    from dermray.models.heads import load_head
+
+    X = np.random.default_rng(0).normal(size=(14, 4)).astype(np.float32)
+    make_head("mlp", {"epochs": 1, "width": 8, "stop_on": "val_accuracy"}).fit(
+        X, np.arange(14) % 7).save(tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())
+    assert params.pop("stop_on") == "val_accuracy"
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    old = load_head("mlp", tmp_path)
+    assert old.stop_on == "val_loss" and old.early_stopping().mode == "min"
     with pytest.raises(ConfigError, match="mlp_stop_on"):
         build_section("search", {"out": "/o", "families": ["mlp"], "mlp_stop_on": "accuracy"})
 
