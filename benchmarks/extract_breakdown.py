@@ -51,6 +51,17 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
+def fastest(rounds: int, *steps) -> list[float]:
+    """Seconds of each step, the steps timed in turn ``rounds`` times and the fastest round of
+    each kept: this VM's speed drifts from minute to minute by more than the preprocessing
+    costs, and one timing each would compare two different minutes."""
+    best = [float("inf")] * len(steps)
+    for _ in range(rounds):
+        for i, step in enumerate(steps):
+            best[i] = min(best[i], timed(step)[1])
+    return best
+
+
 def plan_sample(config: str, views: int, seed: int = 0):
     """The config's extract section and a random sample of its planned views (all splits)."""
     from dermray.config import load_all
@@ -107,7 +118,8 @@ def breakdown(ext, sample: pd.DataFrame, out: str, rounds: int = 3) -> dict[str,
     in_graph = "preprocessing" in inspect.signature(compile_forward).parameters
     padded = [np.concatenate([c, np.zeros((ext.batch_size - len(c), *c.shape[1:]), c.dtype)])
               if len(c) < ext.batch_size else c for c in chunks]
-    prepped, numpy_preprocess = timed(lambda: [preprocess(names[0], c, mode) for c in padded])
+    numpy_step = lambda: [preprocess(names[0], c, mode) for c in padded]
+    prepped = numpy_step()
     if in_graph:
         _, s["startup_first_call"] = timed(forward, padded[0])
         # the network alone (the direct call the job is compared with): its own compiled call
@@ -115,31 +127,17 @@ def breakdown(ext, sample: pd.DataFrame, out: str, rounds: int = 3) -> dict[str,
         network = compile_forward(build_network(names, weights[names[0]], ext.image_size),
                                   jit_compile=ext.jit_compile)
         network(prepped[0])
-        # the two calls in turn, ``rounds`` times each, the fastest round of each kept: this
-        # VM's speed drifts from minute to minute by more than the preprocessing costs
-        alone, inside, numpy_rounds = [], [], [numpy_preprocess]
-        for i in range(rounds):
-            alone.append(timed(lambda: [network(x) for x in prepped])[1])
-            inside.append(timed(lambda: [forward(x) for x in padded])[1])
-            if i:
-                numpy_rounds.append(timed(lambda: [preprocess(names[0], c, mode)
-                                                   for c in padded])[1])
-        s["forward_direct"], with_preprocessing = min(alone), min(inside)
-        # the preprocessing's cost inside the call: the call less the network alone
+        s["forward_direct"], with_preprocessing, s["preprocess_numpy_reference"] = fastest(
+            rounds, lambda: [network(x) for x in prepped], lambda: [forward(x) for x in padded],
+            numpy_step)
+        # the preprocessing's cost inside the call: the call less the network alone (NumPy's,
+        # the reference, is what it cost before)
         s["preprocess"] = max(0.0, with_preprocessing - s["forward_direct"])
-        s["preprocess_numpy_reference"] = min(numpy_rounds)  # what it cost before, in NumPy
         outputs = [forward(x) for x in padded]
     else:
-        first = preprocess(names[0], padded[0], mode)
-        _, s["startup_first_call"] = timed(forward, first)
-        # the NumPy preprocessing and the call in turn, as above (the fastest round of each)
-        numpy_rounds, alone = [numpy_preprocess], []
-        for i in range(rounds):
-            if i:
-                numpy_rounds.append(timed(lambda: [preprocess(names[0], c, mode)
-                                                   for c in padded])[1])
-            alone.append(timed(lambda: [forward(x) for x in prepped])[1])
-        s["preprocess"], s["forward_direct"] = min(numpy_rounds), min(alone)
+        _, s["startup_first_call"] = timed(forward, prepped[0])
+        s["preprocess"], s["forward_direct"] = fastest(
+            rounds, numpy_step, lambda: [forward(x) for x in prepped])
         outputs = [forward(x) for x in prepped]
     # embed_rows around the network: the same calls with the network's outputs replayed, so
     # that what is timed is the (NumPy) preprocessing, padding, slicing and copies alone

@@ -459,6 +459,8 @@ def compile_forward(model, jit_compile: bool = True, preprocessing: str | None =
     if preprocessing is not None and preprocessing not in PREPROCESSING:
         raise BackboneError(f"No preprocessing {preprocessing!r}. Known modes: "
                             f"{', '.join(sorted(PREPROCESSING))}.")
+    # NumPy's preprocessing ahead of the call: none asked, or no graph version of the mode
+    ahead = PREPROCESSING[preprocessing] if preprocessing else (lambda x: x)
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
@@ -467,16 +469,12 @@ def compile_forward(model, jit_compile: bool = True, preprocessing: str | None =
             fn = tf.function(lambda x: model(ops(x), training=False), jit_compile=jit_compile,
                              reduce_retracing=True)
             call = lambda x: fn(tf.convert_to_tensor(x, tf.uint8))
-        else:  # no preprocessing, or a mode with no graph version: NumPy's, ahead of the call
+        else:
             fn = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile,
                              reduce_retracing=True)
-            numpy_mode = PREPROCESSING.get(preprocessing) if preprocessing else None
-            call = lambda x: fn(tf.convert_to_tensor(numpy_mode(x) if numpy_mode else x,
-                                                     tf.float32))
-    elif preprocessing is None:
-        call = model.predict_on_batch
+            call = lambda x: fn(tf.convert_to_tensor(ahead(x), tf.float32))
     else:
-        call = lambda x: model.predict_on_batch(PREPROCESSING[preprocessing](x))
+        call = lambda x: model.predict_on_batch(ahead(x))
 
     def forward(x: np.ndarray):
         out = call(x)
