@@ -278,6 +278,10 @@ def search_fingerprint(cfg: SearchConfig, manifest_path: str,
     the manifest's content and the fingerprints of the embeddings it reads (``extracting``:
     backbone -> the fingerprint key its extraction, still to run, will write)."""
     settings = output_settings(cfg)  # each family's own keys as their families declare them
+    # the trials evaluated first are code, not config: a release that changes a family's first
+    # point changes what the experiment holds, so it is part of the key (a resumed search with
+    # other first points would mix two searches)
+    settings["first_points"] = first_points(cfg) if cfg.seed_each_family else None
     embeddings = {}
     read = {b for spec in cfg.features for b in parse_features(spec)[0]}
     for fam in cfg.families:  # and the activation maps an activations family trains on

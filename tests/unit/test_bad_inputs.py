@@ -247,6 +247,34 @@ def test_a_changed_search_is_refused_before_ray_starts(synth_manifest, tmp_path,
     assert started == []
 
 
+def test_a_changed_first_point_is_refused_like_a_changed_setting(synth_manifest, tmp_path,
+                                                                  monkeypatch):
+    """A family's first point is code, not config: a release that changes it (the logistic's C
+    0.1 -> 0.003 on 2026-12-03) must not resume an experiment searched from the old one."""
+    import dataclasses
+
+    from dermray.config import SearchConfig
+    from dermray.io.fingerprint import StaleOutputError
+    from dermray.models.heads import logistic
+    from dermray.models.heads.registry import FAMILY_SPECS, get_family
+    from dermray.stages import search
+
+    monkeypatch.setattr(search, "ensure_ray", lambda: pytest.fail("Ray started"))
+    cfg = SearchConfig(out=str(tmp_path / "out"), families=("logistic",), features=("resnet50",))
+    root = search.storage_path(cfg)
+    key = search.search_fingerprint(cfg, str(synth_manifest))
+    assert key["settings"]["first_points"][0]["logistic_C"] == 0.003
+    unseeded = dataclasses.replace(cfg, seed_each_family=False)
+    assert search.search_fingerprint(unseeded, str(synth_manifest))["settings"][
+        "first_points"] is None
+    search.claim(f"{root}/heads", "search", key, root=root)
+    monkeypatch.setitem(FAMILY_SPECS, "logistic", dataclasses.replace(
+        get_family("logistic"), first_point=lambda c: {**logistic._first_point(c),
+                                                       "logistic_C": 0.1}))
+    with pytest.raises(StaleOutputError, match="settings.first_points: .*0.003.* -> .*0.1"):
+        search.run_search(cfg, str(synth_manifest))
+
+
 # an output that cannot be written: refused before the model is even read (the model named
 # here does not exist, so a check made after loading it would give another message)
 OUT_PROBES = [
