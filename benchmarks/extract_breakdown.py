@@ -23,7 +23,15 @@ Each step is reported in seconds per 1,000 views. Then the same views go through
 and its steady-state rate, are compared with the direct call's rate (the ratio the issue asks
 for: the job at the model's speed).
 
+With ``--calls-per-actor 1 2`` (instead of the breakdown) the job runs once per value on the
+same views (fresh folders, in turn, ``--job-rounds`` times): 1 is each batch's decode, network
+pass and writing one after another in the actor; 2 lets one batch decode and write while the
+network embeds another (``extract.calls_per_actor``). It reports each one's rates, their ratio,
+and whether the rows written are the same bits.
+
     python benchmarks/extract_breakdown.py --views 320 --json out/bench_breakdown.json
+    python benchmarks/extract_breakdown.py --views 1024 --calls-per-actor 1 2 \
+        --job-rounds 2 --json out/bench_overlap.json
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import inspect
 import io
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -226,7 +235,62 @@ def pipeline(ext, manifest: pd.DataFrame, sample: pd.DataFrame, out: str) -> dic
     planned = record["views_planned"]
     return {"views": views, "images": len(images), "wall_s": wall, "e2e_views_s": views / wall,
             "augmented_share": 1 - len(images) / planned if planned else 0.0,
-            "steady_views_s": (sum(rows) - rows[0]) / span if span > 0 else float("nan")}
+            "steady_views_s": (sum(rows) - rows[0]) / span if span > 0 else float("nan"),
+            "calls_per_actor": getattr(ext, "calls_per_actor", 1)}
+
+
+def written_rows(out: str, backbones) -> dict[str, pd.DataFrame]:
+    """Each backbone's rows as written (every column), in (image_id, aug_index) order."""
+    from dermray.models.embeddings import backbone_dir
+
+    rows = {}
+    for name in backbones:
+        frame = pq.read_table(backbone_dir(out, name)).to_pandas()
+        keep = [c for c in frame.columns if c not in ("actor_id", "node_id", "gpu_ids")]
+        rows[name] = frame[keep].sort_values(["image_id", "aug_index"]).reset_index(drop=True)
+    return rows
+
+
+def same_bits(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> bool:
+    """Whether two jobs wrote the same rows: the same keys and every embedding bit for bit."""
+    for name, left in a.items():
+        right = b[name]
+        if list(left.columns) != list(right.columns) or len(left) != len(right):
+            return False
+        for column in left.columns:
+            x, y = left[column].to_numpy(), right[column].to_numpy()
+            if x.dtype == object and len(x) and isinstance(x[0], np.ndarray):
+                x, y = np.stack(x), np.stack(y)
+            if not np.array_equal(x, y):
+                return False
+    return True
+
+
+def overlap(ext, manifest: pd.DataFrame, sample: pd.DataFrame, tmp: str, calls: list[int],
+            rounds: int) -> dict[str, object]:
+    """The job once per ``calls_per_actor`` value, in turn, ``rounds`` times; the best rate of
+    each, the ratio of the last value's to the first's, and whether they wrote the same bits."""
+    import dataclasses
+
+    runs: dict[int, list[dict[str, float]]] = {c: [] for c in calls}
+    rows = {}
+    for r in range(rounds):
+        for c in (calls if r % 2 == 0 else calls[::-1]):  # ABBA: the VM's drift hits both
+            out = str(Path(tmp) / f"job_calls{c}_round{r}")
+            runs[c].append(pipeline(dataclasses.replace(ext, calls_per_actor=c), manifest,
+                                    sample, out))
+            rows.setdefault(c, written_rows(out, ext.backbones))
+            shutil.rmtree(out)
+            print(f"calls_per_actor {c} (round {r + 1}): {runs[c][-1]['e2e_views_s']:.2f} "
+                  f"views/s with start-up, {runs[c][-1]['steady_views_s']:.2f} steady",
+                  flush=True)
+    best = {c: {k: max(run[k] for run in runs[c]) for k in ("e2e_views_s", "steady_views_s")}
+            for c in calls}
+    first, last = calls[0], calls[-1]
+    return {"runs": {str(c): v for c, v in runs.items()}, "best": {str(c): v for c, v in best.items()},
+            "ratio_e2e": best[last]["e2e_views_s"] / best[first]["e2e_views_s"],
+            "ratio_steady": best[last]["steady_views_s"] / best[first]["steady_views_s"],
+            "same_bits": all(same_bits(rows[first], rows[c]) for c in calls)}
 
 
 class _CountRows:
@@ -278,9 +342,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="timings of the forward pass (and preprocessing) taken in turn; "
                              "the fastest of each is kept")
+    parser.add_argument("--calls-per-actor", type=int, nargs="+",
+                        help="run the job once per value (extract.calls_per_actor), in turn")
+    parser.add_argument("--job-rounds", type=int, default=1,
+                        help="with --calls-per-actor: how many times each value runs")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     ext, manifest, plan, sample = plan_sample(str(REPO / args.config), args.views)
+    if args.calls_per_actor:
+        with tempfile.TemporaryDirectory(prefix="bench_overlap_") as tmp:
+            result = {"config": args.config, "views": len(sample), "cpus": os.cpu_count(),
+                      "load_avg_1m_at_start": os.getloadavg()[0],
+                      **overlap(ext, manifest, sample, tmp, args.calls_per_actor,
+                                args.job_rounds)}
+        first, last = args.calls_per_actor[0], args.calls_per_actor[-1]
+        print(f"calls_per_actor {last} against {first}, best of {args.job_rounds}: "
+              f"{result['ratio_e2e']:.3f}x with start-up, {result['ratio_steady']:.3f}x steady; "
+              f"same bits: {result['same_bits']}")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+        return
     batches = batching(len(plan), ext.batch_size, ext.decode_batch_size)
     with tempfile.TemporaryDirectory(prefix="bench_breakdown_") as tmp:
         steps = breakdown(ext, sample, str(Path(tmp) / "steps"), args.rounds)

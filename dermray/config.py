@@ -118,6 +118,10 @@ class ExtractConfig:
     threads_per_actor: int = setting(0, NEUTRAL)  # 0: all cores of the node
     num_gpus_per_actor: float = setting(0.0, NEUTRAL)  # 0: auto (1 where the cluster has GPUs)
     decode_batch_size: int = setting(16, NEUTRAL)
+    # Ray Data calls an embedding actor runs at once: with 2, one batch is decoded and its part
+    # files written while the network embeds another (the network still takes one at a time);
+    # 1: each batch's decode, network pass and writing in turn (benchmarks/extract_overlap.py)
+    calls_per_actor: int = setting(2, NEUTRAL)
     mixed_precision: bool = setting(False, OUTPUT)
     jit_compile: bool = setting(True, NEUTRAL)
     # who writes the Parquet: "actors" (each embedding actor, straight into OUT), "driver" (the
@@ -138,7 +142,7 @@ class ExtractConfig:
                    "'imagenet', 'none' or a weights file path")
         check(valid_image_size(self.image_size), "extract", "image_size", self.image_size,
               IMAGE_SIZE_RULE)
-        for key in ("batch_size", "max_views_per_image", "decode_batch_size"):
+        for key in ("batch_size", "max_views_per_image", "decode_batch_size", "calls_per_actor"):
             check(getattr(self, key) >= 1, "extract", key, getattr(self, key), ">= 1")
         for key in ("target_per_class", "tta_views", "seed", "num_actors", "max_actors",
                     "threads_per_actor"):

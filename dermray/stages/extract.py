@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
 from typing import Any
 
@@ -66,6 +67,10 @@ class Embedder:
     when given ``out``.
 
     TensorFlow is imported here, inside the actor, after its thread count is set.
+
+    An actor may run several calls at once (``extract.calls_per_actor``): the network runs one
+    batch at a time (a lock), while another call decodes its images or writes its part files.
+    Each batch is embedded alone, so the rows are the same bits either way.
     """
 
     def __init__(self, backbones: list[str], weights: dict[str, str], image_size: int,
@@ -80,6 +85,7 @@ class Embedder:
         self.backbones = list(backbones)
         self.out = out  # where to write part files; None: return the embeddings instead
         self.where = _where()
+        self.network = threading.Lock()  # one batch in the network at a time
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         faults.point("embed")  # a crashed actor (tests): Ray restarts it and retries the batch
@@ -88,7 +94,9 @@ class Embedder:
         needed = {name: ok & np.asarray(batch.get(f"need_{name}", np.ones(len(ok), bool)),
                                         dtype=bool)
                   for name in self.backbones}
-        for name, emb in self.extractor.embed_rows(batch["image"], needed).items():
+        with self.network:
+            embedded = self.extractor.embed_rows(batch["image"], needed)
+        for name, emb in embedded.items():
             out[f"emb_{name}"] = emb
         for key, value in self.where.items():  # which actor on which node embedded each view
             out[key] = np.full(len(ok), value, dtype=object)
@@ -346,9 +354,13 @@ def run_extract(cfg: ExtractConfig, fresh: bool = False) -> dict[str, Any]:
         ds = ds.map_batches(
             Embedder, batch_size=cfg.batch_size, num_cpus=layout["num_cpus"],
             num_gpus=layout["num_gpus"] or None,
-            compute=ray.data.ActorPoolStrategy(min_size=layout["min_size"],
-                                               max_size=layout["max_size"],
-                                               initial_size=layout["initial_size"]),
+            # calls_per_actor > 1: the decode and the writing of one batch run beside the
+            # network's pass over another (Embedder's lock keeps the network to one batch)
+            compute=ray.data.ActorPoolStrategy(
+                min_size=layout["min_size"], max_size=layout["max_size"],
+                initial_size=layout["initial_size"],
+                max_concurrent_calls_per_actor=cfg.calls_per_actor,
+                enable_true_multi_threading=cfg.calls_per_actor > 1),
             fn_constructor_kwargs={
                 "backbones": backbones, "weights": {b: cfg.weights_for(b) for b in backbones},
                 "image_size": cfg.image_size, "batch_size": cfg.batch_size,
