@@ -118,9 +118,10 @@ class ExtractConfig:
     threads_per_actor: int = setting(0, NEUTRAL)  # 0: all cores of the node
     num_gpus_per_actor: float = setting(0.0, NEUTRAL)  # 0: auto (1 where the cluster has GPUs)
     decode_batch_size: int = setting(16, NEUTRAL)
-    # Ray Data calls an embedding actor runs at once: with 2, one batch is decoded and its part
-    # files written while the network embeds another (the network still takes one at a time);
-    # 1: each batch's decode, network pass and writing in turn (benchmarks/extract_overlap.py)
+    # Ray Data calls an embedding actor runs at once: with 2, one batch is decoded (where the
+    # decode is fused into the actor: one node without GPUs) and its part files written while
+    # the network embeds another (the network still takes one batch at a time); 1: each batch's
+    # decode, network pass and writing in turn (benchmarks/extract_breakdown.py --calls-per-actor)
     calls_per_actor: int = setting(2, NEUTRAL)
     mixed_precision: bool = setting(False, OUTPUT)
     jit_compile: bool = setting(True, NEUTRAL)

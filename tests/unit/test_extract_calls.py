@@ -59,6 +59,7 @@ def test_concurrent_calls_put_one_batch_at_a_time_through_the_network():
         t.start()
     for t in threads:
         t.join()
+    assert sorted(results) == list(range(6))  # a call that raised would be missing here
     assert extractor.calls == 6 and extractor.most == 1
     for i, out in results.items():  # each call got its own batch's rows back
         assert list(out["image_id"]) == [f"ISIC_{i}_{j}" for j in range(4)]
