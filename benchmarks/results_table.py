@@ -31,7 +31,7 @@ from dermray.domain import CLASSES
 
 # one lever at a time, each row changing one thing against the row above it; "views":
 # "original" trains on each train image once, "all" adds the class-balancing views; every row
-# starts from its family's first search point (logistic: C=0.1, no class weights)
+# starts from its family's first search point (logistic: C=0.003, no class weights)
 ABLATIONS = [
     ("frozen: logistic on resnet50_ms, original views",
      {"family": "logistic", "features": "resnet50_ms", "params": {}, "views": "original"}),
