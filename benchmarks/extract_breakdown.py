@@ -361,9 +361,7 @@ def main() -> None:
         print(f"calls_per_actor {last} against {first}, best of {args.job_rounds}: "
               f"{result['ratio_e2e']:.3f}x with start-up, {result['ratio_steady']:.3f}x steady; "
               f"same bits: {result['same_bits']}")
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        save(result, args.json)
         return
     batches = batching(len(plan), ext.batch_size, ext.decode_batch_size)
     with tempfile.TemporaryDirectory(prefix="bench_breakdown_") as tmp:
@@ -402,9 +400,13 @@ def main() -> None:
         print(f"the job: {p['views']} views in {p['wall_s']:.1f} s = {p['e2e_views_s']:.2f} "
               f"views/s with start-up (ratio {result['ratio_e2e']:.2f}); steady "
               f"{p['steady_views_s']:.2f} views/s (ratio {result['ratio_steady']:.2f})")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.json}")
+    save(result, args.json)
+
+
+def save(result: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
