@@ -252,18 +252,13 @@ def written_rows(out: str, backbones) -> dict[str, pd.DataFrame]:
 
 
 def same_bits(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> bool:
-    """Whether two jobs wrote the same rows: the same keys and every embedding bit for bit."""
-    for name, left in a.items():
-        right = b[name]
-        if list(left.columns) != list(right.columns) or len(left) != len(right):
-            return False
-        for column in left.columns:
-            x, y = left[column].to_numpy(), right[column].to_numpy()
-            if x.dtype == object and len(x) and isinstance(x[0], np.ndarray):
-                x, y = np.stack(x), np.stack(y)
-            floats = x.dtype.kind == "f" and y.dtype.kind == "f"  # age: NaN where unknown
-            if not np.array_equal(x, y, equal_nan=floats):
-                return False
+    """Whether two jobs wrote the same rows: the same keys and every embedding bit for bit
+    (pandas' exact frame comparison: NaN ages equal, array cells compared element by element)."""
+    try:
+        for name, left in a.items():
+            pd.testing.assert_frame_equal(left, b[name], check_exact=True)
+    except AssertionError:
+        return False
     return True
 
 
