@@ -7,7 +7,9 @@ lesion-grouped split by 2 points of validation accuracy. Both arms read a finish
 (``--out``: its cached ``resnet50_c5b2`` maps and its pooled embeddings); nothing is extracted.
 
 (a) the fine-tune with the settings given (learning rate, maps per step, train views: every
-    augmented view or the originals only, metadata joined after the pooling or not);
+    augmented view or the originals only, metadata joined after the pooling or not, the
+    classifier's start: random or the logistic regression on the block's pooled features, whose
+    own validation figures are then printed as epoch 0);
 (b) the frozen logistic on ``--logistic-features`` (``resnet50``: the same network's pooled last
     stage; the same train views as (a)) at each ``--logistic-c``, the best C by validation.
 
@@ -59,9 +61,24 @@ def finetune(args: argparse.Namespace) -> dict[str, object]:
     head = CachedFinetuneHead(weights=str(args.weights), epochs=args.epochs,
                               patience=args.patience, learning_rate=args.learning_rate,
                               batch_size=args.batch_size, dropout=args.dropout,
-                              meta=N_METADATA if args.meta else 0)
+                              meta=N_METADATA if args.meta else 0, head_init=args.head_init,
+                              init_C=args.init_c)
     epochs: list[dict[str, object]] = []
     start = time.perf_counter()
+    if args.head_init == "logistic":  # the start itself, scored as the family scores an epoch
+        import keras
+
+        keras.utils.set_random_seed(head.seed)
+        inputs = head._inputs(X)
+        model = head._build(inputs.shape[1:])
+        head._initialise(model, inputs, y)
+        head.model_ = model
+        head._set_fitted(X)
+        del inputs
+        epochs.append({"epoch": 0, "s": round(time.perf_counter() - start, 1),
+                       **rounded(metrics(yv, head.predict_proba(Xv)))})
+        print("  start", json.dumps(epochs[-1]), flush=True)
+        start = time.perf_counter()
 
     def progress(epoch: int, proba: np.ndarray, train_loss: float | None = None, **_) -> None:
         m = metrics(yv, proba)
@@ -71,12 +88,14 @@ def finetune(args: argparse.Namespace) -> dict[str, object]:
 
     head.fit(X, y, eval_set=(Xv, yv), progress=progress)
     final = rounded(metrics(yv, head.predict_proba(Xv)))
-    seconds = np.diff([0.0] + [float(e["s"]) for e in epochs])
+    trained = [e for e in epochs if e["epoch"] > 0]
+    seconds = np.diff([0.0] + [float(e["s"]) for e in trained])
     median = float(np.median(seconds[1:] if len(seconds) > 1 else seconds))
-    best = max(epochs, key=lambda e: e["accuracy"])  # the stopping rule's choice
+    best = max(trained, key=lambda e: e["accuracy"])  # the stopping rule's choice
     return {"features": spec, "views": args.views, "train_maps": len(X), "val_maps": len(Xv),
             "learning_rate": args.learning_rate, "batch_size": args.batch_size,
-            "dropout": args.dropout, "epochs": epochs, "restored_epoch": best["epoch"],
+            "dropout": args.dropout, "head_init": args.head_init, "init_C": args.init_c,
+            "epochs": epochs, "restored_epoch": best["epoch"],
             "val": final, "median_epoch_s": round(median, 1),
             "family_maps_s": round(len(X) / median, 1),
             "wall_s": round(time.perf_counter() - start, 1)}
@@ -111,6 +130,11 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.3)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--head-init", choices=("random", "logistic"), default="random",
+                        help="the classifier's start: random, or the logistic regression on "
+                             "the block's pooled features (linear probing, then fine-tuning)")
+    parser.add_argument("--init-c", type=float, default=0.003,
+                        help="C of that logistic regression")
     parser.add_argument("--weights", default=str(WEIGHTS), help="ResNet50 weights (.h5)")
     parser.add_argument("--logistic-features", default="resnet50")
     parser.add_argument("--logistic-c", type=float, nargs="+", default=[0.01, 0.03, 0.1])

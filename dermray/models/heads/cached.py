@@ -92,13 +92,15 @@ class CachedFinetuneHead(KerasHead):
         "learning_rate": real(0, None, low_open=True), "class_weight": CLASS_WEIGHT,
         "flips": one_of(True, False), "tta": one_of(True, False), "epochs": integer(1),
         "patience": integer(0), "batch_size": integer(1), "seed": integer(0),
-        "meta": integer(0)}
+        "meta": integer(0), "head_init": one_of("random", "logistic"),
+        "init_C": real(0, None, low_open=True)}
 
     def __init__(self, cut: str = "resnet50_c5b2", weights: str = "imagenet",
                  channels: int = 2048, width: int = 0, dropout: float = 0.3,
                  learning_rate: float = 1e-4, class_weight: str = "none", flips: bool = True,
                  tta: bool = True, epochs: int = 8, patience: int = 3, batch_size: int = 64,
-                 seed: int = 0, meta: int = 0) -> None:
+                 seed: int = 0, meta: int = 0, head_init: str = "random",
+                 init_C: float = 0.003) -> None:
         self.cut = cut
         self.weights = weights
         self.channels = channels
@@ -113,6 +115,10 @@ class CachedFinetuneHead(KerasHead):
         self.batch_size = batch_size
         self.seed = seed
         self.meta = meta  # metadata columns after the flattened map (0: none)
+        # the classifier's start: Keras' random draw, or the frozen logistic regression (at
+        # ``init_C``) on the block's own pooled features of the train maps
+        self.head_init = head_init
+        self.init_C = init_C
 
     def _inputs(self, X: np.ndarray) -> np.ndarray:
         """Maps (N, H, W, C) as float16 (how they are cached); flattened rows are reshaped. With
@@ -164,6 +170,32 @@ class CachedFinetuneHead(KerasHead):
         return np.mean([np.asarray(model.predict(v, batch_size=128, verbose=0), np.float64)
                         for v in views], axis=0)
 
+    def _initialise(self, model, X: np.ndarray, y: np.ndarray) -> None:
+        """``head_init='logistic'``: linear probing, then fine-tuning (LP-FT; Kumar et al., ICLR
+        2022, "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution").
+        The classifier starts as the standardised multinomial logistic regression at ``init_C``
+        fitted on the pooled features (with the metadata, where joined) that the block gives the
+        unflipped train maps, its standardisation folded into the Dense layer's weights. Before
+        the first step the head then predicts what that frozen logistic predicts (up to the
+        test-time flips), and fine-tuning starts from there instead of from a random classifier
+        whose first gradients pull the pretrained block towards it."""
+        if self.head_init != "logistic":
+            return
+        if self.width:
+            raise HeadError(f"head_init 'logistic' starts the classifier on the pooled features "
+                            f"from a logistic regression, which needs width 0 (no hidden layer); "
+                            f"got width {self.width}. Use head_init 'random' or width 0.")
+        import keras
+
+        from dermray.models.heads.logistic import LogisticHead
+
+        pooled = keras.Model(model.input, model.get_layer("pooled").output)
+        features = np.asarray(pooled.predict(X, batch_size=128, verbose=0), np.float64)
+        probe = LogisticHead(C=self.init_C, class_weight=self.class_weight).fit(features, y)
+        scores = probe.differentiable_scores()
+        model.get_layer("classifier").set_weights([scores.weights.astype(np.float32),
+                                                   scores.bias.astype(np.float32)])
+
     def _build(self, input_shape):
         import keras
 
@@ -181,11 +213,13 @@ class CachedFinetuneHead(KerasHead):
         x = keras.layers.GlobalAveragePooling2D()(x)
         if self.meta:  # joined after pooling, as +meta joins the embedding heads' features
             x = keras.layers.Concatenate(name="with_metadata")([x, meta])
+        x = keras.layers.Activation("linear", name="pooled")(x)
         x = keras.layers.Dropout(self.dropout)(x)
         if self.width:
             x = keras.layers.Dense(self.width, activation="relu")(x)
             x = keras.layers.Dropout(self.dropout)(x)
-        outputs = keras.layers.Dense(N_CLASSES, activation="softmax", dtype="float32")(x)
+        outputs = keras.layers.Dense(N_CLASSES, activation="softmax", dtype="float32",
+                                     name="classifier")(x)
         return keras.Model(inputs, outputs, name="cached_cnn_head")
 
     def _source_layers(self) -> dict[str, Any]:

@@ -31,13 +31,19 @@ class KerasHead(Head):
     def _inputs(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(X, dtype=np.float32)
 
+    def _initialise(self, model, X: np.ndarray, y: np.ndarray) -> None:
+        """Set a built model's starting weights from the prepared train inputs (a subclass may;
+        by default Keras' own draw stands)."""
+
     def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None, progress=None) -> KerasHead:
         import keras
 
         self._check_params()
         self._check_xy(X.reshape(len(X), -1) if X.ndim > 2 else X, y)
         keras.utils.set_random_seed(self.seed)
-        model = self._build(self._inputs(X[:1]).shape[1:])
+        inputs = self._inputs(X)
+        model = self._build(inputs.shape[1:])
+        self._initialise(model, inputs, np.asarray(y))
         model.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         callbacks = []
@@ -71,7 +77,7 @@ class KerasHead(Head):
             callbacks += [keras.callbacks.LambdaCallback(on_epoch_end=validate), stopper]
             if progress is not None:
                 callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=report))
-        model.fit(self._inputs(X), np.asarray(y), epochs=self.epochs, batch_size=self.batch_size,
+        model.fit(inputs, np.asarray(y), epochs=self.epochs, batch_size=self.batch_size,
                   callbacks=callbacks, verbose=0,
                   class_weight=class_weights(np.asarray(y), self.class_weight))
         self.model_ = model
