@@ -35,6 +35,7 @@ from dermray.models.backbones import (
     BACKBONES,
     IMAGE_SIZE,
     IMAGE_SIZE_RULE,
+    JIT_CHOICES,
     valid_image_size,
     weights_layer_problem,
 )
@@ -124,7 +125,10 @@ class ExtractConfig:
     # decode, network pass and writing in turn (benchmarks/extract_breakdown.py --calls-per-actor)
     calls_per_actor: int = setting(2, NEUTRAL)
     mixed_precision: bool = setting(False, OUTPUT)
-    jit_compile: bool = setting(True, NEUTRAL)
+    # XLA for the networks' calls: true, false, or auto (on GPUs every network; on CPU those
+    # whose registry entry measured XLA faster: ResNet50 yes, VGG19 no). Neutral: XLA and the
+    # plain graph differ in the last bits only, like two GPU models (docs/performance.md)
+    jit_compile: str = setting("auto", NEUTRAL)
     # who writes the Parquet: "actors" (each embedding actor, straight into OUT), "driver" (the
     # job's driver, so OUT can be a local folder of the head on a multi-node cluster), or "auto":
     # the actors when OUT is s3:// or the cluster has one node, else the driver
@@ -152,6 +156,10 @@ class ExtractConfig:
                "at most 7 (the dihedral group has 8 views)")
         check(self.write_from in ("auto", "actors", "driver"), "extract", "write_from",
                self.write_from, "'auto', 'actors' or 'driver'")
+        # true/false from Python or YAML, or "auto"
+        object.__setattr__(self, "jit_compile", str(self.jit_compile).lower())
+        check(self.jit_compile in JIT_CHOICES, "extract", "jit_compile", self.jit_compile,
+              f"one of {', '.join(JIT_CHOICES)}")
         check(self.cpus_per_actor > 0, "extract", "cpus_per_actor", self.cpus_per_actor, "> 0")
         check(self.num_gpus_per_actor >= 0, "extract", "num_gpus_per_actor",
                self.num_gpus_per_actor, ">= 0")

@@ -65,6 +65,11 @@ class BackboneSpec:
     layer: str = ""
     channels: int = 0
     stride: int = 32  # the layer's total stride: the map is ceil(size / stride) square
+    # ``jit_compile: auto`` on a machine without GPUs: whether XLA makes this network's call
+    # faster on CPU (on a GPU it is compiled with XLA either way). Measured on this project's
+    # 2-core development VM at 224, batch 32 (benchmarks/extract_throughput.py, 2026-12-03):
+    # ResNet50 19.90 img/s with XLA against 16.87 without; VGG19 3.39 with against 5.53 without
+    xla_on_cpu: bool = True
 
     @property
     def is_map(self) -> bool:
@@ -95,7 +100,7 @@ KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 RESNET50_IMAGENET = {"imagenet_url": KERAS_WEIGHTS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
                      "imagenet_md5": "4d473c1dd8becc155b73f8504c6f6626"}
 register_backbone(BackboneSpec(
-    "vgg19", "VGG19", 512, gflops_224=39.3,
+    "vgg19", "VGG19", 512, gflops_224=39.3, xla_on_cpu=False,
     imagenet_url=KERAS_WEIGHTS + "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
     imagenet_md5="253f8cb515780f3b799900260a226db6"))
 register_backbone(BackboneSpec("resnet50", "ResNet50", 2048, gflops_224=8.2,
@@ -441,6 +446,23 @@ def build_network(names: Sequence[str], weights: str | None = "imagenet",
     return model
 
 
+JIT_CHOICES = ("auto", "true", "false")
+
+
+def use_xla(jit_compile: bool | str, application: str, gpus: Sequence[str]) -> bool:
+    """Whether a network's call is XLA-compiled: ``jit_compile`` true or false, or ``auto``:
+    on a GPU always, on CPU where the network's registry entry says XLA is the faster call
+    (``BackboneSpec.xla_on_cpu``)."""
+    choice = str(jit_compile).lower()
+    if choice not in JIT_CHOICES:
+        raise BackboneError(f"jit_compile must be one of {', '.join(JIT_CHOICES)}; got "
+                            f"{jit_compile!r}.")
+    if choice != "auto":
+        return choice == "true"
+    return bool(gpus) or all(spec.xla_on_cpu for spec in BACKBONES.values()
+                             if spec.application == application)
+
+
 def compile_forward(model, jit_compile: bool = True, preprocessing: str | None = None
                     ) -> Callable[[np.ndarray], np.ndarray]:
     """The fastest plain call of a frozen model: a (XLA-)compiled function, not ``predict``.
@@ -508,8 +530,9 @@ class FrozenExtractor:
     """
 
     def __init__(self, backbones: Sequence[str], weights: dict[str, str], image_size: int,
-                 batch_size: int = 32, jit_compile: bool = True, mixed_precision: bool = False,
-                 seed: int = 0, preprocessing: dict[str, str] | None = None) -> None:
+                 batch_size: int = 32, jit_compile: bool | str = True,
+                 mixed_precision: bool = False, seed: int = 0,
+                 preprocessing: dict[str, str] | None = None) -> None:
         import keras
 
         self.gpus = configure_devices(mixed_precision)
@@ -534,14 +557,17 @@ class FrozenExtractor:
                        self.preprocessing[name])
                 groups.setdefault(key, []).append(name)
         self.networks: list[tuple[list[str], Callable[[np.ndarray], np.ndarray]]] = []
-        for (_, weight, mode), names in groups.items():
+        self.xla: dict[str, bool] = {}  # application -> whether its call is XLA-compiled
+        for (application, weight, mode), names in groups.items():
             # weights=None draws random weights: seed them, or every process (and every rerun)
             # would embed with a different network
             keras.utils.set_random_seed(seed)
             model = build_network(names, weight, image_size)
             # each network's call takes the uint8 images and preprocesses them (in its graph on
             # TensorFlow)
-            self.networks.append((names, compile_forward(model, jit_compile=jit_compile,
+            self.xla[application] = use_xla(jit_compile, application, self.gpus)
+            self.networks.append((names, compile_forward(model,
+                                                         jit_compile=self.xla[application],
                                                          preprocessing=mode)))
 
     def dim(self, name: str) -> int:

@@ -74,7 +74,7 @@ class Embedder:
     """
 
     def __init__(self, backbones: list[str], weights: dict[str, str], image_size: int,
-                 batch_size: int, jit_compile: bool = True, threads: int = 0,
+                 batch_size: int, jit_compile: bool | str = "auto", threads: int = 0,
                  mixed_precision: bool = False, out: str | None = None, seed: int = 0) -> None:
         if threads:
             os.environ["OMP_NUM_THREADS"] = str(threads)
