@@ -158,3 +158,67 @@ def test_the_deeper_cut_is_a_setting_of_the_family(tmp_path):
     params = spec.head_params(spec.first_point(cfg), cfg)
     assert (params["cut"], params["channels"]) == ("resnet50_c4b6", 1024)
 
+
+
+@pytest.mark.parametrize("meta", [0, 3])
+def test_a_logistic_start_is_the_frozen_probe_before_any_step(meta):
+    """head_init 'logistic' (linear probing, then fine-tuning): before the first step the head's
+    probabilities are the standardised logistic regression's on the block's pooled features
+    (and the metadata columns, where joined), its standardisation folded into the classifier.
+    A hidden layer (width) has no such start and is refused by name."""
+    import keras
+
+    from dermray.models.heads.logistic import LogisticHead
+
+    X, y = _separable(70)
+    if meta:
+        extra = np.random.default_rng(5).normal(0, 1, (len(X), meta)).astype(np.float16)
+        X = np.concatenate([X.reshape(len(X), -1), extra], axis=1)
+    head = CachedFinetuneHead(weights="none", head_init="logistic", init_C=0.01, meta=meta,
+                              tta=False)
+    inputs = head._inputs(X)
+    keras.utils.set_random_seed(0)
+    model = head._build(inputs.shape[1:])
+    untouched = model.get_layer("classifier").get_weights()[0].copy()
+    head._initialise(model, inputs, y)
+    assert not np.allclose(model.get_layer("classifier").get_weights()[0], untouched)
+    pooled = np.asarray(keras.Model(model.input, model.get_layer("pooled").output)
+                        .predict(inputs, verbose=0), np.float64)
+    assert pooled.shape == (len(X), 2048 + meta)
+    probe = LogisticHead(C=0.01).fit(pooled, y)
+    np.testing.assert_allclose(model.predict(inputs, verbose=0), probe.predict_proba(pooled),
+                               atol=1e-5)
+    # the random start is Keras' draw, untouched
+    plain = CachedFinetuneHead(weights="none", meta=meta, tta=False)
+    keras.utils.set_random_seed(0)
+    model = plain._build(inputs.shape[1:])
+    plain._initialise(model, inputs, y)
+    np.testing.assert_array_equal(model.get_layer("classifier").get_weights()[0], untouched)
+    with pytest.raises(HeadError, match="head_init 'logistic'.*width 0"):
+        CachedFinetuneHead(weights="none", head_init="logistic", width=8, meta=meta,
+                           epochs=1).fit(X, y)
+
+
+def test_the_logistic_start_is_a_search_setting(tmp_path):
+    """search.cached_cnn_head_init: in the search's fingerprint, handed to every trial's head,
+    and with 'logistic' the searched width keeps to 0 (no hidden layer to start)."""
+    import optuna
+
+    from dermray.config import build_section, output_settings
+
+    spec = get_family("cached_cnn")
+    for init, widths in (("random", {0, 256}), ("logistic", {0})):
+        cfg = build_section("search", {"cached_cnn_head_init": init, "out": str(tmp_path)})
+        assert output_settings(cfg)["cached_cnn_head_init"] == init
+        assert spec.head_params(spec.first_point(cfg), cfg)["head_init"] == init
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        seen = set()
+        for _ in range(12):
+            trial = study.ask()
+            spec.space(trial, cfg)
+            seen.add(trial.params["cached_cnn_width"])
+        assert seen == widths
+    from dermray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cached_cnn_head_init"):
+        build_section("search", {"cached_cnn_head_init": "zeros", "out": str(tmp_path)})

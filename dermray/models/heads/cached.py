@@ -308,6 +308,13 @@ META = Setting(
          "a non-empty list of true/false without repeats"),
     "patient metadata (age, sex, localization) joined after pooling: [false], [true], or "
     "[false, true] to search both (input resnet50_c5b2 or resnet50_c5b2+meta)")
+# LP-FT: the classifier starts as the logistic regression on the block's own pooled features (of
+# the unflipped train maps), so fine-tuning starts where the frozen probe is (dermray/models/
+# heads/cached.py, CachedFinetuneHead._initialise); needs no hidden layer (width 0)
+HEAD_INIT = Setting(
+    "cached_cnn_head_init", "random", str, OUTPUT, one_of("random", "logistic"),
+    "the classifier's start: 'random' (Keras' draw) or 'logistic' (the frozen logistic "
+    "regression on the block's pooled features, then fine-tuning; the search then keeps width 0)")
 GPUS = Setting("cached_cnn_gpus", -1.0, float, OUTPUT, GPU_SHARE,
                "GPUs per trial where the cluster has GPUs (-1: a quarter, so that 4 trials share "
                "one; the maps are small)")
@@ -324,7 +331,9 @@ MEMORY = Setting("cached_cnn_memory_gb", 0.0, float, NEUTRAL, at_least(0),
 def _space(trial: Any, cfg: SearchConfig) -> None:
     trial.suggest_float("cached_cnn_learning_rate", 3e-5, 1e-3, log=True)
     trial.suggest_float("cached_cnn_dropout", 0.0, 0.6)
-    trial.suggest_categorical("cached_cnn_width", [0, 256])
+    # a logistic start is a classifier on the pooled features: no hidden layer between
+    trial.suggest_categorical("cached_cnn_width",
+                              [0] if HEAD_INIT.read(cfg) == "logistic" else [0, 256])
     trial.suggest_categorical("cached_cnn_class_weight", ["none", "balanced"])
     if len(META.read(cfg)) > 1:  # with and without metadata: a searched choice
         trial.suggest_categorical("cached_cnn_meta", list(META.read(cfg)))
@@ -368,7 +377,7 @@ def _fixed(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
     return {"cut": cut, "channels": get_spec(cut).channels, "meta": N_METADATA if meta else 0,
             "weights": WEIGHTS.read(cfg) or extraction_weights(cfg.out, cut),
             "epochs": EPOCHS.read(cfg), "tta": TTA.read(cfg), "patience": 3,
-            "batch_size": BATCH.read(cfg),
+            "batch_size": BATCH.read(cfg), "head_init": HEAD_INIT.read(cfg),
             "seed": cfg.seed}
 
 
@@ -384,5 +393,5 @@ SPEC = register_family(FamilySpec(
     "cached_cnn", CachedFinetuneHead, space=_space, first_point=_first_point, input=ACTIVATIONS,
     fixed_params=_fixed, resources=_resources, iterative=True, activations=FEATURES.read,
     metadata=META.read,
-    settings=(FEATURES, WEIGHTS, EPOCHS, BATCH, TTA, META, GPUS, MEMORY),
+    settings=(FEATURES, WEIGHTS, EPOCHS, BATCH, TTA, META, HEAD_INIT, GPUS, MEMORY),
     packages=("tensorflow",)))
