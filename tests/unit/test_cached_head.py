@@ -182,7 +182,7 @@ def test_a_logistic_start_is_the_frozen_probe_before_any_step(meta):
     untouched = model.get_layer("classifier").get_weights()[0].copy()
     head._initialise(model, inputs, y)
     assert not np.allclose(model.get_layer("classifier").get_weights()[0], untouched)
-    pooled = np.asarray(keras.Model(model.input, model.get_layer("pooled").output)
+    pooled = np.asarray(keras.Model(model.input, model.get_layer("classifier").input)
                         .predict(inputs, verbose=0), np.float64)
     assert pooled.shape == (len(X), 2048 + meta)
     probe = LogisticHead(C=0.01).fit(pooled, y)

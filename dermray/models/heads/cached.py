@@ -50,6 +50,7 @@ from dermray.models.heads.base import (
     real,
 )
 from dermray.models.heads.keras_base import KerasHead
+from dermray.models.heads.logistic import LogisticHead
 from dermray.models.heads.registry import (
     ACTIVATIONS,
     GPU_SHARE,
@@ -187,9 +188,9 @@ class CachedFinetuneHead(KerasHead):
                             f"got width {self.width}. Use head_init 'random' or width 0.")
         import keras
 
-        from dermray.models.heads.logistic import LogisticHead
-
-        pooled = keras.Model(model.input, model.get_layer("pooled").output)
+        # the classifier's input: the pooled features (and metadata) after the dropout, which
+        # is the identity outside training
+        pooled = keras.Model(model.input, model.get_layer("classifier").input)
         features = np.asarray(pooled.predict(X, batch_size=128, verbose=0), np.float64)
         probe = LogisticHead(C=self.init_C, class_weight=self.class_weight).fit(features, y)
         scores = probe.differentiable_scores()
@@ -213,7 +214,6 @@ class CachedFinetuneHead(KerasHead):
         x = keras.layers.GlobalAveragePooling2D()(x)
         if self.meta:  # joined after pooling, as +meta joins the embedding heads' features
             x = keras.layers.Concatenate(name="with_metadata")([x, meta])
-        x = keras.layers.Activation("linear", name="pooled")(x)
         x = keras.layers.Dropout(self.dropout)(x)
         if self.width:
             x = keras.layers.Dense(self.width, activation="relu")(x)
