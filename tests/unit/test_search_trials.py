@@ -108,7 +108,7 @@ def test_a_stopped_trial_reports_and_keeps_its_best_iteration(tmp_path, monkeypa
         reports.append((metrics, kept))
 
     monkeypatch.setattr(tune, "report", report)
-    monkeypatch.setattr("ray.get_gpu_ids", lambda: [])
+    monkeypatch.setattr("ray.get_gpu_ids", list)
     cfg = build_section("search", {"out": str(tmp_path), "families": ["logistic"]})
     X = np.zeros((10, 3))
     search.train_head({"family": "fake"}, {"emb": (X, y_val, X, y_val)}, cfg, {"fake": spec})
@@ -264,7 +264,7 @@ def test_a_restarted_trial_ends_with_its_checkpointed_best(tmp_path, monkeypatch
     reports = []
     monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(
         (metrics, json.loads((Path(checkpoint.path) / "w.json").read_text()))))
-    monkeypatch.setattr("ray.get_gpu_ids", lambda: [])
+    monkeypatch.setattr("ray.get_gpu_ids", list)
     spec = types.SimpleNamespace(name="fake", iterative=True, head_class=Head,
                                  features_of=lambda config: "emb",
                                  head_params=lambda config, cfg, has_gpu=False: {})
