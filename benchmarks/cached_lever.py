@@ -66,15 +66,8 @@ def finetune(args: argparse.Namespace) -> dict[str, object]:
     epochs: list[dict[str, object]] = []
     start = time.perf_counter()
     if args.head_init == "logistic":  # the start itself, scored as the family scores an epoch
-        import keras
-
-        keras.utils.set_random_seed(head.seed)
-        inputs = head._inputs(X)
-        model = head._build(inputs.shape[1:])
-        head._initialise(model, inputs, y)
-        head.model_ = model
+        _, head.model_ = head.start(X, y)
         head._set_fitted(X)
-        del inputs
         epochs.append({"epoch": 0, "s": round(time.perf_counter() - start, 1),
                        **rounded(metrics(yv, head.predict_proba(Xv)))})
         print("  start", json.dumps(epochs[-1]), flush=True)

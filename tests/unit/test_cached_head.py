@@ -159,7 +159,6 @@ def test_the_deeper_cut_is_a_setting_of_the_family(tmp_path):
     assert (params["cut"], params["channels"]) == ("resnet50_c4b6", 1024)
 
 
-
 @pytest.mark.parametrize("meta", [0, 3])
 def test_a_logistic_start_is_the_frozen_probe_before_any_step(meta):
     """head_init 'logistic' (linear probing, then fine-tuning): before the first step the head's

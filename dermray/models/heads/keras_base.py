@@ -35,15 +35,23 @@ class KerasHead(Head):
         """Set a built model's starting weights from the prepared train inputs (a subclass may;
         by default Keras' own draw stands)."""
 
+    def start(self, X: np.ndarray, y: np.ndarray):
+        """The prepared train inputs and the model as training starts (seeded, built, its
+        starting weights set by ``_initialise``), before any step."""
+        import keras
+
+        keras.utils.set_random_seed(self.seed)
+        inputs = self._inputs(X)
+        model = self._build(inputs.shape[1:])
+        self._initialise(model, inputs, np.asarray(y))
+        return inputs, model
+
     def fit(self, X: np.ndarray, y: np.ndarray, eval_set=None, progress=None) -> KerasHead:
         import keras
 
         self._check_params()
         self._check_xy(X.reshape(len(X), -1) if X.ndim > 2 else X, y)
-        keras.utils.set_random_seed(self.seed)
-        inputs = self._inputs(X)
-        model = self._build(inputs.shape[1:])
-        self._initialise(model, inputs, np.asarray(y))
+        inputs, model = self.start(X, y)
         model.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         callbacks = []
