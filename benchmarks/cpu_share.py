@@ -22,15 +22,12 @@ import time
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-# process command line (a prefix or a part of it) -> group; the first match wins
-GROUPS = (("ray::MapWorker", "embedding actor (Ray Data's map worker)"),
-          ("ray::IDLE", "Ray workers, idle or in a task"),
-          ("ray::", "Ray's own actors (Ray Data's stats, autoscaling, dashboard agent)"),
-          ("gcs_server", "Ray services (GCS, raylet, dashboard, log monitor)"),
-          ("raylet", "Ray services (GCS, raylet, dashboard, log monitor)"),
-          ("dashboard", "Ray services (GCS, raylet, dashboard, log monitor)"),
-          ("log_monitor", "Ray services (GCS, raylet, dashboard, log monitor)"),
-          ("monitor.py", "Ray services (GCS, raylet, dashboard, log monitor)"))
+# group -> parts of a process's command line that put it there; the first group that matches wins
+GROUPS = {"embedding actor (Ray Data's map worker)": ("ray::MapWorker",),
+          "Ray workers, idle or in a task": ("ray::IDLE",),
+          "Ray's own actors (Ray Data's stats, autoscaling, dashboard agent)": ("ray::",),
+          "Ray services (GCS, raylet, dashboard, log monitor)": (
+              "gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py")}
 
 
 def process_cpu() -> dict[int, tuple[float, str]]:
@@ -60,8 +57,8 @@ def machine_cpu() -> dict[str, float]:
 def group_of(pid: int, cmd: str, driver: int) -> str:
     if pid == driver:
         return "the command (driver)"
-    for part, group in GROUPS:
-        if part in cmd:
+    for group, parts in GROUPS.items():
+        if any(part in cmd for part in parts):
             return group
     return "everything else on the machine"
 
@@ -83,17 +80,16 @@ def measure(command: list[str], every: float = 3.0) -> dict:
     total = sum(machine.values())
     groups: dict[str, float] = {}
     for pid, entry in seen.items():
-        used = entry.get("last", entry["first"]) - entry["first"]
+        used = entry["last"] - entry["first"]
         if used > 0:
             name = group_of(pid, entry["cmd"], proc.pid)
             groups[name] = groups.get(name, 0.0) + used
     busy = total - machine["idle"] - machine["iowait"] - machine["steal"]
+    seconds = {**groups, "idle": machine["idle"] + machine["iowait"], "steal": machine["steal"]}
     return {"command": command, "exit_code": proc.returncode, "wall_s": wall,
             "cpu_seconds_available": total, "machine": machine,
             "groups_cpu_s": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
-            "share_of_available": {**{k: v / total for k, v in groups.items()},
-                                   "idle": (machine["idle"] + machine["iowait"]) / total,
-                                   "steal": machine["steal"] / total},
+            "share_of_available": {k: v / total for k, v in seconds.items()},
             "not_attributed_s": busy - sum(groups.values())}
 
 
@@ -111,9 +107,7 @@ def main() -> None:
     print(f"wall {result['wall_s']:.1f} s, {result['cpu_seconds_available']:.0f} CPU seconds "
           f"available on {os.cpu_count()} CPUs; exit code {result['exit_code']}")
     for name, share in sorted(result["share_of_available"].items(), key=lambda kv: -kv[1]):
-        seconds = result["groups_cpu_s"].get(name)
-        seconds = seconds if seconds is not None else share * result["cpu_seconds_available"]
-        print(f"  {share:6.1%}  {seconds:8.1f} s  {name}")
+        print(f"  {share:6.1%}  {share * result['cpu_seconds_available']:8.1f} s  {name}")
     print(f"  busy but not attributed (processes between samples): "
           f"{result['not_attributed_s']:.1f} s")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,9 @@ The real config's multi-output shape and its step-by-step breakdown are in
 ``extract_breakdown.py``.
 
 (a) bare: the backbone's fastest direct call on pre-decoded arrays in this process (``predict``,
-    a plain ``tf.function`` and an XLA-compiled call are all timed; the two compiled calls in
-    turn, ``--rounds`` times before the job and again after it, each call's fastest round kept;
+    a plain ``tf.function`` and an XLA-compiled call are all timed, ``predict`` once and the two
+    compiled calls in turn ``--rounds`` times before the job and again after it, on the same
+    model; each call's fastest round is kept;
     the best is ``bare_img_s``, and ``ratio_same_call`` compares the job with the call it runs);
 (b) pipeline: ``run_extract`` from JPEG files to Parquet on a local Ray; its steady-state rate
     (rows written between the first and the last part file) is ``pipeline_img_s``, the rate with
@@ -70,33 +71,36 @@ def decode_rates(paths: list[Path], size: int) -> dict[str, float]:
     return out
 
 
-def bare_rates(backbone: str, weights: str, size: int, batch: int, n: int,
-               rounds: int = 1) -> dict[str, list[float]]:
-    """img/s of predict, tf.function and XLA on the same pre-decoded batch: ``predict`` once,
-    the two compiled calls in turn ``rounds`` times (each round's rate kept), so that this VM's
-    drift from minute to minute hits both calls alike."""
-    import keras
-    import tensorflow as tf
+COMPILED = ("tf_function", "xla")  # the two compiled calls, timed in turn
 
+
+def direct_calls(backbone: str, weights: str, size: int, batch: int, n: int):
+    """The backbone built once, with its three direct calls (``predict``, a plain
+    ``tf.function``, XLA) on one pre-decoded batch, warmed up (XLA compiles here). Returns
+    ``timed(rounds, names)``: img/s of each named call over ``n`` images, the calls in turn
+    ``rounds`` times (each round's rate kept), so that this VM's drift from minute to minute
+    hits them alike; the job is timed between two such calls on the same model."""
     from dermray.models.backbones import build_extractor, compile_forward, preprocess
 
     model = build_extractor(backbone, weights, size)
     x = preprocess(backbone, np.random.default_rng(0).integers(0, 255, (batch, size, size, 3),
                                                                dtype=np.uint8))
     steps = max(1, n // batch)
-    model.predict(x, batch_size=batch, verbose=0)
-    results = {"predict": [rate(lambda: [model.predict(x, batch_size=batch, verbose=0)
-                                         for _ in range(steps)], steps * batch)]}
-    calls = {name: compile_forward(model, jit_compile=jit)
-             for name, jit in (("tf_function", False), ("xla", True))}
-    for fn in calls.values():
-        fn(x)
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            results.setdefault(name, []).append(
-                rate(lambda f=fn: [f(x) for _ in range(steps)], steps * batch))
-    del tf, keras
-    return results
+    compiled = [compile_forward(model, jit_compile=jit) for jit in (False, True)]
+    calls = {"predict": lambda: model.predict(x, batch_size=batch, verbose=0),
+             **{name: (lambda f=fn: f(x)) for name, fn in zip(COMPILED, compiled)}}
+    for call in calls.values():
+        call()
+
+    def timed(rounds: int, names) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            for name in names:
+                out.setdefault(name, []).append(
+                    rate(lambda c=calls[name]: [c() for _ in range(steps)], steps * batch))
+        return out
+
+    return timed
 
 
 def pipeline_rate(backbone: str, weights: str, size: int, batch: int, n: int) -> dict[str, float]:
@@ -143,7 +147,7 @@ def main() -> None:
                         help="rounds of the two compiled calls, before and after the job each")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from dermray.models.backbones import get_spec, use_xla
+    from dermray.models.backbones import configure_devices, get_spec, use_xla
 
     originals = sorted((HAM / "originals_600x450").glob("*.jpg"))
     result: dict = {"image_size": args.image_size, "batch_size": args.batch_size,
@@ -154,18 +158,19 @@ def main() -> None:
         real = REAL_WEIGHTS.get("resnet50" if backbone.startswith("resnet50") else backbone)
         weights = str(real) if real is not None and real.exists() else "none"
         # the direct calls before and after the job: the job is compared with the same minutes
-        before = bare_rates(backbone, weights, args.image_size, args.batch_size,
-                            args.bare_images, args.rounds)
+        timed = direct_calls(backbone, weights, args.image_size, args.batch_size,
+                             args.bare_images)
+        rounds = {**timed(1, ("predict",)), **timed(args.rounds, COMPILED)}
         pipe = pipeline_rate(backbone, weights, args.image_size, args.batch_size,
                              args.pipeline_images)
-        after = bare_rates(backbone, weights, args.image_size, args.batch_size,
-                           args.bare_images, args.rounds)
-        rounds = {k: before[k] + after[k] for k in before}
+        for name, after in timed(args.rounds, COMPILED).items():
+            rounds[name] += after
         bare = {k: max(v) for k, v in rounds.items()}  # each call's fastest round
         gflop = get_spec(backbone).gflops_224 * (args.image_size / 224) ** 2
         best = max(bare.values())
         # the call the job runs (extract.jit_compile: auto, on this machine's devices)
-        job_call = "xla" if use_xla("auto", get_spec(backbone).application, []) else "tf_function"
+        job_call = ("xla" if use_xla("auto", get_spec(backbone).application, configure_devices())
+                    else "tf_function")
         result["backbones"][backbone] = {
             "weights": "real" if weights != "none" else "random (same FLOPs)",
             "bare": bare, "bare_rounds": rounds, "bare_img_s": best, **pipe,
