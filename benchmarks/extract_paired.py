@@ -127,13 +127,21 @@ def plan_size(config: str) -> int:
     return len(plan)
 
 
-def paired(config: str, pairs: int, segment: int, views: int | None, root: str) -> dict:
-    """direct, (job, direct) x ``pairs``; each job against the direct calls beside it."""
+def paired(config: str, pairs: int, segment: int, views: int | None, root: str,
+           json_path: str | None = None) -> dict:
+    """direct, (job, direct) x ``pairs``; each job against the direct calls beside it. What is
+    measured so far is written to ``json_path`` after each measurement (a run cut off keeps it)."""
     views = views or plan_size(config)
     directs, jobs = [], []
+    load = os.getloadavg()[0]
 
     def log(what: str, figures: dict, key: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {what}: {figures[key]:.2f} views/s", flush=True)
+        if json_path:
+            partial = {"partial": True, "direct": directs, "jobs": jobs,
+                       "load_avg_1m_at_start": load}
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(json.dumps(partial, indent=1))
 
     directs.append(run_direct(config, views, segment))
     log("direct call", directs[-1], "views_s")
@@ -144,7 +152,7 @@ def paired(config: str, pairs: int, segment: int, views: int | None, root: str) 
         directs.append(run_direct(config, views, segment))
         log("direct call", directs[-1], "views_s")
     return {"config": config, "views_per_measurement": views, "pairs": pairs,
-            "cpus": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0],
+            "cpus": os.cpu_count(), "load_avg_1m_at_start": load,
             "direct": directs, **compare(jobs, directs)}
 
 
@@ -184,7 +192,7 @@ def main() -> None:
         result = direct_call(config, args.direct, args.segment)
     else:
         with tempfile.TemporaryDirectory(prefix="bench_paired_") as root:
-            result = paired(config, args.pairs, args.segment, args.views, root)
+            result = paired(config, args.pairs, args.segment, args.views, root, args.json)
         for p, job in enumerate(result["jobs"]):
             lo, hi = job["ratio_stage_range"]
             print(f"job {p + 1}: {job['views']} views, stage {job['stage_wall_s']:.1f} s "
