@@ -47,7 +47,8 @@ def test_the_direct_call_runs_the_jobs_network_over_whole_batches(synth_dir, tmp
         "data": {"metadata": str(synth_dir / "HAM10000_metadata.csv"), "images": [str(synth_dir)]},
         "extract": {"backbones": ["resnet50", "resnet50_ms"], "weights": {"resnet50": "none",
                                                                         "resnet50_ms": "none"},
-                    "image_size": 32, "batch_size": 4, "augment": False}}))
+                    "image_size": 32, "batch_size": 4, "augment": False,
+                    "jit_compile": False}}))  # no XLA compile: seconds off the suite
     result = paired.direct_call(str(config), views=10, segment=2, sample_views=8)
     assert result["views"] == 12  # 10 views: three whole batches of 4
     assert result["batch_size"] == 4
