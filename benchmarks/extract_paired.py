@@ -131,6 +131,8 @@ def paired(config: str, pairs: int, segment: int, views: int | None, root: str,
            json_path: str | None = None) -> dict:
     """direct, (job, direct) x ``pairs``; each job against the direct calls beside it. What is
     measured so far is written to ``json_path`` after each measurement (a run cut off keeps it)."""
+    from extract_breakdown import save
+
     views = views or plan_size(config)
     directs, jobs = [], []
     load = os.getloadavg()[0]
@@ -138,10 +140,8 @@ def paired(config: str, pairs: int, segment: int, views: int | None, root: str,
     def log(what: str, figures: dict, key: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {what}: {figures[key]:.2f} views/s", flush=True)
         if json_path:
-            partial = {"partial": True, "direct": directs, "jobs": jobs,
-                       "load_avg_1m_at_start": load}
-            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(json_path).write_text(json.dumps(partial, indent=1))
+            save({"partial": True, "direct": directs, "jobs": jobs,
+                  "load_avg_1m_at_start": load}, json_path)
 
     directs.append(run_direct(config, views, segment))
     log("direct call", directs[-1], "views_s")
@@ -203,8 +203,9 @@ def main() -> None:
                   f"{job['ratio_from_nothing']:.3f}")
         print(f"mean ratio: stage {result['ratio_stage_mean']:.3f}, from nothing "
               f"{result['ratio_from_nothing_mean']:.3f}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    from extract_breakdown import save
+
+    save(result, args.json)
 
 
 if __name__ == "__main__":
