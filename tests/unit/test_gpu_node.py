@@ -1,0 +1,106 @@
+"""benchmarks/gpu_node.py: what a GPU node needs to feed its GPU, on a tiny synthetic pack.
+
+The pack holds whole decode batches of the plan, one image file per image and an original for
+each, and one batch's outputs of the node config's networks; the CPU side decodes and writes
+every view it counts (files reconcile); the GPU side times the actor's own call; the report is
+the arithmetic of the two. No timing assertions."""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_gpu_node():
+    # importable by name: the CPU side's worker processes (spawned) find their function there
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    return importlib.import_module("gpu_node")
+
+
+@pytest.fixture(scope="module")
+def packed(synth_dir, tmp_path_factory):
+    gpu_node = load_gpu_node()
+    tmp = tmp_path_factory.mktemp("gpu_node")
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"metadata": str(synth_dir / "HAM10000_metadata.csv"), "images": [str(synth_dir)]},
+        "extract": {"backbones": ["resnet50", "resnet50_ms", "resnet50_c5b2"],
+                    "weights": {"resnet50": "none", "resnet50_ms": "none",
+                                "resnet50_c5b2": "none"},
+                    "image_size": 32, "batch_size": 8, "decode_batch_size": 4,
+                    "augment": True, "max_views_per_image": 2, "jit_compile": False}}))
+    dest = tmp / "pack"
+    meta = gpu_node.pack(str(dest), 16, str(config), str(config),
+                         str(synth_dir / "HAM10000_images_part_1"), weights_dir=None)
+    return gpu_node, dest, meta
+
+
+def test_the_pack_is_whole_decode_batches_with_their_files_and_outputs(packed):
+    gpu_node, dest, meta = packed
+    plan = pd.read_parquet(dest / "plan.parquet")
+    assert len(plan) == meta["views"] == 16
+    assert meta["decode_batch_size"] == 4 and meta["batch_size"] == 8
+    # every view's image and original travel with the pack, under relative names
+    for column in ("path", "path_original"):
+        assert all((dest / p).is_file() for p in plan[column])
+        assert not any(Path(p).is_absolute() for p in plan[column])
+    # one original per image, the same for all its views
+    assert (plan.groupby("image_id")["path_original"].nunique() == 1).all()
+    # four blocks of four at even steps through the sorted plan
+    plan_views = meta["plan_views"]
+    assert plan_views > 16
+    assert set(plan["split"]) == {"train", "val", "test"}
+    outputs = json.loads((dest / "meta.json").read_text())["backbones"]
+    import numpy as np
+
+    saved = np.load(dest / "outputs.npz")
+    assert sorted(saved.files) == sorted(outputs)
+    assert saved["resnet50_c5b2"].dtype == np.float16  # a map is written as float16
+    assert saved["resnet50_ms"].shape == (4, 3840)  # one decode batch
+
+
+def test_cpu_side_decodes_and_writes_every_view_it_counts(packed, tmp_path):
+    gpu_node, dest, _ = packed
+    result = gpu_node.cpu_side(str(dest), [1], 0, str(tmp_path / "cpu.json"))
+    assert json.loads((tmp_path / "cpu.json").read_text())["runs"] == result["runs"]
+    assert [r["images"] for r in result["runs"]] == ["200x150", "600x450"]
+    for run in result["runs"]:
+        assert run["views"] == 16  # the whole sample: two of the actor's batches
+        assert run["files_written"] == run["files_expected"] > 0
+        assert run["decode_augment_cpu_ms_per_view"] > 0 and run["write_cpu_ms_per_view"] > 0
+        assert run["cpu_ms_per_view"] == pytest.approx(run["decode_augment_cpu_ms_per_view"]
+                                                       + run["write_cpu_ms_per_view"])
+
+
+def test_gpu_side_times_the_actors_call_and_the_report_is_its_arithmetic(packed, tmp_path):
+    gpu_node, dest, _ = packed
+    gpu = gpu_node.gpu_side(str(dest), [8], ["float32"], 0.0, ["resnet50"],
+                            str(tmp_path / "gpu.json"))
+    (run,) = gpu["runs"]
+    assert run["backbones"] == ["resnet50", "resnet50_ms", "resnet50_c5b2"]
+    assert run["views"] == 5 * 8  # at least five calls of a whole batch
+    # one view's outputs back on the host: two vectors and the map (float32 there)
+    assert run["bytes_back_per_view"] == 4 * (2048 + 3840 + 1 * 1 * 2048)
+    cpu = {"runs": [{"images": "600x450", "processes": 16, "views_s": 160.0,
+                     "decode_augment_cpu_ms_per_view": 4.0, "write_cpu_ms_per_view": 6.0,
+                     "cpu_ms_per_view": 10.0},
+                    {"images": "600x450", "processes": 1, "views_s": 20.0,
+                     "decode_augment_cpu_ms_per_view": 3.0, "write_cpu_ms_per_view": 5.0,
+                     "cpu_ms_per_view": 8.0}]}
+    gpu = {"meta": {"batch_size": 8, "mixed_precision": False},
+           "runs": [dict(run, views_s=500.0, process_cpu_ms_per_view=2.0)]}
+    answer = gpu_node.report(cpu, gpu, network="resnet50")
+    assert answer["processes"] == 16  # all vCPUs busy
+    big = answer["by_images"]["600x450"]
+    assert big["decode_augment_vcpus"] == pytest.approx(500 * 4.0 / 1000)
+    assert big["actor_vcpus"] == pytest.approx(500 * (2.0 + 6.0) / 1000)
+    assert big["vcpus_per_gpu"] == pytest.approx(2.0 + 4.0)
+    with pytest.raises(SystemExit, match="No GPU run of both"):
+        gpu_node.report(cpu, gpu)
