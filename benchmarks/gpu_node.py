@@ -19,10 +19,16 @@ TensorFlow (a GPU machine with Keras 3 on JAX or PyTorch will do):
   its four outputs with the two float16 maps copied back to the host, and VGG19), random weights
   (the rate does not depend on their values), at batch sizes, in float32 and mixed precision:
   views/s of the embedding actor's call, and the CPU time of the process per view.
+- ``encode``: where the writing goes, per output (Parquet with the job's options, and
+  uncompressed), and the largest output written by 1 and 2 threads at once.
 - ``report``: vCPUs per GPU = the GPU's views/s x the CPU seconds per view at full load.
+
+``pack`` needs ``../shared``; the other commands need only the pack (``--data``), so the pack is
+made here and taken along to the GPU machine:
 
     python benchmarks/gpu_node.py pack --dest .devdata
     python benchmarks/gpu_node.py cpu --data .devdata --json out/gpu_node_cpu.json
+    python benchmarks/gpu_node.py encode --data .devdata --json out/gpu_node_encode.json
     KERAS_BACKEND=jax python benchmarks/gpu_node.py gpu --data .devdata --json out/gpu_node_gpu.json
     python benchmarks/gpu_node.py report out/gpu_node_cpu.json out/gpu_node_gpu.json
 """
@@ -30,6 +36,7 @@ TensorFlow (a GPU machine with Keras 3 on JAX or PyTorch will do):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import multiprocessing
@@ -47,10 +54,10 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PLAN_CONFIG = "ray_jobs/configs/ham10000_local.yaml"  # its data: the real 200x150 images
-NODE_CONFIG = "ray_jobs/configs/ham10000_cluster.yaml"  # its extract section: what a node runs
-ORIGINALS = "../shared/data/ham10000/originals_600x450"
-WEIGHTS = "../shared/weights"
+PLAN_CONFIG = str(REPO / "ray_jobs/configs/ham10000_local.yaml")  # its data: the 200x150 images
+NODE_CONFIG = str(REPO / "ray_jobs/configs/ham10000_cluster.yaml")  # its extract: what a node runs
+ORIGINALS = str(REPO.parent / "shared/data/ham10000/originals_600x450")
+WEIGHTS = str(REPO.parent / "shared/weights")
 IMAGE_SETS = ("path", "path_original")  # the plan's columns: 200x150, 600x450
 
 
@@ -78,22 +85,31 @@ def pack(dest: str, views: int, plan_config: str, node_config: str, originals: s
     from dermray.models.backbones import FrozenExtractor, get_spec
     from dermray.stages.extract import PLAN_COLUMNS
 
-    os.chdir(REPO)
-    data = load_all(plan_config)["data"]
-    node = load_all(node_config)["extract"]
-    manifest = build_manifest(build_catalog(data.metadata, list(data.images)),
-                              (data.train_frac, data.val_frac, data.test_frac), seed=data.seed)
-    plan = plan_views(manifest, augment=node.augment, target_per_class=node.target_per_class,
-                      max_views_per_image=node.max_views_per_image, tta_views=node.tta_views,
-                      seed=node.seed)[PLAN_COLUMNS]
+    out = Path(dest).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) \
+            and not (out / "meta.json").is_file():
+        raise SystemExit(f"{out} exists and is not a pack (no meta.json): pass an empty or new "
+                         "folder as --dest; a pack is replaced whole.")
+    big = sorted(Path(originals).resolve().glob("*.jpg"))
+    if not big:
+        raise SystemExit(f"No 600x450 originals (*.jpg) in {originals}: pass --originals.")
+    weights_dir = str(Path(weights_dir).resolve()) if weights_dir else None
+    plan_config, node_config = str(Path(plan_config).resolve()), str(Path(node_config).resolve())
+    # the configs' relative paths (../shared/...) are relative to the repository
+    with contextlib.chdir(REPO):
+        data = load_all(plan_config)["data"]
+        node = load_all(node_config)["extract"]
+        manifest = build_manifest(build_catalog(data.metadata, list(data.images)),
+                                  (data.train_frac, data.val_frac, data.test_frac),
+                                  seed=data.seed)
+        plan = plan_views(manifest, augment=node.augment, target_per_class=node.target_per_class,
+                          max_views_per_image=node.max_views_per_image,
+                          tta_views=node.tta_views, seed=node.seed)[PLAN_COLUMNS]
+        plan["path"] = [str(Path(p).resolve()) for p in plan["path"]]
     sample = even_batches(plan, views, node.decode_batch_size)
-    out = Path(dest)
     shutil.rmtree(out, ignore_errors=True)
     (out / "images").mkdir(parents=True)
     (out / "originals").mkdir()
-    big = sorted(Path(originals).glob("*.jpg"))
-    if not big:
-        raise SystemExit(f"No 600x450 originals in {originals}: pass --originals.")
     small, large = [], []
     for image_id, path in zip(sample["image_id"], sample["path"]):
         name = Path(path).name
@@ -120,6 +136,8 @@ def pack(dest: str, views: int, plan_config: str, node_config: str, originals: s
                                 seed=node.seed)
     embedded = extractor.embed_rows(decoded["image"], {b: np.ones(len(decoded["image"]), bool)
                                                        for b in node.backbones})
+    # the maps stored as float16 to keep the pack small; the CPU side writes float32, as the
+    # actor does (to_table casts the maps to float16 itself)
     np.savez(out / "outputs.npz", **{b: e.astype(np.float16 if get_spec(b).is_map else np.float32)
                                      for b, e in embedded.items()})
     meta = {"plan_config": plan_config, "node_config": node_config, "plan_views": len(plan),
@@ -136,6 +154,15 @@ def pack(dest: str, views: int, plan_config: str, node_config: str, originals: s
     return meta
 
 
+def actor_outputs(data: str, meta: dict) -> dict[str, np.ndarray]:
+    """The pack's outputs as ``FrozenExtractor.embed_rows`` hands them to the writing: vectors
+    float32; maps float16 under mixed precision (the network's own dtype), else float32 (to_table
+    casts them)."""
+    half = meta["mixed_precision"]
+    return {name: emb.astype(np.float16 if half and emb.dtype == np.float16 else np.float32)
+            for name, emb in np.load(Path(data) / "outputs.npz").items()}
+
+
 def load(data: str) -> tuple[dict, pd.DataFrame]:
     folder = Path(data)
     meta = json.loads((folder / "meta.json").read_text())
@@ -146,24 +173,30 @@ def load(data: str) -> tuple[dict, pd.DataFrame]:
 
 
 def _cpu_worker(task: tuple) -> dict:
-    """Decode ``views`` views of the sample (from ``offset``, wrapping round; 0: all of them, so
-    that each process does the sample's mix of splits and augmentations) in decode batches, as
-    the decode tasks do, and write them in the actor's batches, as ``write_batch`` does."""
+    """Decode ``views`` views of the sample (0: all of them, so that each process does the
+    sample's mix of splits and augmentations), from ``offset`` and wrapping round, in decode
+    batches as the decode tasks do, and write them in the actor's batches as ``write_batch``
+    does (``views`` is rounded up to whole actor batches). Each pass over the sample writes
+    into its own folder, so that every file written is a new one."""
     from dermray.data.augment import decode_batch
     from dermray.io import storage
     from dermray.models.embeddings import backbone_dir, content_name, parquet_options, to_table
 
     data, column, views, offset, out = task
     meta, plan = load(data)
-    views = views or len(plan)  # all of it: the plan's mix of splits and augmentations
-    outputs = dict(np.load(Path(data) / "outputs.npz"))
+    views = views or len(plan)
     size, each, batch = meta["image_size"], meta["decode_batch_size"], meta["batch_size"]
+    # the actor's outputs as the extractor hands them over, cycled over a batch's rows, made
+    # once here and not in the timed writing
+    outputs = {name: np.resize(emb, (batch, emb.shape[1]))
+               for name, emb in actor_outputs(data, meta).items()}
     cpu = {"decode_augment": 0.0, "write": 0.0}
     done = files = 0
     start_wall = time.perf_counter()
     for k in range(-(-views // batch)):
-        rows = plan.iloc[(offset + k * batch + np.arange(batch)) % len(plan)]
-        rows = rows.reset_index(drop=True)
+        first = offset + k * batch
+        rows = plan.iloc[(first + np.arange(batch)) % len(plan)].reset_index(drop=True)
+        folder = storage.join(out, f"pass{first // len(plan)}")
         t0 = time.process_time()
         for i in range(0, batch, each):
             columns = {c: rows[c].to_numpy()[i:i + each] for c in rows.columns}
@@ -172,13 +205,12 @@ def _cpu_worker(task: tuple) -> dict:
             if any(decoded["error"]):
                 raise SystemExit(f"decode failed: {[e for e in decoded['error'] if e][:2]}")
         t1 = time.process_time()
-        for name, emb in outputs.items():  # the real outputs, cycled over the batch's rows
-            emb = np.resize(emb, (batch, emb.shape[1]))
+        for name, emb in outputs.items():
             for split, idx in rows.groupby("split").groups.items():
                 part = rows.loc[idx]
                 table = to_table(part, emb[np.asarray(idx)], name)
                 storage.write_parquet(table, storage.join(
-                    backbone_dir(out, name), f"split={split}", content_name(part)),
+                    backbone_dir(folder, name), f"split={split}", content_name(part)),
                     **parquet_options(table))
                 files += 1
         cpu["decode_augment"] += t1 - t0
@@ -199,8 +231,11 @@ def cpu_side(data: str, procs: list[int], views: int, json_path: str) -> dict:
             with tempfile.TemporaryDirectory(prefix="gpu_node_cpu_") as tmp, \
                     ctx.Pool(p) as pool:
                 pool.map(_warm, range(p))  # imports done before the clock starts
-                tasks = [(data, column, views, k * 3 * meta["batch_size"],
-                          str(Path(tmp) / f"p{k}")) for k in range(p)]
+                # the processes start at even steps through the sample (whole decode
+                # batches), not all on the same files
+                step = meta["views"] // p // meta["decode_batch_size"] * meta["decode_batch_size"]
+                tasks = [(data, column, views, k * step, str(Path(tmp) / f"p{k}"))
+                         for k in range(p)]
                 start = time.perf_counter()
                 parts = pool.map(_cpu_worker, tasks)
                 wall = time.perf_counter() - start
@@ -225,6 +260,89 @@ def cpu_side(data: str, procs: list[int], views: int, json_path: str) -> dict:
     return result
 
 
+def encode_side(data: str, rounds: int, threads: list[int]) -> dict:
+    """Where the writing goes: each output of one batch (the pack's real rows) through
+    ``to_table`` (from float32, and for a map also from float16, as a mixed-precision network
+    hands it over) and Parquet into memory, with the job's options and without compression, the
+    fastest of ``rounds``; then the largest output written
+    by 1, 2, ... threads at once (rounds in turn): whether an actor's call threads write in
+    parallel (pyarrow releases the GIL while it encodes)."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    from dermray.models.embeddings import parquet_options, to_table
+
+    meta, plan = load(data)
+    outputs = {name: emb.astype(np.float32)
+               for name, emb in np.load(Path(data) / "outputs.npz").items()}
+    halves = {name: emb for name, emb in np.load(Path(data) / "outputs.npz").items()
+              if emb.dtype == np.float16}  # maps as a mixed-precision network hands them over
+    rows = plan.iloc[:len(next(iter(outputs.values())))].reset_index(drop=True)
+    result = {"meta": meta, "cpus": os.cpu_count(), "cpu_model": cpu_model(), "rows": len(rows),
+              "outputs": {}, "threads": {}}
+
+    def encode(table, **options) -> int:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, **options)
+        return buffer.tell()
+
+    for name, emb in outputs.items():
+        best = {"to_table": np.inf, "default": np.inf, "uncompressed": np.inf}
+        if name in halves:
+            best["to_table_from_float16"] = np.inf
+        for _ in range(rounds):
+            start = time.perf_counter()
+            table = to_table(rows, emb, name)
+            best["to_table"] = min(best["to_table"], time.perf_counter() - start)
+            if name in halves:
+                start = time.perf_counter()
+                to_table(rows, halves[name], name)
+                best["to_table_from_float16"] = min(best["to_table_from_float16"],
+                                                    time.perf_counter() - start)
+            for label, extra in (("default", {}), ("uncompressed", {"compression": "none"})):
+                start = time.perf_counter()
+                size = encode(table, **parquet_options(table), **extra)
+                best[label] = min(best[label], time.perf_counter() - start)
+                best[f"{label}_bytes"] = size
+        result["outputs"][name] = {
+            "values_per_view": int(emb.shape[1]), "zeros": float((emb == 0).mean()),
+            **{f"{k}_ms_per_view": 1000 * best[k] / len(rows)
+               for k in ("to_table", "to_table_from_float16", "default", "uncompressed")
+               if k in best},
+            **{f"{k}_kb_per_view": best[f"{k}_bytes"] / len(rows) / 1000
+               for k in ("default", "uncompressed")}}
+        r = result["outputs"][name]
+        half = (f" (from float16 {r['to_table_from_float16_ms_per_view']:.2f} ms)"
+                if name in halves else "")
+        print(f"{name}: {r['values_per_view']} values a view ({r['zeros']:.0%} zeros); to_table "
+              f"{r['to_table_ms_per_view']:.2f} ms{half}, Parquet "
+              f"{r['default_ms_per_view']:.2f} ms "
+              f"({r['default_kb_per_view']:.0f} KB), uncompressed "
+              f"{r['uncompressed_ms_per_view']:.2f} ms ({r['uncompressed_kb_per_view']:.0f} KB) "
+              "a view", flush=True)
+    largest = max(outputs, key=lambda n: outputs[n].shape[1])
+    table = to_table(rows, outputs[largest], largest)
+    options = parquet_options(table)
+    per_thread = 8  # encodings each thread does per round
+    rates: dict[int, list[float]] = {n: [] for n in threads}
+    for _ in range(rounds):
+        for n in threads:
+            with ThreadPoolExecutor(n) as pool:
+                start = time.perf_counter()
+                list(pool.map(lambda _: [encode(table, **options) for _ in range(per_thread)],
+                              range(n)))
+                rates[n].append(n * per_thread * len(rows) / (time.perf_counter() - start))
+    result["threads"] = {"output": largest, "views_s": {str(n): v for n, v in rates.items()},
+                         "mean_views_s": {str(n): float(np.mean(v)) for n, v in rates.items()}}
+    base = float(np.mean(rates[threads[0]]))
+    for n in threads:
+        print(f"{largest} written by {n} thread(s) at once: {np.mean(rates[n]):.0f} views/s "
+              f"(mean of {rounds}), {np.mean(rates[n]) / base:.2f}x", flush=True)
+    return result
+
+
 def _warm(_: int) -> None:
     for module in ("dermray.data.augment", "dermray.models.embeddings", "dermray.io.storage"):
         importlib.import_module(module)
@@ -243,11 +361,16 @@ def cpu_model() -> str:
 def gpu_side(data: str, batch_sizes: list[int], precisions: list[str], seconds: float,
              networks: list[str], json_path: str) -> dict:
     """The embedding actor's call (``FrozenExtractor.embed_rows``) on real decoded views, each
-    setting in turn (saved after each)."""
+    setting in turn (saved after each).
+
+    On TensorFlow the call preprocesses in its graph (on the GPU); on other backends
+    ``compile_forward`` runs the caffe preprocessing in NumPy on the host first, so the process
+    CPU per view there includes it: ``host_preprocess_cpu_ms_per_view`` is that part, timed
+    alone, which ``report`` takes out (the TensorFlow actor does not pay it)."""
     import keras
 
     from dermray.data.augment import decode_batch
-    from dermray.models.backbones import FrozenExtractor, get_spec
+    from dermray.models.backbones import FrozenExtractor, caffe_preprocess, get_spec
 
     meta, plan = load(data)
     columns = {c: plan[c].to_numpy() for c in plan.columns}
@@ -255,19 +378,29 @@ def gpu_side(data: str, batch_sizes: list[int], precisions: list[str], seconds: 
     groups = {"resnet50": [b for b in meta["backbones"] if get_spec(b).application == "ResNet50"],
               "vgg19": [b for b in meta["backbones"] if get_spec(b).application == "VGG19"]}
     groups["both"] = groups["resnet50"] + groups["vgg19"]
-    result = {"meta": meta, "backend": keras.backend.backend(), "devices": devices(),
-              "cpus": os.cpu_count(), "cpu_model": cpu_model(), "runs": []}
+    backend = keras.backend.backend()
+    host = 0.0
+    if backend != "tensorflow":
+        cpu0 = time.process_time()
+        for _ in range(3):
+            caffe_preprocess(images)
+        host = 1000 * (time.process_time() - cpu0) / (3 * len(images))
+    result = {"meta": meta, "backend": backend, "devices": devices(), "cpus": os.cpu_count(),
+              "cpu_model": cpu_model(), "host_preprocess_cpu_ms_per_view_per_network": host,
+              "runs": []}
     for precision in precisions:
-        keras.mixed_precision.set_global_policy(precision)
         for network in networks:
             backbones = groups[network]
             for bs in batch_sizes:
+                # before each build: clear_session resets Keras' global policy
+                keras.mixed_precision.set_global_policy(precision)
                 start = time.perf_counter()
                 ext = FrozenExtractor(backbones, {b: "none" for b in backbones},
                                       meta["image_size"], bs, jit_compile="auto",
                                       mixed_precision=precision == "mixed_float16",
                                       seed=meta["seed"])
                 build = time.perf_counter() - start
+                policy = keras.mixed_precision.global_policy().name
                 chunks = [images[(k * bs + np.arange(bs)) % len(images)]
                           for k in range(-(-len(images) // bs))]
                 need = {b: np.ones(bs, bool) for b in backbones}
@@ -282,12 +415,16 @@ def gpu_side(data: str, batch_sizes: list[int], precisions: list[str], seconds: 
                 wall = time.perf_counter() - start
                 cpu = time.process_time() - cpu0
                 run = {"network": network, "backbones": backbones, "precision": precision,
-                       "batch_size": bs, "build_s": build, "first_call_s": first,
-                       "views": calls * bs, "wall_s": wall, "views_s": calls * bs / wall,
+                       "policy": policy, "batch_size": bs, "build_s": build,
+                       "first_call_s": first, "views": calls * bs, "wall_s": wall,
+                       "views_s": calls * bs / wall,
                        "process_cpu_ms_per_view": 1000 * cpu / (calls * bs),
-                       "bytes_back_per_view": sum(o[0].nbytes for o in out.values())}
+                       # the NumPy preprocessing ahead of each network's call (not TensorFlow)
+                       "host_preprocess_cpu_ms_per_view": host * len(ext.networks),
+                       # the outputs as the actor holds them on the host (float32 each)
+                       "host_output_bytes_per_view": sum(o[0].nbytes for o in out.values())}
                 result["runs"].append(run)
-                print(f"{network} {precision} batch {bs}: {run['views_s']:.0f} views/s "
+                print(f"{network} {policy} batch {bs}: {run['views_s']:.0f} views/s "
                       f"({calls} calls, {wall:.1f} s; first call {first:.1f} s); process CPU "
                       f"{run['process_cpu_ms_per_view']:.2f} ms/view", flush=True)
                 save(result, json_path)
@@ -316,10 +453,14 @@ def devices() -> list[str]:
 def report(cpu: dict, gpu: dict, network: str = "both", batch_size: int = 0,
            precision: str = "") -> dict:
     """vCPUs per GPU: the GPU's views/s (the config's batch and precision by default) times the
-    CPU seconds per view at the largest process count (all vCPUs busy), per image set.
+    CPU seconds per view at the largest process count (all vCPUs busy, where it is at least the
+    machine's vCPU count: ``all_vcpus_busy``), per image set; runs repeated at that count are
+    averaged.
 
-    The decode tasks need ``decode_augment``; the actor that feeds the GPU needs its own process
-    CPU (the call's host side) and the writing."""
+    The decode tasks need ``decode_augment``. The actor that feeds the GPU needs its own process
+    CPU (the call's host side, measured with the GPU process alone, less the NumPy
+    preprocessing that the TensorFlow actor runs on the GPU instead) and the writing (measured
+    at full load)."""
     meta = gpu["meta"]
     bs = batch_size or meta["batch_size"]
     prec = precision or ("mixed_float16" if meta["mixed_precision"] else "float32")
@@ -328,21 +469,25 @@ def report(cpu: dict, gpu: dict, network: str = "both", batch_size: int = 0,
     if not runs:
         raise SystemExit(f"No GPU run of {network} at batch {bs} in {prec}.")
     g = runs[0]
+    call_ms = g["process_cpu_ms_per_view"] - g.get("host_preprocess_cpu_ms_per_view", 0.0)
     most = max(r["processes"] for r in cpu["runs"])
     answer = {"network": network, "batch_size": bs, "precision": prec,
-              "gpu_views_s": g["views_s"], "actor_cpu_ms_per_view": g["process_cpu_ms_per_view"],
-              "processes": most, "by_images": {}}
-    for r in cpu["runs"]:
-        if r["processes"] != most:
-            continue
+              "gpu_views_s": g["views_s"], "actor_call_cpu_ms_per_view": call_ms,
+              "processes": most, "all_vcpus_busy": most >= cpu.get("cpus", most),
+              "by_images": {}}
+    for images in dict.fromkeys(r["images"] for r in cpu["runs"]):
+        same = [r for r in cpu["runs"] if r["images"] == images and r["processes"] == most]
+        decode_ms = float(np.mean([r["decode_augment_cpu_ms_per_view"] for r in same]))
+        write_ms = float(np.mean([r["write_cpu_ms_per_view"] for r in same]))
         # CPU time per view with every vCPU busy (hyper-threads share cores), times the views
         # per second the GPU takes
-        decode = g["views_s"] * r["decode_augment_cpu_ms_per_view"] / 1000
-        actor = g["views_s"] * (g["process_cpu_ms_per_view"] + r["write_cpu_ms_per_view"]) / 1000
-        answer["by_images"][r["images"]] = {
-            "decode_augment_vcpus": decode, "actor_vcpus": actor,
-            "vcpus_per_gpu": decode + actor,
-            "write_share_of_actor": g["views_s"] * r["write_cpu_ms_per_view"] / 1000 / actor}
+        decode = g["views_s"] * decode_ms / 1000
+        actor = g["views_s"] * (call_ms + write_ms) / 1000
+        answer["by_images"][images] = {
+            "runs_averaged": len(same), "decode_augment_cpu_ms_per_view": decode_ms,
+            "write_cpu_ms_per_view": write_ms, "decode_augment_vcpus": decode,
+            "actor_vcpus": actor, "vcpus_per_gpu": decode + actor,
+            "write_share_of_actor": g["views_s"] * write_ms / 1000 / actor}
     return answer
 
 
@@ -366,11 +511,17 @@ def main() -> None:
     g = sub.add_parser("gpu")
     g.add_argument("--data", default=".devdata")
     g.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 32])
-    g.add_argument("--precisions", nargs="+", default=["mixed_float16", "float32"])
+    g.add_argument("--precisions", nargs="+", default=["mixed_float16", "float32"],
+                   choices=["float32", "mixed_float16", "mixed_bfloat16"])
     g.add_argument("--networks", nargs="+", default=["both"],
                    help="resnet50 (its four outputs), vgg19, or both (the config's actor)")
     g.add_argument("--seconds", type=float, default=5.0, help="timed per setting")
     g.add_argument("--json", default="out/gpu_node_gpu.json")
+    e = sub.add_parser("encode")
+    e.add_argument("--data", default=".devdata")
+    e.add_argument("--rounds", type=int, default=5)
+    e.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    e.add_argument("--json", default="out/gpu_node_encode.json")
     r = sub.add_parser("report")
     r.add_argument("cpu_json")
     r.add_argument("gpu_json")
@@ -387,6 +538,8 @@ def main() -> None:
     elif args.command == "gpu":
         gpu_side(args.data, args.batch_sizes, args.precisions, args.seconds, args.networks,
                  args.json)
+    elif args.command == "encode":
+        save(encode_side(args.data, args.rounds, args.threads), args.json)
     else:
         answer = report(json.loads(Path(args.cpu_json).read_text()),
                         json.loads(Path(args.gpu_json).read_text()), args.network,

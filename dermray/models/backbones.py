@@ -501,10 +501,17 @@ def compile_forward(model, jit_compile: bool = True, preprocessing: str | None =
     def forward(x: np.ndarray):
         out = call(x)
         if isinstance(out, (list, tuple)):  # a multi-output network: one array per output
-            return [np.asarray(o, dtype=np.float32) for o in out]
-        return np.asarray(out, dtype=np.float32)
+            return [_host_array(o) for o in out]
+        return _host_array(out)
 
     return forward
+
+
+def _host_array(output) -> np.ndarray:
+    """A network's output on the host: float16 as it came (under mixed precision; float32
+    holds the same values, and an activation map is written as float16 anyway), else float32."""
+    array = np.asarray(output)
+    return array if array.dtype == np.float16 else array.astype(np.float32, copy=False)
 
 
 def limit_threads(threads: int) -> None:
@@ -576,7 +583,8 @@ class FrozenExtractor:
     def embed(self, name: str, images: np.ndarray) -> np.ndarray:
         """Embed uint8 images (N, S, S, 3) -> (N, dim) float32 (an activation map flattened)."""
         source = self.sliced.get(name, (name,))[0]
-        return self.embed_rows(images, {source: np.ones(len(images), bool)})[name]
+        emb = self.embed_rows(images, {source: np.ones(len(images), bool)})[name]
+        return emb.astype(np.float32, copy=False)
 
     def _run(self, names: list[str], forward: Callable, images: np.ndarray) -> list[np.ndarray]:
         """One network in fixed-size chunks (the last one padded), so XLA compiles once."""
@@ -584,7 +592,7 @@ class FrozenExtractor:
             raise BackboneError(f"The extractor takes uint8 RGB images (0-255), as decode_batch "
                                 f"gives them; got {images.dtype}. Pass the decoded images, not "
                                 "preprocessed ones: each network preprocesses its own input.")
-        outs = [np.zeros((len(images), self.dim(n)), dtype=np.float32) for n in names]
+        outs: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             n = len(chunk)
@@ -592,7 +600,16 @@ class FrozenExtractor:
                 pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), dtype=chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
             result = forward(chunk)  # uint8: the call preprocesses (compile_forward)
-            for out, part in zip(outs, result if isinstance(result, list) else [result]):
+            parts = result if isinstance(result, list) else [result]
+            if not outs:
+                # an activation map stays float16 where the network gives float16 (mixed
+                # precision): it is written as float16, and a round trip through float32 costs
+                # a GPU node's actor two casts of every value (issue 21); vectors are float32
+                outs = [np.zeros((len(images), self.dim(name)),
+                                 dtype=np.float16 if get_spec(name).is_map
+                                 and part.dtype == np.float16 else np.float32)
+                        for name, part in zip(names, parts)]
+            for out, part in zip(outs, parts):
                 out[start:start + n] = part[:n]
         return outs
 
@@ -608,11 +625,12 @@ class FrozenExtractor:
                 for derived, (source, _, _) in self.sliced.items():
                     if source == name:
                         need |= np.asarray(needed.get(derived, False), dtype=bool)
-            for name in names:
-                out[name] = np.zeros((len(images), self.dim(name)), dtype=np.float32)
-            if need.any():
-                for name, emb in zip(names, self._run(names, forward, images[need])):
-                    out[name][need] = emb
+            embedded = self._run(names, forward, images[need]) if need.any() else []
+            for k, name in enumerate(names):
+                dtype = embedded[k].dtype if embedded else np.float32
+                out[name] = np.zeros((len(images), self.dim(name)), dtype=dtype)
+                if embedded:
+                    out[name][need] = embedded[k]
         for name, (source, lo, hi) in self.sliced.items():
             out[name] = np.ascontiguousarray(out[source][:, lo:hi])
         return {n: out[n] for n in self.backbones}

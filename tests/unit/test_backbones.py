@@ -106,6 +106,37 @@ def test_activation_map_comes_from_the_same_forward_pass():
         np.testing.assert_allclose(out[name], ref, rtol=1e-4, atol=1e-4)
 
 
+def test_mixed_precision_keeps_the_maps_float16_and_the_vectors_float32():
+    """Under mixed precision (the cluster config's) the network gives float16. An activation map
+    stays float16, as it is written (no round trip through float32: two casts of every value in
+    a GPU node's actor, issue 21); the vectors are float32; the values are the network's own,
+    bit for bit, padding and slicing included. ``embed`` still returns float32."""
+    import keras
+
+    from dermray.models.backbones import FrozenExtractor
+
+    images = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+    names = ["resnet50", "resnet50_ms", "resnet50_c5b2"]
+    try:
+        extractor = FrozenExtractor(names, dict.fromkeys(names, "none"), 32, batch_size=2,
+                                    jit_compile=False, mixed_precision=True)
+        out = extractor.embed_rows(images, dict.fromkeys(names, np.ones(3, bool)))
+        ((computed, forward),) = extractor.networks
+        raw = [forward(images[:2]), forward(np.concatenate([images[2:], images[:1]]))]
+        alone = extractor.embed("resnet50_c5b2", images)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert computed == ["resnet50_ms", "resnet50_c5b2"]  # resnet50 is a slice of resnet50_ms
+    ms, the_map = (np.concatenate([raw[0][k], raw[1][k][:1]]) for k in range(2))
+    assert ms.dtype == the_map.dtype == np.float16  # what the network hands over
+    assert out["resnet50_c5b2"].dtype == np.float16
+    assert np.array_equal(out["resnet50_c5b2"].view(np.uint16), the_map.view(np.uint16))
+    assert out["resnet50_ms"].dtype == out["resnet50"].dtype == np.float32
+    assert np.array_equal(out["resnet50_ms"], ms.astype(np.float32))
+    assert np.array_equal(out["resnet50"], out["resnet50_ms"][:, 1792:])
+    assert alone.dtype == np.float32 and np.array_equal(alone, the_map.astype(np.float32))
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_preprocessing_inside_the_compiled_call_gives_the_same_bits(jit_compile):
     """Issue 21: the extractor's compiled call takes the uint8 images and does the caffe

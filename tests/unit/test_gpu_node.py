@@ -74,30 +74,75 @@ def test_cpu_side_decodes_and_writes_every_view_it_counts(packed, tmp_path):
         assert run["decode_augment_cpu_ms_per_view"] > 0 and run["write_cpu_ms_per_view"] > 0
         assert run["cpu_ms_per_view"] == pytest.approx(run["decode_augment_cpu_ms_per_view"]
                                                        + run["write_cpu_ms_per_view"])
+    # more views than the sample, in two processes starting at different batches: the passes
+    # over the sample write apart, so every file counted is a file written
+    more = gpu_node.cpu_side(str(dest), [2], 40, str(tmp_path / "more.json"))
+    for run in more["runs"]:
+        assert run["views"] == 2 * 40  # 40 views each: five batches of 8, past the sample's 16
+        assert run["files_written"] == run["files_expected"]
 
 
-def test_gpu_side_times_the_actors_call_and_the_report_is_its_arithmetic(packed, tmp_path):
+def test_gpu_side_times_the_actors_call_in_each_precision(packed, tmp_path):
     gpu_node, dest, _ = packed
-    gpu = gpu_node.gpu_side(str(dest), [8], ["float32"], 0.0, ["resnet50"],
+    gpu = gpu_node.gpu_side(str(dest), [8], ["mixed_float16", "float32"], 0.0, ["resnet50"],
                             str(tmp_path / "gpu.json"))
-    (run,) = gpu["runs"]
-    assert run["backbones"] == ["resnet50", "resnet50_ms", "resnet50_c5b2"]
-    assert run["views"] == 5 * 8  # at least five calls of a whole batch
-    # one view's outputs back on the host: two vectors and the map (float32 there)
-    assert run["bytes_back_per_view"] == 4 * (2048 + 3840 + 1 * 1 * 2048)
-    cpu = {"runs": [{"images": "600x450", "processes": 16, "views_s": 160.0,
-                     "decode_augment_cpu_ms_per_view": 4.0, "write_cpu_ms_per_view": 6.0,
-                     "cpu_ms_per_view": 10.0},
-                    {"images": "600x450", "processes": 1, "views_s": 20.0,
-                     "decode_augment_cpu_ms_per_view": 3.0, "write_cpu_ms_per_view": 5.0,
-                     "cpu_ms_per_view": 8.0}]}
-    gpu = {"meta": {"batch_size": 8, "mixed_precision": False},
-           "runs": [dict(run, views_s=500.0, process_cpu_ms_per_view=2.0)]}
-    answer = gpu_node.report(cpu, gpu, network="resnet50")
-    assert answer["processes"] == 16  # all vCPUs busy
-    big = answer["by_images"]["600x450"]
-    assert big["decode_augment_vcpus"] == pytest.approx(500 * 4.0 / 1000)
-    assert big["actor_vcpus"] == pytest.approx(500 * (2.0 + 6.0) / 1000)
-    assert big["vcpus_per_gpu"] == pytest.approx(2.0 + 4.0)
-    with pytest.raises(SystemExit, match="No GPU run of both"):
-        gpu_node.report(cpu, gpu)
+    assert json.loads((tmp_path / "gpu.json").read_text())["runs"] == gpu["runs"]
+    # each setting built under its own policy (Keras' clear_session resets it between builds)
+    assert [r["policy"] for r in gpu["runs"]] == ["mixed_float16", "float32"]
+    for run in gpu["runs"]:
+        assert run["backbones"] == ["resnet50", "resnet50_ms", "resnet50_c5b2"]
+        assert run["views"] == 5 * 8  # at least five calls of a whole batch
+        # the outputs as the actor holds them: two float32 vectors and the 1x1x2048 map, in
+        # float16 under mixed precision (the network's own dtype), else float32
+        map_bytes = (2 if run["policy"] == "mixed_float16" else 4) * 1 * 1 * 2048
+        assert run["host_output_bytes_per_view"] == 4 * (2048 + 3840) + map_bytes
+        assert run["host_preprocess_cpu_ms_per_view"] == 0.0  # TensorFlow: in the graph
+
+
+def test_the_report_is_the_arithmetic_of_the_two_sides():
+    gpu_node = load_gpu_node()
+    cpu = {"cpus": 16, "runs": [
+        {"images": "200x150", "processes": 16, "decode_augment_cpu_ms_per_view": 2.0,
+         "write_cpu_ms_per_view": 6.0},
+        {"images": "600x450", "processes": 16, "decode_augment_cpu_ms_per_view": 4.0,
+         "write_cpu_ms_per_view": 6.0},
+        {"images": "600x450", "processes": 16, "decode_augment_cpu_ms_per_view": 6.0,
+         "write_cpu_ms_per_view": 8.0},  # a repeat: averaged
+        {"images": "600x450", "processes": 1, "decode_augment_cpu_ms_per_view": 3.0,
+         "write_cpu_ms_per_view": 5.0}]}  # not at full load: left out
+    gpu = {"meta": {"batch_size": 8, "mixed_precision": True},
+           "runs": [{"network": "both", "batch_size": 8, "precision": "mixed_float16",
+                     "views_s": 500.0, "process_cpu_ms_per_view": 3.0,
+                     "host_preprocess_cpu_ms_per_view": 1.0},
+                    {"network": "both", "batch_size": 8, "precision": "float32",
+                     "views_s": 100.0, "process_cpu_ms_per_view": 9.0}]}
+    answer = gpu_node.report(cpu, gpu)  # the config's batch and precision
+    assert answer["gpu_views_s"] == 500.0 and answer["precision"] == "mixed_float16"
+    assert answer["processes"] == 16 and answer["all_vcpus_busy"]
+    assert answer["actor_call_cpu_ms_per_view"] == pytest.approx(3.0 - 1.0)
+    big, small = answer["by_images"]["600x450"], answer["by_images"]["200x150"]
+    assert big["runs_averaged"] == 2 and small["runs_averaged"] == 1
+    assert big["decode_augment_vcpus"] == pytest.approx(500 * 5.0 / 1000)
+    assert big["actor_vcpus"] == pytest.approx(500 * (2.0 + 7.0) / 1000)
+    assert big["vcpus_per_gpu"] == pytest.approx(2.5 + 4.5)
+    assert big["write_share_of_actor"] == pytest.approx(7.0 / 9.0)
+    assert small["vcpus_per_gpu"] == pytest.approx(500 * (2.0 + 2.0 + 6.0) / 1000)
+    assert not gpu_node.report(dict(cpu, cpus=32), gpu)["all_vcpus_busy"]
+    with pytest.raises(SystemExit, match="No GPU run of vgg19"):
+        gpu_node.report(cpu, gpu, network="vgg19")
+
+
+def test_encode_side_reports_each_output_and_the_threads(packed):
+    gpu_node, dest, meta = packed
+    result = gpu_node.encode_side(str(dest), 1, [1, 2])
+    assert sorted(result["outputs"]) == sorted(meta["backbones"])
+    assert result["rows"] == meta["decode_batch_size"]  # the pack's one batch of real outputs
+    the_map = result["outputs"]["resnet50_c5b2"]
+    assert the_map["values_per_view"] == 2048  # 1x1x2048 at 32 px
+    assert "to_table_from_float16_ms_per_view" in the_map  # as a mixed-precision network gives it
+    assert "to_table_from_float16_ms_per_view" not in result["outputs"]["resnet50_ms"]
+    # uncompressed, a float16 map is at least its 2 bytes a value, a float32 vector its 4
+    assert the_map["uncompressed_kb_per_view"] * 1000 >= 2 * 2048
+    assert result["outputs"]["resnet50_ms"]["uncompressed_kb_per_view"] * 1000 >= 4 * 3840
+    assert result["threads"]["output"] == "resnet50_ms"  # the most values a view
+    assert sorted(result["threads"]["mean_views_s"]) == ["1", "2"]
