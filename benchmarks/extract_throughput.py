@@ -143,8 +143,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--bare-images", type=int, default=128)
     parser.add_argument("--pipeline-images", type=int, default=768,
-                        help="images through the job: a longer steady window (24 batches) "
-                             "spans more of the VM's minutes, as the median round does")
+                        help="images through the job: 24 batches, a steady window of about "
+                             "100 s for VGG19, so that the VM's drift averages out as it does "
+                             "in the median round")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of the two compiled calls, before and after the job each")
     args = parser.parse_args()
