@@ -12,8 +12,8 @@ TensorFlow (a GPU machine with Keras 3 on JAX or PyTorch will do):
   takes along.
 - ``cpu``: the CPU side per view. Decode and augmentation (``augment.decode_batch``, what the
   decode tasks run) of the sample, and the writing of the config's outputs
-  (``embeddings.to_table`` and ``storage.write_parquet`` with ``parquet_options``, the calls
-  ``write_batch`` makes in the actor), first in one process, then in P processes at once: a
+  (``embeddings.write_batch``, what the actor calls), first in one process, then in P processes
+  at once: a
   vCPU's rate when all of them are busy (hyper-threads share a core).
 - ``gpu``: the GPU side. ``FrozenExtractor`` with the config's backbones (one ResNet50 pass for
   its four outputs with the two float16 maps copied back to the host, and VGG19), random weights
@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from extract_breakdown import save
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -59,12 +60,6 @@ NODE_CONFIG = str(REPO / "ray_jobs/configs/ham10000_cluster.yaml")  # its extrac
 ORIGINALS = str(REPO.parent / "shared/data/ham10000/originals_600x450")
 WEIGHTS = str(REPO.parent / "shared/weights")
 IMAGE_SETS = ("path", "path_original")  # the plan's columns: 200x150, 600x450
-
-
-def save(result: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}", flush=True)
 
 
 def even_batches(plan: pd.DataFrame, views: int, batch: int) -> pd.DataFrame:
@@ -123,8 +118,8 @@ def pack(dest: str, views: int, plan_config: str, node_config: str, originals: s
         large.append(f"originals/{original.name}")
     sample = sample.assign(path=small, path_original=large)
     sample.to_parquet(out / "plan.parquet", index=False)
-    # one decode batch's outputs of the node's networks with the real weights (the local
-    # config's files): what the actor writes, with real activations' compressibility
+    # one decode batch's outputs of the node's networks (the real weights where given): what
+    # the actor writes, with real activations' compressibility
     first = {c: sample[c].to_numpy()[:node.decode_batch_size] for c in sample.columns}
     first["path"] = np.asarray([str(out / p) for p in first["path"]], dtype=object)
     decoded = decode_batch(first, node.image_size, node.seed)
@@ -136,8 +131,8 @@ def pack(dest: str, views: int, plan_config: str, node_config: str, originals: s
                                 seed=node.seed)
     embedded = extractor.embed_rows(decoded["image"], {b: np.ones(len(decoded["image"]), bool)
                                                        for b in node.backbones})
-    # the maps stored as float16 to keep the pack small; the CPU side writes float32, as the
-    # actor does (to_table casts the maps to float16 itself)
+    # the maps stored as float16, as they are written; the CPU side hands them over as the
+    # extractor does for the node's precision (actor_outputs)
     np.savez(out / "outputs.npz", **{b: e.astype(np.float16 if get_spec(b).is_map else np.float32)
                                      for b, e in embedded.items()})
     meta = {"plan_config": plan_config, "node_config": node_config, "plan_views": len(plan),
@@ -175,12 +170,12 @@ def load(data: str) -> tuple[dict, pd.DataFrame]:
 def _cpu_worker(task: tuple) -> dict:
     """Decode ``views`` views of the sample (0: all of them, so that each process does the
     sample's mix of splits and augmentations), from ``offset`` and wrapping round, in decode
-    batches as the decode tasks do, and write them in the actor's batches as ``write_batch``
-    does (``views`` is rounded up to whole actor batches). Each pass over the sample writes
+    batches as the decode tasks do, and write them in the actor's batches with ``write_batch``
+    (``views`` is rounded up to whole actor batches). Each pass over the sample writes
     into its own folder, so that every file written is a new one."""
     from dermray.data.augment import decode_batch
     from dermray.io import storage
-    from dermray.models.embeddings import backbone_dir, content_name, parquet_options, to_table
+    from dermray.models.embeddings import write_batch
 
     data, column, views, offset, out = task
     meta, plan = load(data)
@@ -188,15 +183,17 @@ def _cpu_worker(task: tuple) -> dict:
     size, each, batch = meta["image_size"], meta["decode_batch_size"], meta["batch_size"]
     # the actor's outputs as the extractor hands them over, cycled over a batch's rows, made
     # once here and not in the timed writing
-    outputs = {name: np.resize(emb, (batch, emb.shape[1]))
+    outputs = {f"emb_{name}": np.resize(emb, (batch, emb.shape[1]))
                for name, emb in actor_outputs(data, meta).items()}
+    backbones = [name.removeprefix("emb_") for name in outputs]
+    where = {"actor_id": np.full(batch, "bench", object), "node_id": np.full(batch, "local", object),
+             "gpu_ids": np.full(batch, "", object), "error": np.full(batch, "", object)}
     cpu = {"decode_augment": 0.0, "write": 0.0}
     done = files = 0
     start_wall = time.perf_counter()
     for k in range(-(-views // batch)):
         first = offset + k * batch
         rows = plan.iloc[(first + np.arange(batch)) % len(plan)].reset_index(drop=True)
-        folder = storage.join(out, f"pass{first // len(plan)}")
         t0 = time.process_time()
         for i in range(0, batch, each):
             columns = {c: rows[c].to_numpy()[i:i + each] for c in rows.columns}
@@ -205,14 +202,11 @@ def _cpu_worker(task: tuple) -> dict:
             if any(decoded["error"]):
                 raise SystemExit(f"decode failed: {[e for e in decoded['error'] if e][:2]}")
         t1 = time.process_time()
-        for name, emb in outputs.items():
-            for split, idx in rows.groupby("split").groups.items():
-                part = rows.loc[idx]
-                table = to_table(part, emb[np.asarray(idx)], name)
-                storage.write_parquet(table, storage.join(
-                    backbone_dir(folder, name), f"split={split}", content_name(part)),
-                    **parquet_options(table))
-                files += 1
+        # what the actor's call hands write_batch: the rows, no errors, the outputs, where
+        written = write_batch({**{c: rows[c].to_numpy() for c in rows.columns}, **where,
+                               **outputs}, storage.join(out, f"pass{first // len(plan)}"),
+                              backbones)
+        files += int((written["kind"] == "embeddings").sum())
         cpu["decode_augment"] += t1 - t0
         cpu["write"] += time.process_time() - t1
         done += batch
@@ -275,10 +269,10 @@ def encode_side(data: str, rounds: int, threads: list[int]) -> dict:
     from dermray.models.embeddings import parquet_options, to_table
 
     meta, plan = load(data)
-    outputs = {name: emb.astype(np.float32)
-               for name, emb in np.load(Path(data) / "outputs.npz").items()}
-    halves = {name: emb for name, emb in np.load(Path(data) / "outputs.npz").items()
-              if emb.dtype == np.float16}  # maps as a mixed-precision network hands them over
+    stored = dict(np.load(Path(data) / "outputs.npz"))
+    outputs = {name: emb.astype(np.float32) for name, emb in stored.items()}
+    # the maps as a mixed-precision network hands them over
+    halves = {name: emb for name, emb in stored.items() if emb.dtype == np.float16}
     rows = plan.iloc[:len(next(iter(outputs.values())))].reset_index(drop=True)
     result = {"meta": meta, "cpus": os.cpu_count(), "cpu_model": cpu_model(), "rows": len(rows),
               "outputs": {}, "threads": {}}

@@ -96,6 +96,42 @@ def parquet_options(table: pa.Table) -> dict[str, Any]:
     return {"use_dictionary": keys, "write_statistics": keys}
 
 
+WHERE_COLUMNS = ("actor_id", "node_id", "gpu_ids")  # which actor on which node
+
+
+def write_batch(batch: dict[str, np.ndarray], out: str, backbones: list[str]) -> dict[str, np.ndarray]:
+    """Write a batch's embeddings (one part file per backbone and split) and its quarantined
+    views; return one summary row per file written, and one for the batch (which actor on which
+    node embedded how many views)."""
+    frame = pd.DataFrame({k: list(v) if np.ndim(v) > 1 else v for k, v in batch.items()
+                          if not k.startswith("emb_")})
+    bad = frame["error"].astype(bool).to_numpy()
+    where = {k: str(frame[k].iloc[0]) if k in frame and len(frame) else "" for k in WHERE_COLUMNS}
+    written: list[dict[str, Any]] = [{"kind": "batch", "backbone": "", "split": "",
+                                      "rows": len(frame), **where}]
+    if bad.any():
+        rows = frame.loc[bad, ["image_id", "aug_index", "split", "path", "error"]]
+        rows = rows.rename(columns={"error": "reason"})
+
+        storage.write_parquet(
+            pa.Table.from_pandas(rows.astype({"aug_index": "int32"}), preserve_index=False),
+            storage.join(quarantine_dir(out), content_name(rows)))
+        written.append({"kind": "quarantine", "backbone": "", "split": "", "rows": len(rows),
+                        **where})
+    for name in backbones:
+        need = ~bad & frame.get(f"need_{name}", pd.Series(True, index=frame.index)).astype(bool)
+        for split, idx in frame[need].groupby("split").groups.items():
+            rows = frame.loc[idx]
+            table = to_table(rows, batch[f"emb_{name}"][np.asarray(idx)], name)
+            storage.write_parquet(table, storage.join(backbone_dir(out, name), f"split={split}",
+                                                      content_name(rows)),
+                                  **parquet_options(table))
+            written.append({"kind": "embeddings", "backbone": name, "split": split,
+                            "rows": len(rows), **where})
+    return {k: np.asarray([w[k] for w in written], dtype=object if k != "rows" else np.int64)
+            for k in written[0]}
+
+
 def content_name(keys: pd.DataFrame) -> str:
     """A part-file name that depends only on which views it holds: rewriting the same views
     (a retried task) replaces the file instead of adding a duplicate."""

@@ -36,14 +36,13 @@ from dermray.models.backbones import (
     weights_name,
     weights_origin,
 )
-from dermray.models.embeddings import (
+from dermray.models.embeddings import (  # write_batch: Ray-free, so benchmarks run it anywhere
+    WHERE_COLUMNS,
     backbone_dir,
-    content_name,
     dataset,
-    parquet_options,
     quarantine_dir,
     read_keys,
-    to_table,
+    write_batch,
 )
 from dermray.stages.progress import ExtractProgress
 from dermray.stages.raysession import (
@@ -107,9 +106,6 @@ class Embedder:
         return out
 
 
-WHERE_COLUMNS = ("actor_id", "node_id", "gpu_ids")
-
-
 def _where() -> dict[str, str]:
     """This process's Ray actor id, node id and GPU ids ("local" outside an actor)."""
     where = {"actor_id": f"local-{os.getpid()}", "node_id": "local", "gpu_ids": ""}
@@ -124,39 +120,6 @@ def _where() -> dict[str, str]:
     except Exception:
         logger.debug("no Ray runtime context", exc_info=True)
     return where
-
-
-def write_batch(batch: dict[str, np.ndarray], out: str, backbones: list[str]) -> dict[str, np.ndarray]:
-    """Write a batch's embeddings (one part file per backbone and split) and its quarantined
-    views; return one summary row per file written, and one for the batch (which actor on which
-    node embedded how many views)."""
-    frame = pd.DataFrame({k: list(v) if np.ndim(v) > 1 else v for k, v in batch.items()
-                          if not k.startswith("emb_")})
-    bad = frame["error"].astype(bool).to_numpy()
-    where = {k: str(frame[k].iloc[0]) if k in frame and len(frame) else "" for k in WHERE_COLUMNS}
-    written: list[dict[str, Any]] = [{"kind": "batch", "backbone": "", "split": "",
-                                      "rows": len(frame), **where}]
-    if bad.any():
-        rows = frame.loc[bad, ["image_id", "aug_index", "split", "path", "error"]]
-        rows = rows.rename(columns={"error": "reason"})
-
-        storage.write_parquet(
-            pa.Table.from_pandas(rows.astype({"aug_index": "int32"}), preserve_index=False),
-            storage.join(quarantine_dir(out), content_name(rows)))
-        written.append({"kind": "quarantine", "backbone": "", "split": "", "rows": len(rows),
-                        **where})
-    for name in backbones:
-        need = ~bad & frame.get(f"need_{name}", pd.Series(True, index=frame.index)).astype(bool)
-        for split, idx in frame[need].groupby("split").groups.items():
-            rows = frame.loc[idx]
-            table = to_table(rows, batch[f"emb_{name}"][np.asarray(idx)], name)
-            storage.write_parquet(table, storage.join(backbone_dir(out, name), f"split={split}",
-                                                      content_name(rows)),
-                                  **parquet_options(table))
-            written.append({"kind": "embeddings", "backbone": name, "split": split,
-                            "rows": len(rows), **where})
-    return {k: np.asarray([w[k] for w in written], dtype=object if k != "rows" else np.int64)
-            for k in written[0]}
 
 
 def done_keys(folder: str) -> set[tuple[str, int]]:
